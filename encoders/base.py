@@ -1,0 +1,64 @@
+"""Shared base of the frozen backbones: dtype handling, freezing and the token output contract."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """Map a YAML dtype name ("float32", "bfloat16", "float16") to a torch dtype."""
+    if name not in _DTYPES:
+        raise ValueError(f"Unknown dtype {name!r}: use one of {sorted(_DTYPES)}.")
+    return _DTYPES[name]
+
+
+@dataclass
+class Tokens:
+    """A padded token sequence: ``tokens`` (B, L, D) and ``mask`` (B, L) bool, True = real token."""
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
+
+
+class FrozenEncoder(nn.Module):
+    """A pretrained backbone used only for inference: weights frozen, always in eval mode.
+
+    Subclasses build their network either from a local pretrained folder/file or from a tiny
+    random-weight config (tests, ``configs/tiny.yaml``), and expose a ``tiny()`` classmethod
+    returning a small random instance for the shared contract tests.
+
+    Args:
+        dtype: dtype of the weights and of the computation ("float32", "bfloat16", "float16").
+    """
+
+    def __init__(self, dtype: str = "bfloat16") -> None:
+        super().__init__()
+        self.dtype = resolve_dtype(dtype)
+
+    def freeze(self) -> "FrozenEncoder":
+        """Cast to the configured dtype, disable gradients and switch to eval mode."""
+        self.to(self.dtype)
+        self.requires_grad_(False)
+        return super().train(False)
+
+    def train(self, mode: bool = True) -> "FrozenEncoder":
+        """Frozen encoders stay in eval mode whatever Lightning asks (no dropout, fixed norms)."""
+        return super().train(False)
+
+    @property
+    def device(self) -> torch.device:
+        for tensor in self.parameters():
+            return tensor.device
+        for tensor in self.buffers():
+            return tensor.device
+        return torch.device("cpu")
+
+    @classmethod
+    def tiny(cls) -> "FrozenEncoder":
+        """A small random-weight instance for tests; every concrete subclass implements it."""
+        raise NotImplementedError(f"{cls.__name__} must implement tiny() for the contract tests.")
