@@ -1,0 +1,470 @@
+"""The Wan2.1 diffusion transformer with configurable, named, summed cross-attention branches.
+
+Single-device model code. FSDP, activation checkpointing and ``torch.compile`` are applied from
+outside (see ``bindweave/parallel.py``); nothing here knows about devices or ranks.
+
+Data flow (shapes for one sample batch):
+
+    x (B, C_in, F, H, W) ──patch_embedding──▶ tokens (B, L=F·H/2·W/2, D)
+    timestep (B,) ──sinusoid──▶ time_embedding (B, D) ──time_modulation──▶ (B, 6, D)
+    context[name] (B, L_name, C_name) ──context_embedders[name]──▶ (B, L_name, D)
+    tokens ──N × WanBlock(self-attn + RoPE, Σ_branches cross-attn, FFN)──▶ head ──▶ unpatchify
+    ──▶ (B, C_out, F, H, W)
+
+A model with the single branch ``text`` is Wan T2V; with ``text`` + ``image`` it is Wan I2V.
+BindWeave feeds ``text`` with [MLLM-connector tokens; T5 tokens] and ``image`` with CLIP tokens of
+every reference (see ``conditioners/``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bindweave.attention import attention
+
+
+@dataclass
+class CrossAttentionBranch:
+    """One named key/value stream of the cross-attention.
+
+    Args:
+        name: name the conditioners use to feed this branch (e.g. ``text``, ``image``).
+        context_dim: feature size of the tokens fed to this branch (4096 for umt5-xxl, 1280 for CLIP ViT-H).
+        embedder: how tokens are projected to the model width once per forward: ``mlp`` is Wan's text
+            projection (Linear, GELU-tanh, Linear); ``norm_mlp`` is Wan's image projection
+            (LayerNorm, Linear, GELU, Linear, LayerNorm).
+    """
+
+    name: str
+    context_dim: int
+    embedder: Literal["mlp", "norm_mlp"] = "mlp"
+
+
+# ----------------------------------------------------------------------------------------------
+# Embedders
+# ----------------------------------------------------------------------------------------------
+
+
+def timestep_sinusoid(timestep: torch.Tensor, dim: int) -> torch.Tensor:
+    """Wan's sinusoidal timestep features: [cos, sin] of t · 10000^(-i/half). (B,) -> (B, dim) fp32."""
+    half = dim // 2
+    exponent = torch.arange(half, dtype=torch.float64, device=timestep.device) / half
+    angles = timestep.to(torch.float64)[:, None] * torch.pow(10000.0, -exponent)[None]  # (B, half)
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1).float()  # (B, dim)
+
+
+class ContextEmbedder(nn.Module):
+    """Projects one branch's condition tokens to the model width (Wan's text / image embedders)."""
+
+    def __init__(self, context_dim: int, dim: int, kind: Literal["mlp", "norm_mlp"]) -> None:
+        super().__init__()
+        if kind == "mlp":
+            self.net = nn.Sequential(
+                nn.Linear(context_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim)
+            )
+        elif kind == "norm_mlp":
+            self.net = nn.Sequential(
+                nn.LayerNorm(context_dim),
+                nn.Linear(context_dim, context_dim),
+                nn.GELU(),
+                nn.Linear(context_dim, dim),
+                nn.LayerNorm(dim),
+            )
+        else:
+            raise ValueError(f"Unknown context embedder {kind!r}: use 'mlp' or 'norm_mlp'.")
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.net(tokens)  # (B, L, C) -> (B, L, D)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3D rotary position embedding
+# ----------------------------------------------------------------------------------------------
+
+
+def rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
+    """Wan's split of the head dimension over (t, h, w): h and w get 2·(Dh // 6), t the rest."""
+    hw = 2 * (head_dim // 6)
+    return head_dim - 2 * hw, hw, hw
+
+
+def rope_cos_sin(
+    grid: tuple[int, int, int], head_dim: int, device: torch.device, theta: float = 10000.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables for a (frames, height, width) token grid, flattened in (f, h, w) order.
+
+    Computed in float64 once per forward (not per block), returned as float32 (L, 1, Dh/2).
+    """
+    angles = []
+    for size, axis_dim, expand in zip(grid, rope_axis_dims(head_dim), range(3)):
+        inv_freq = 1.0 / theta ** (
+            torch.arange(0, axis_dim, 2, dtype=torch.float64, device=device) / axis_dim
+        )  # (axis_dim/2,)
+        pos = torch.arange(size, dtype=torch.float64, device=device)
+        axis_angles = torch.outer(pos, inv_freq)  # (size, axis_dim/2)
+        shape = [1, 1, 1, axis_angles.shape[-1]]
+        shape[expand] = size
+        angles.append(axis_angles.view(shape).expand(*grid, -1))  # (f, h, w, axis_dim/2)
+    table = torch.cat(angles, dim=-1).reshape(-1, 1, head_dim // 2)  # (L, 1, Dh/2)
+    return torch.cos(table).float(), torch.sin(table).float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent channel pairs of (B, L, H, Dh) by the position angles, in float32."""
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, L, H, Dh/2) each
+    rotated = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)  # (B, L, H, Dh/2, 2)
+    return rotated.flatten(-2).type_as(x)  # (B, L, H, Dh)
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention layers
+# ----------------------------------------------------------------------------------------------
+
+
+class SelfAttention(nn.Module):
+    """Self-attention over video tokens with RMS q/k norm (across heads) and 3D RoPE."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.to_q = nn.Linear(dim, dim)
+        self.to_k = nn.Linear(dim, dim)
+        self.to_v = nn.Linear(dim, dim)
+        self.to_out = nn.Linear(dim, dim)
+        self.norm_q = nn.RMSNorm(dim, eps=eps)
+        self.norm_k = nn.RMSNorm(dim, eps=eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        key_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        q = self.norm_q(self.to_q(x)).unflatten(-1, (self.num_heads, -1))  # (B, L, H, Dh)
+        k = self.norm_k(self.to_k(x)).unflatten(-1, (self.num_heads, -1))  # (B, L, H, Dh)
+        v = self.to_v(x).unflatten(-1, (self.num_heads, -1))  # (B, L, H, Dh)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = attention(q, k, v, key_mask)  # (B, L, H, Dh)
+        return self.to_out(out.flatten(2))  # (B, L, D)
+
+
+class BranchKeyValue(nn.Module):
+    """Key/value projections (and RMS key norm) of one cross-attention branch."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.to_k = nn.Linear(dim, dim)
+        self.to_v = nn.Linear(dim, dim)
+        self.norm_k = nn.RMSNorm(dim, eps=eps)
+
+
+class CrossAttention(nn.Module):
+    """Cross-attention whose named branches share the query and add their outputs.
+
+    ``out = to_out(Σ_b attention(q, k_b, v_b))``: with branches ``text`` and ``image`` this is
+    exactly Wan2.1-I2V's decoupled cross-attention.
+    """
+
+    def __init__(self, dim: int, num_heads: int, branch_names: list[str], eps: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.to_q = nn.Linear(dim, dim)
+        self.norm_q = nn.RMSNorm(dim, eps=eps)
+        self.branches = nn.ModuleDict({name: BranchKeyValue(dim, eps) for name in branch_names})
+        self.to_out = nn.Linear(dim, dim)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: dict[str, torch.Tensor],
+        context_mask: dict[str, torch.Tensor | None],
+    ) -> torch.Tensor:
+        q = self.norm_q(self.to_q(x)).unflatten(-1, (self.num_heads, -1))  # (B, L, H, Dh)
+        out = None
+        for name, kv in self.branches.items():
+            tokens = context[name]  # (B, Lc, D)
+            k = kv.norm_k(kv.to_k(tokens)).unflatten(-1, (self.num_heads, -1))  # (B, Lc, H, Dh)
+            v = kv.to_v(tokens).unflatten(-1, (self.num_heads, -1))  # (B, Lc, H, Dh)
+            branch_out = attention(q, k, v, context_mask.get(name))  # (B, L, H, Dh)
+            out = branch_out if out is None else out + branch_out
+        return self.to_out(out.flatten(2))  # (B, L, D)
+
+
+# ----------------------------------------------------------------------------------------------
+# Transformer block and output head
+# ----------------------------------------------------------------------------------------------
+
+
+class WanBlock(nn.Module):
+    """One Wan2.1 block: adaLN-modulated self-attention, cross-attention, adaLN-modulated FFN."""
+
+    def __init__(
+        self, dim: int, ffn_dim: int, num_heads: int, branch_names: list[str], eps: float
+    ) -> None:
+        super().__init__()
+        self.norm_self = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
+        self.self_attn = SelfAttention(dim, num_heads, eps)
+        self.norm_cross = nn.LayerNorm(dim, eps=eps, elementwise_affine=True)
+        self.cross_attn = CrossAttention(dim, num_heads, branch_names, eps)
+        self.norm_ffn = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(
+            nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim)
+        )
+        # Learned offsets added to the timestep modulation: shift/scale/gate for attn and FFN.
+        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        time_mod: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        context: dict[str, torch.Tensor],
+        context_mask: dict[str, torch.Tensor | None],
+        token_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        # x: (B, L, D); time_mod: (B, 6, D) fp32
+        mod = (self.modulation.float() + time_mod).unsqueeze(2)  # (B, 6, 1, D)
+        attn_shift, attn_scale, attn_gate, ffn_shift, ffn_scale, ffn_gate = mod.unbind(1)
+
+        # 1. Self-attention
+        h = self.norm_self(x.float()) * (1 + attn_scale) + attn_shift  # (B, L, D) fp32
+        h = self.self_attn(h.type_as(x), cos, sin, token_mask)  # (B, L, D)
+        x = (x.float() + h.float() * attn_gate).type_as(x)
+
+        # 2. Cross-attention (summed branches)
+        h = self.norm_cross(x.float()).type_as(x)
+        x = x + self.cross_attn(h, context, context_mask)
+
+        # 3. Feed-forward
+        h = self.norm_ffn(x.float()) * (1 + ffn_scale) + ffn_shift  # (B, L, D) fp32
+        h = self.ffn(h.type_as(x))  # (B, L, D)
+        return (x.float() + h.float() * ffn_gate).type_as(x)
+
+
+class OutputHead(nn.Module):
+    """adaLN-modulated final norm and the linear projection back to patch pixels."""
+
+    def __init__(self, dim: int, out_dim: int, eps: float) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
+        self.proj = nn.Linear(dim, out_dim)
+        self.modulation = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+
+    def forward(self, x: torch.Tensor, time_emb: torch.Tensor) -> torch.Tensor:
+        shift, scale = (self.modulation.float() + time_emb[:, None].float()).unsqueeze(2).unbind(1)
+        h = self.norm(x.float()) * (1 + scale) + shift  # (B, L, D)
+        return self.proj(h.type_as(x))  # (B, L, C_out·pt·ph·pw)
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------
+
+
+class WanDiT(nn.Module):
+    """Wan2.1 video DiT with named, summed cross-attention branches.
+
+    Args:
+        in_channels: channels of the DiT input (16 for T2V; 36 = 16 noisy + 4 mask + 16 reference
+            latent for I2V / BindWeave).
+        out_channels: channels predicted (the VAE latent channels, 16 for Wan).
+        dim: model width (1536 for 1.3B, 5120 for 14B).
+        ffn_dim: hidden size of the feed-forward (8960 for 1.3B, 13824 for 14B).
+        num_heads: attention heads (12 for 1.3B, 40 for 14B); dim / num_heads is the head size.
+        num_layers: number of transformer blocks (30 for 1.3B, 40 for 14B).
+        branches: the cross-attention branches; ``[text]`` is T2V, ``[text, image]`` is I2V.
+        patch_size: (t, h, w) patch of the 3D patch embedding.
+        freq_dim: size of the sinusoidal timestep features.
+        eps: epsilon of the layer and RMS norms.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 36,
+        out_channels: int = 16,
+        dim: int = 1536,
+        ffn_dim: int = 8960,
+        num_heads: int = 12,
+        num_layers: int = 30,
+        branches: list[CrossAttentionBranch] | None = None,
+        patch_size: tuple[int, int, int] = (1, 2, 2),
+        freq_dim: int = 256,
+        eps: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        branches = list(branches) if branches is not None else [CrossAttentionBranch("text", 4096)]
+        names = [b.name for b in branches]
+        if not branches or len(set(names)) != len(names):
+            raise ValueError(f"WanDiT needs at least one branch and unique branch names, got {names}.")
+        if dim % num_heads or (dim // num_heads) % 2:
+            raise ValueError(
+                f"dim={dim} must split into num_heads={num_heads} heads of an even size."
+            )
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.dim, self.num_heads, self.freq_dim = dim, num_heads, freq_dim
+        self.patch_size = tuple(patch_size)
+        self.branches = {b.name: b for b in branches}
+
+        self.patch_embedding = nn.Conv3d(
+            in_channels, dim, kernel_size=self.patch_size, stride=self.patch_size
+        )
+        self.context_embedders = nn.ModuleDict(
+            {b.name: ContextEmbedder(b.context_dim, dim, b.embedder) for b in branches}
+        )
+        self.time_embedding = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.time_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.blocks = nn.ModuleList(
+            [WanBlock(dim, ffn_dim, num_heads, names, eps) for _ in range(num_layers)]
+        )
+        self.head = OutputHead(dim, out_channels * math.prod(self.patch_size), eps)
+        self.initialize_weights()
+
+    # -- init ----------------------------------------------------------------------------------
+
+    def initialize_weights(self) -> None:
+        """All weight init in one place (Wan's scheme): xavier linears, N(0, 0.02) embedders,
+        zero output projection so an untrained model predicts zero velocity."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.xavier_uniform_(self.patch_embedding.weight.flatten(1))
+        nn.init.zeros_(self.patch_embedding.bias)
+        for embedder in self.context_embedders.values():
+            for module in embedder.modules():
+                if isinstance(module, nn.Linear):
+                    nn.init.normal_(module.weight, std=0.02)
+        for module in self.time_embedding.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=0.02)
+        nn.init.zeros_(self.head.proj.weight)
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    def embed_context(
+        self, context: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Project every branch's tokens to the model width: {name: (B, L, C)} -> {name: (B, L, D)}.
+
+        Call once and pass ``context_embedded=True`` to :meth:`forward` to reuse it across sampling steps.
+        """
+        if set(context) != set(self.branches):
+            raise ValueError(
+                f"The DiT has cross-attention branches {sorted(self.branches)} but got context for "
+                f"{sorted(context)}. Feed every branch exactly once (check the conditioners' "
+                f"`branch` names against the DiT's `branches`)."
+            )
+        embedded = {}
+        for name, tokens in context.items():
+            expected = self.branches[name].context_dim
+            if tokens.ndim != 3 or tokens.shape[-1] != expected:
+                raise ValueError(
+                    f"Context for branch {name!r} has shape {tuple(tokens.shape)}, expected "
+                    f"(B, L, {expected}). Set the branch's context_dim to the conditioner's output size."
+                )
+            weight_dtype = self.patch_embedding.weight.dtype
+            embedded[name] = self.context_embedders[name](tokens.to(weight_dtype))
+        return embedded
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise a helpful ValueError if ``x`` cannot be patchified by this model."""
+        if x.ndim != 5 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"DiT input must be (B, {self.in_channels}, F, H, W), got {tuple(x.shape)}."
+            )
+        for size, patch, axis in zip(x.shape[2:], self.patch_size, "FHW"):
+            if size % patch:
+                raise ValueError(
+                    f"Latent {axis}={size} is not divisible by the patch size {patch}; choose a video "
+                    f"size whose latent is a multiple of the patch (pixels: multiples of {8 * patch})."
+                )
+
+    # -- forward -------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        timestep: torch.Tensor,
+        context: dict[str, torch.Tensor],
+        context_mask: dict[str, torch.Tensor] | None = None,
+        frame_mask: torch.Tensor | None = None,
+        context_embedded: bool = False,
+    ) -> torch.Tensor:
+        """Predict the flow velocity.
+
+        Args:
+            x: (B, C_in, F, H, W) DiT input (noisy latent, plus conditioning channels).
+            timestep: (B,) flow time in [0, 1000].
+            context: {branch: (B, L_branch, C_branch)} condition tokens, one entry per branch.
+            context_mask: {branch: (B, L_branch) bool} True for real tokens; a missing or None
+                entry attends to every token.
+            frame_mask: (B, F) bool, False for latent frames that are padding (e.g. unused
+                reference slots); their tokens are excluded as keys from self-attention.
+            context_embedded: ``context`` already went through :meth:`embed_context`.
+
+        Returns:
+            (B, C_out, F, H, W) predicted velocity.
+        """
+        self.check_input(x)
+        batch, _, frames, height, width = x.shape
+        pt, ph, pw = self.patch_size
+        grid = (frames // pt, height // ph, width // pw)
+        context_mask = dict(context_mask or {})
+        if not context_embedded:
+            context = self.embed_context(context)  # {name: (B, Lc, D)}
+
+        tokens = self.patch_embedding(x.to(self.patch_embedding.weight.dtype))  # (B, D, f, h, w)
+        tokens = tokens.flatten(2).transpose(1, 2)  # (B, L, D)
+        cos, sin = rope_cos_sin(grid, self.head_dim, x.device)  # (L, 1, Dh/2)
+
+        time_features = timestep_sinusoid(timestep, self.freq_dim)  # (B, freq_dim)
+        time_emb = self.time_embedding(time_features.to(tokens.dtype)).float()  # (B, D)
+        time_mod = self.time_modulation(time_emb.to(tokens.dtype)).float().unflatten(1, (6, -1))  # (B, 6, D)
+
+        token_mask = None
+        if frame_mask is not None:
+            token_mask = frame_mask[:, :: pt].repeat_interleave(grid[1] * grid[2], dim=1)  # (B, L)
+
+        for block in self.blocks:
+            tokens = block(tokens, time_mod, cos, sin, context, context_mask, token_mask)  # (B, L, D)
+
+        out = self.head(tokens, time_emb)  # (B, L, C_out·pt·ph·pw)
+        out = out.view(batch, *grid, pt, ph, pw, self.out_channels)  # (B, f, h, w, pt, ph, pw, C)
+        out = out.permute(0, 7, 1, 4, 2, 5, 3, 6)  # (B, C, f, pt, h, ph, w, pw)
+        return out.reshape(batch, self.out_channels, frames, height, width)  # (B, C_out, F, H, W)
+
+
+# ----------------------------------------------------------------------------------------------
+# Presets
+# ----------------------------------------------------------------------------------------------
+
+_TEXT = CrossAttentionBranch("text", 4096, "mlp")
+_IMAGE = CrossAttentionBranch("image", 1280, "norm_mlp")
+
+PRESETS: dict[str, dict] = {
+    "wan2.1-t2v-1.3b": dict(in_channels=16, dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, branches=[_TEXT]),
+    "wan2.1-t2v-14b": dict(in_channels=16, dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, branches=[_TEXT]),
+    "wan2.1-i2v-1.3b": dict(in_channels=36, dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, branches=[_TEXT, _IMAGE]),
+    "wan2.1-i2v-14b": dict(in_channels=36, dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, branches=[_TEXT, _IMAGE]),
+}
+"""Architectures of the released Wan2.1 models (the 1.3B I2V is BindWeave's small setup: the 1.3B
+T2V weights expanded to 36 input channels and an image branch, zero-initialised)."""
+
+
+def wan_dit_preset(name: str, **overrides) -> WanDiT:
+    """Build a :class:`WanDiT` from a named preset (``PRESETS``), optionally overriding arguments."""
+    if name not in PRESETS:
+        raise ValueError(f"Unknown DiT preset {name!r}; choose one of {sorted(PRESETS)}.")
+    return WanDiT(**{**PRESETS[name], **overrides})
