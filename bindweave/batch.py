@@ -1,0 +1,99 @@
+"""The batch contract between data and model, and the checks on what users feed in.
+
+A training batch is a dict:
+
+* ``video``: (B, 3, F, H, W) float in [-1, 1], F = 1 + 4k;
+* ``prompt``: list[str] of length B;
+* ``references``: (B, N, 3, H, W) float in [-1, 1], zero-padded to the batch's largest count N;
+* ``num_references``: list[int], the real references of each sample (host-side, so masks never
+  need a device sync);
+* ``id``: list[str] (optional).
+
+A predict batch has the same keys except ``video``, plus ``seed``: list[int] (optional).
+"""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+
+VAE_TEMPORAL = 4
+"""Frames per latent frame of the Wan VAE (after the first)."""
+
+
+def check_num_frames(num_frames: int) -> None:
+    """Raise unless ``num_frames`` is 1 + 4k (what the Wan VAE's causal temporal compression takes)."""
+    if num_frames < 1 or (num_frames - 1) % VAE_TEMPORAL:
+        lower = max(1, num_frames - (num_frames - 1) % VAE_TEMPORAL)
+        raise ValueError(
+            f"num_frames={num_frames} is not 1 + 4k; the Wan VAE needs 1 + 4k frames. "
+            f"Use {lower} or {lower + VAE_TEMPORAL}."
+        )
+
+
+def check_spatial_size(height: int, width: int, multiple: int) -> None:
+    """Raise unless height and width are positive multiples of ``multiple`` (VAE stride × patch)."""
+    for name, size in (("height", height), ("width", width)):
+        if size < multiple or size % multiple:
+            nearest = max(multiple, round(size / multiple) * multiple)
+            raise ValueError(
+                f"{name}={size} cannot be encoded and patchified: it must be a multiple of {multiple} "
+                f"(VAE stride × DiT patch). Use {nearest}."
+            )
+
+
+def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """Convert a reference image to RGB: alpha is composited on ``background``, grey/palette/CMYK
+    are converted; modes with no sensible RGB meaning (e.g. 16-bit depth maps) raise."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGB", rgba.size, background)
+        canvas.paste(rgba, mask=rgba.getchannel("A"))
+        return canvas
+    if image.mode in ("L", "P", "CMYK", "YCbCr", "1", "LAB", "HSV"):
+        return image.convert("RGB")
+    raise ValueError(
+        f"Reference image mode {image.mode!r} is not a colour photo (e.g. 16-bit or float data); "
+        f"save the reference as an 8-bit RGB/RGBA/greyscale PNG or JPEG."
+    )
+
+
+def fit_reference(image: Image.Image, height: int, width: int, fill: int = 255) -> tuple[torch.Tensor, torch.Tensor]:
+    """Resize a reference to fit (height, width) keeping its aspect, centred on a ``fill`` canvas.
+
+    Returns the image (3, H, W) in [-1, 1] and the mask (H, W) of where the reference lies.
+    """
+    image = to_rgb(image)
+    scale = min(height / image.height, width / image.width)
+    new_w, new_h = max(1, round(image.width * scale)), max(1, round(image.height * scale))
+    resized = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    canvas = Image.new("RGB", (width, height), (fill, fill, fill))
+    left, top = (width - new_w) // 2, (height - new_h) // 2
+    canvas.paste(resized, (left, top))
+    pixels = torch.frombuffer(bytearray(canvas.tobytes()), dtype=torch.uint8).view(height, width, 3)
+    tensor = pixels.permute(2, 0, 1).float() / 127.5 - 1.0  # (3, H, W)
+    mask = torch.zeros(height, width, dtype=torch.bool)
+    mask[top : top + new_h, left : left + new_w] = True
+    return tensor, mask
+
+
+def collate(samples: list[dict]) -> dict:
+    """Collate samples (``video`` (3, F, H, W), ``prompt``, ``references`` (n, 3, H, W), ...) into a
+    batch, zero-padding references to the largest count."""
+    batch: dict = {}
+    counts = [int(s["references"].shape[0]) for s in samples]
+    most = max(counts)
+    refs = samples[0]["references"]
+    references = refs.new_zeros(len(samples), most, *refs.shape[1:])  # (B, N, 3, H, W)
+    for i, s in enumerate(samples):
+        references[i, : counts[i]] = s["references"]
+    batch["references"] = references
+    batch["num_references"] = counts
+    for key in samples[0]:
+        if key == "references":
+            continue
+        values = [s[key] for s in samples]
+        batch[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
+    return batch

@@ -1,0 +1,35 @@
+"""``bindweave fit|validate|test|predict``: LightningCLI over :class:`bindweave.module.BindWeave`.
+
+Any LightningDataModule can be named with ``data.class_path``; conditioners, encoders, the DiT and
+callbacks are chosen the same way (``class_path`` + ``init_args``), which is the plug-in registry.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+from lightning.pytorch.cli import LightningCLI
+
+import callbacks  # noqa: F401  (registers short names for trainer.callbacks)
+import conditioners  # noqa: F401  (registers short names for model.conditioners)
+import encoders  # noqa: F401
+from bindweave.module import BindWeave
+from bindweave.synthetic import SyntheticDataModule  # noqa: F401
+
+
+class BindWeaveCLI(LightningCLI):
+    """LightningCLI with BindWeave's model and any datamodule given by class_path."""
+
+
+def main(args: list[str] | None = None) -> BindWeaveCLI:
+    """Entry point of the ``bindweave`` console script (``args`` for tests)."""
+    return BindWeaveCLI(
+        BindWeave,
+        L.LightningDataModule,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""Rectified flow in Wan's convention: the noise schedule, timestep sampling and the Euler sampler.
+
+``x_σ = (1 − σ)·x₀ + σ·ε`` with σ ∈ [0, 1] (σ = 1 is pure noise), the DiT predicts the velocity
+``v = ε − x₀`` at timestep ``1000·σ``, and the shift ``σ' = sσ / (1 + (s − 1)σ)`` moves sampling and
+training towards the noisy end for large videos (Wan uses s = 5 for T2V, 3 for 480p I2V).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
+    """Apply Wan's timestep shift to σ values in [0, 1]."""
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+class RectifiedFlow:
+    """Training side of rectified flow: timestep sampling, noising and the velocity target.
+
+    Args:
+        shift: timestep shift applied to the sampled σ (1.0 = none).
+        timestep_sampling: ``uniform`` σ ~ U(0, 1), or ``logit_normal`` σ = sigmoid(N(0, 1)) (SD3).
+    """
+
+    def __init__(
+        self, shift: float = 5.0, timestep_sampling: Literal["uniform", "logit_normal"] = "uniform"
+    ) -> None:
+        if shift <= 0:
+            raise ValueError(f"shift must be > 0, got {shift}.")
+        if timestep_sampling not in ("uniform", "logit_normal"):
+            raise ValueError(f"timestep_sampling must be 'uniform' or 'logit_normal', got {timestep_sampling!r}.")
+        self.shift = shift
+        self.timestep_sampling = timestep_sampling
+
+    def sample_sigmas(self, batch_size: int, device: torch.device) -> torch.Tensor:
+        """σ for each sample of a training batch: (B,) in (0, 1)."""
+        if self.timestep_sampling == "uniform":
+            sigmas = torch.rand(batch_size, device=device)
+        else:
+            sigmas = torch.sigmoid(torch.randn(batch_size, device=device))
+        return shift_sigmas(sigmas, self.shift)
+
+    @staticmethod
+    def noisy(x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+        """x_σ = (1 − σ)·x₀ + σ·ε, σ broadcast over all but the batch dimension."""
+        s = sigmas.view(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
+        return (1 - s) * x0 + s * noise
+
+    @staticmethod
+    def velocity(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """The regression target v = ε − x₀."""
+        return noise - x0
+
+
+def euler_sigmas(num_steps: int, shift: float, device: torch.device | None = None) -> torch.Tensor:
+    """σ grid of the flow Euler sampler: (num_steps + 1,) from 1 down to 0, shifted."""
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
+    return shift_sigmas(torch.linspace(1.0, 0.0, num_steps + 1, device=device), shift)
+
+
+def euler_step(x: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
+    """One Euler step of dx/dσ = v from σ to σ_next (computed in float32)."""
+    return (x.float() + (sigma_next - sigma) * velocity.float()).to(x.dtype)

@@ -1,0 +1,323 @@
+"""The BindWeave LightningModule: conditioners + Wan DiT, trained with rectified flow.
+
+Batch ──conditioners──▶ Conditioning (context per branch, reference slots)
+      ──VAE──▶ video latent x₀ (B, z, T, h, w)
+x_σ = (1−σ)x₀ + σε ──[x_σ ; slots] on time, [noisy | mask | ref latent] on channels──▶ DiT
+      ──▶ velocity (B, z, T+N, h, w) ──[:, :, :T]──▶ MSE against ε − x₀ (reference slots excluded)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import OptimizerCallable
+from torch import nn
+
+from bindweave.batch import check_num_frames, check_spatial_size
+from bindweave.dit import WanDiT
+from bindweave.flow import RectifiedFlow, euler_sigmas, euler_step
+from conditioners.base import Conditioner, Conditioning, merge, stack_batches
+from encoders.base import FrozenEncoder
+from encoders.vae import WanVAE
+
+
+@dataclass
+class SamplingConfig:
+    """Settings of ``predict``.
+
+    Args:
+        num_steps: flow Euler steps.
+        guidance_scale: classifier-free guidance scale (1.0 switches the unconditional pass off).
+        shift: timestep shift of the sampling schedule (Wan: 5.0 for T2V, 3.0 for 480p I2V).
+        num_frames: frames generated when a request does not say (1 + 4k).
+        height: video height when a request does not say.
+        width: video width when a request does not say.
+    """
+
+    num_steps: int = 50
+    guidance_scale: float = 5.0
+    shift: float = 5.0
+    num_frames: int = 81
+    height: int = 480
+    width: int = 832
+
+
+class BindWeave(L.LightningModule):
+    """Subject-consistent video generation: registry conditioners feeding a Wan2.1 DiT.
+
+    Heavy parts are given as factories and built in :meth:`configure_model`, so ``--help`` and
+    ``--print_config`` are instant and a sharding strategy can wrap them as they are built.
+
+    Args:
+        dit: factory of the diffusion transformer (trainable).
+        vae: factory of the frozen video VAE (encodes videos and references, decodes samples).
+        conditioners: the condition streams (e.g. relational, identity, multi-reference). Tokens
+            for the same branch are concatenated in this order.
+        optimizer: optimizer over the trainable parameters only (default AdamW, lr 5e-6, wd 0.01,
+            the paper's constant-lr setup).
+        flow_shift: timestep shift used when sampling training timesteps.
+        timestep_sampling: distribution of training timesteps (``uniform`` or ``logit_normal``).
+        mask_context_padding: mask padded condition tokens out of cross-attention. Wan was trained
+            attending to its zero padding; set False to reproduce that exactly.
+        sampling: settings of ``predict``.
+    """
+
+    def __init__(
+        self,
+        dit: Callable[[], WanDiT],
+        vae: Callable[[], WanVAE],
+        conditioners: list[Conditioner],
+        optimizer: OptimizerCallable | None = None,
+        flow_shift: float = 5.0,
+        timestep_sampling: Literal["uniform", "logit_normal"] = "uniform",
+        mask_context_padding: bool = True,
+        sampling: SamplingConfig | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["dit", "vae", "conditioners", "optimizer"])
+        self.dit_factory, self.vae_factory = dit, vae
+        self.conditioners = nn.ModuleList(conditioners)
+        self.optimizer_factory = optimizer
+        self.flow = RectifiedFlow(shift=flow_shift, timestep_sampling=timestep_sampling)
+        self.mask_context_padding = mask_context_padding
+        self.sampling = sampling or SamplingConfig()
+        self.dit: WanDiT | None = None
+        self.vae: WanVAE | None = None
+        # Checkpoints hold trainable weights only; frozen encoders come from their own files.
+        self.strict_loading = False
+
+    # -- building ------------------------------------------------------------------------------
+
+    def configure_model(self) -> None:
+        """Build the DiT, the VAE and the conditioners' encoders, then check they fit together."""
+        if self.dit is not None:
+            return
+        self.vae = self.vae_factory()
+        self.dit = self.dit_factory()
+        for conditioner in self.conditioners:
+            conditioner.build(self.vae)
+        self._check_dimensions()
+
+    def _check_dimensions(self) -> None:
+        fed: dict[str, int] = {}
+        slot_channels = 0
+        for conditioner in self.conditioners:
+            spec = conditioner.spec()
+            slot_channels += spec.slot_channels
+            for branch, size in spec.branches.items():
+                name = type(conditioner).__name__
+                if branch not in self.dit.branches:
+                    raise ValueError(
+                        f"{name} feeds branch {branch!r}, but the DiT only has {sorted(self.dit.branches)}; "
+                        f"add the branch to the DiT's `branches` or change the conditioner's `branch`."
+                    )
+                if fed.setdefault(branch, size) != size:
+                    raise ValueError(f"Conditioners feed branch {branch!r} with token sizes {fed[branch]} and {size}.")
+                expected = self.dit.branches[branch].context_dim
+                if size != expected:
+                    raise ValueError(
+                        f"{name} produces {size}-d tokens for branch {branch!r}, but the DiT branch "
+                        f"expects context_dim={expected}; set the branch's context_dim to {size}."
+                    )
+        unfed = set(self.dit.branches) - set(fed)
+        if unfed:
+            raise ValueError(f"No conditioner feeds the DiT branches {sorted(unfed)}; add one or remove the branches.")
+        latent = self.vae.latent_channels
+        if self.dit.in_channels != latent + slot_channels:
+            raise ValueError(
+                f"The DiT takes {self.dit.in_channels} input channels but the VAE latent ({latent}) plus "
+                f"the conditioners' slot channels ({slot_channels}) make {latent + slot_channels}; set the "
+                f"DiT's in_channels to {latent + slot_channels}."
+            )
+        if self.dit.out_channels != latent:
+            raise ValueError(f"The DiT predicts {self.dit.out_channels} channels but the VAE latent has {latent}.")
+
+    # -- conditioning --------------------------------------------------------------------------
+
+    def encode_conditions(self, batch: dict, drops: list[list[bool] | None] | None = None) -> Conditioning:
+        """Run every conditioner once over the batch; ``drops[i]`` is conditioner i's drop list."""
+        drops = drops or [None] * len(self.conditioners)
+        return merge([c(batch, drop) for c, drop in zip(self.conditioners, drops)])
+
+    def _training_drops(self, batch_size: int) -> list[list[bool] | None]:
+        """Condition dropout decided on the host (no device sync)."""
+        return [
+            (torch.rand(batch_size) < c.dropout).tolist() if c.dropout > 0 else None for c in self.conditioners
+        ]
+
+    def assemble_input(self, noisy: torch.Tensor, cond: Conditioning) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[noisy latent ; empty slots] over time, [noisy | slot channels] over channels.
+
+        noisy (B, z, T, h, w) -> DiT input (B, z + C_slot, T + N, h, w) and frame mask (B, T + N) or None.
+        """
+        if cond.slots is None:
+            return noisy, None
+        b, z, t, h, w = noisy.shape
+        slots = cond.slots.to(noisy.dtype)  # (B, C_slot, N, h, w)
+        if slots.shape[-2:] != (h, w):
+            raise ValueError(
+                f"Reference latents are {tuple(slots.shape[-2:])} but the video latent is {(h, w)}: "
+                f"references must be resized to the video size before encoding."
+            )
+        c_slot, n = slots.shape[1], slots.shape[2]
+        video_part = torch.cat([noisy, noisy.new_zeros(b, c_slot, t, h, w)], dim=1)  # (B, z+C, T, h, w)
+        slot_part = torch.cat([noisy.new_zeros(b, z, n, h, w), slots], dim=1)  # (B, z+C, N, h, w)
+        x = torch.cat([video_part, slot_part], dim=2)  # (B, z+C, T+N, h, w)
+        frame_mask = None
+        if cond.slot_mask is not None:
+            frame_mask = torch.cat([cond.slot_mask.new_ones(b, t), cond.slot_mask], dim=1)  # (B, T+N)
+        return x, frame_mask
+
+    def _context(self, cond: Conditioning) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+        tokens = {name: t.tokens for name, t in cond.context.items()}
+        masks = {name: t.mask for name, t in cond.context.items()} if self.mask_context_padding else None
+        return tokens, masks
+
+    # -- training ------------------------------------------------------------------------------
+
+    def _check_video(self, num_frames: int, height: int, width: int) -> None:
+        check_num_frames(num_frames)
+        check_spatial_size(height, width, self.vae.spatial_compression * self.dit.patch_size[1])
+
+    def flow_loss(self, batch: dict, drops: list[list[bool] | None] | None = None) -> torch.Tensor:
+        """Velocity MSE over the video latent only (never over the reference slots)."""
+        video = batch["video"]  # (B, 3, F, H, W)
+        self._check_video(*video.shape[2:])
+        latents = self.vae.encode(video)  # (B, z, T, h, w)
+        cond = self.encode_conditions(batch, drops)
+        noise = torch.randn_like(latents)
+        sigmas = self.flow.sample_sigmas(latents.shape[0], latents.device)  # (B,)
+        noisy = self.flow.noisy(latents, noise, sigmas)
+        x, frame_mask = self.assemble_input(noisy, cond)  # (B, C_in, T+N, h, w)
+        context, context_mask = self._context(cond)
+        prediction = self.dit(x, sigmas * 1000, context, context_mask, frame_mask)  # (B, z, T+N, h, w)
+        video_prediction = prediction[:, :, : latents.shape[2]]  # (B, z, T, h, w)
+        return F.mse_loss(video_prediction.float(), self.flow.velocity(latents, noise).float())
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.flow_loss(batch, self._training_drops(len(batch["prompt"])))
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["prompt"]))
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.flow_loss(batch)
+        self.log("val/loss", loss, prog_bar=True, batch_size=len(batch["prompt"]), sync_dist=True)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = [p for p in self.parameters() if p.requires_grad]
+        if self.optimizer_factory is None:
+            return torch.optim.AdamW(params, lr=5e-6, weight_decay=0.01)
+        return self.optimizer_factory(params)
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def _frozen_prefixes(self) -> list[str]:
+        return [name + "." for name, m in self.named_modules() if isinstance(m, FrozenEncoder) and name]
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Drop the frozen encoders' weights: checkpoints hold what training changes."""
+        prefixes = tuple(self._frozen_prefixes())
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith(prefixes)]:
+            del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Fail loudly if a trainable weight is missing (strict_loading is off only for frozen ones)."""
+        if self.dit is None:
+            return
+        prefixes = tuple(self._frozen_prefixes())
+        expected = {k for k in self.state_dict() if not k.startswith(prefixes)}
+        missing = sorted(expected - set(checkpoint["state_dict"]))
+        if missing:
+            raise ValueError(
+                f"The checkpoint lacks {len(missing)} trainable weights, e.g. {missing[:5]}; it was made "
+                f"with a different model config than the one given."
+            )
+
+    # -- sampling ------------------------------------------------------------------------------
+
+    def _null_conditions(self, batch: dict, cond_parts: list[Conditioning]) -> Conditioning:
+        """The unconditional side of CFG: guided conditioners give their null condition, the others
+        are reused as they are (no second encoder run)."""
+        size = len(batch["prompt"])
+        parts = [c(batch, [True] * size) if c.guided else part for c, part in zip(self.conditioners, cond_parts)]
+        return merge(parts)
+
+    def _request_size(self, batch: dict, key: str, default: int) -> int:
+        values = batch.get(key)
+        if values is None:
+            return default
+        values = [int(v) for v in (values.tolist() if isinstance(values, torch.Tensor) else values)]
+        if len(set(values)) != 1:
+            raise ValueError(f"All requests of a predict batch must share {key}; got {values}. Use batch_size 1.")
+        return values[0]
+
+    @torch.no_grad()
+    def generate(self, batch: dict) -> torch.Tensor:
+        """Sample videos for a batch of requests. Returns (B, F, H, W, 3) uint8 on the CPU.
+
+        Encoders run once per request; the conditional and unconditional passes share one DiT call
+        per step; the only host syncs are the final copy to the CPU.
+        """
+        s = self.sampling
+        num_frames = self._request_size(batch, "num_frames", s.num_frames)
+        height = self._request_size(batch, "height", s.height)
+        width = self._request_size(batch, "width", s.width)
+        self._check_video(num_frames, height, width)
+        references = batch["references"]
+        if references.ndim != 5 or references.shape[2] != 3 or references.shape[-2:] != (height, width):
+            raise ValueError(
+                f"references must be (B, N, 3, {height}, {width}) RGB images at the video size, got "
+                f"{tuple(references.shape)}; load them with bindweave.batch.fit_reference."
+            )
+        size = len(batch["prompt"])
+        cond_parts = [c(batch) for c in self.conditioners]
+        cond = merge(cond_parts)
+        guided = s.guidance_scale != 1.0
+        if guided:
+            cond = stack_batches(cond, self._null_conditions(batch, cond_parts))
+        context, context_mask = self._context(cond)
+        context = self.dit.embed_context(context)  # once, not per step
+
+        latent_shape = (
+            self.vae.latent_channels,
+            (num_frames - 1) // self.vae.temporal_compression + 1,
+            height // self.vae.spatial_compression,
+            width // self.vae.spatial_compression,
+        )
+        seeds = batch.get("seed") or list(range(size))
+        dtype = self.dit.patch_embedding.weight.dtype
+        x = torch.stack([
+            torch.randn(latent_shape, generator=torch.Generator(self.device).manual_seed(int(seed)), device=self.device)
+            for seed in seeds
+        ])  # (B, z, T, h, w) fp32: per-request seeds make results independent of batching
+        sigmas = euler_sigmas(s.num_steps, s.shift, self.device)
+        for i in range(s.num_steps):
+            model_x = torch.cat([x, x]) if guided else x
+            dit_in, frame_mask = self.assemble_input(model_x.to(dtype), cond)
+            timestep = (sigmas[i] * 1000).expand(model_x.shape[0])
+            velocity = self.dit(dit_in, timestep, context, context_mask, frame_mask, context_embedded=True)
+            velocity = velocity[:, :, : latent_shape[1]].float()  # (2B or B, z, T, h, w)
+            if guided:
+                conditional, unconditional = velocity.chunk(2)
+                velocity = unconditional + s.guidance_scale * (conditional - unconditional)
+            x = euler_step(x, velocity, sigmas[i], sigmas[i + 1])
+        video = self.vae.decode(x.to(self.vae.dtype))  # (B, 3, F, H, W) in [-1, 1]
+        frames = ((video.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+        return frames.permute(0, 2, 3, 4, 1).cpu()  # (B, F, H, W, 3)
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        size = len(batch["prompt"])
+        ids = batch.get("id") or [f"sample-{batch_idx:05d}-{i}" for i in range(size)]
+        return {
+            "video": self.generate(batch),
+            "id": list(ids),
+            "prompt": list(batch["prompt"]),
+            "num_references": list(batch["num_references"]),
+            "seed": list(batch.get("seed") or range(size)),
+        }

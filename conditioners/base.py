@@ -1,0 +1,128 @@
+"""The conditioner contract: given the batch, return contributions to the DiT's input.
+
+A conditioner turns (part of) a batch into a :class:`Conditioning`:
+
+* ``context``: tokens + mask for named cross-attention branches of the DiT (several conditioners may
+  feed one branch: their tokens are concatenated in the order the conditioners are listed);
+* ``slots``: channels of extra temporal slots appended after the video latent (BindWeave's reference
+  latents + masks), with a per-sample ``slot_mask`` when samples have different numbers of slots.
+
+Heavy parts (frozen encoders) are built in :meth:`Conditioner.build`, called from the
+LightningModule's ``configure_model``, so constructing a conditioner from YAML is instant.
+Add your own by subclassing and naming it with ``class_path`` in a config (see README).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from encoders.base import Tokens
+
+
+@dataclass
+class Conditioning:
+    """What the conditioners contribute for one batch.
+
+    Attributes:
+        context: {branch name: Tokens (B, L, C) + mask (B, L)} for the DiT's cross-attention.
+        slots: (B, C_slot, N, h, w) channels of N temporal slots appended after the video latent.
+        slot_mask: (B, N) bool, False for padding slots (samples with fewer references); None when
+            every slot of every sample is real.
+    """
+
+    context: dict[str, Tokens] = field(default_factory=dict)
+    slots: torch.Tensor | None = None
+    slot_mask: torch.Tensor | None = None
+
+
+@dataclass
+class ConditionerSpec:
+    """What a built conditioner produces, checked against the DiT before training.
+
+    Attributes:
+        branches: {branch name: token feature size} it feeds.
+        slot_channels: channels of the temporal slots it adds (0 for none).
+    """
+
+    branches: dict[str, int] = field(default_factory=dict)
+    slot_channels: int = 0
+
+
+class Conditioner(nn.Module):
+    """Base class of all conditioners.
+
+    Args:
+        dropout: probability, during training, of replacing a sample's condition by its null
+            condition (classifier-free guidance training).
+        guided: whether classifier-free guidance contrasts this condition, i.e. the unconditional
+            pass uses its null condition. False keeps it in both passes (as BindWeave does for the
+            reference images).
+    """
+
+    def __init__(self, dropout: float = 0.0, guided: bool = True) -> None:
+        super().__init__()
+        if not 0.0 <= dropout <= 1.0:
+            raise ValueError(f"{type(self).__name__}: dropout must be in [0, 1], got {dropout}.")
+        self.dropout = dropout
+        self.guided = guided
+
+    def build(self, vae: nn.Module) -> None:
+        """Build heavy parts (encoders). ``vae`` is the model's shared VAE, for conditioners that
+        need latents. Called once from ``configure_model``."""
+
+    def spec(self) -> ConditionerSpec:
+        """Branches and slot channels this (built) conditioner produces."""
+        raise NotImplementedError
+
+    def forward(self, batch: dict, drop: list[bool] | None = None) -> Conditioning:
+        """Encode the batch. ``drop[i]`` replaces sample i's condition by the null condition."""
+        raise NotImplementedError
+
+    @classmethod
+    def tiny(cls) -> "Conditioner":
+        """A small random-weight instance for the shared contract tests."""
+        raise NotImplementedError(f"{cls.__name__} must implement tiny() for the contract tests.")
+
+
+def pad_tokens(parts: list[Tokens]) -> Tokens:
+    """Stack Tokens along the batch, right-padding each to the longest sequence (mask False)."""
+    length = max(p.tokens.shape[1] for p in parts)
+    tokens, masks = [], []
+    for p in parts:
+        pad = length - p.tokens.shape[1]
+        tokens.append(nn.functional.pad(p.tokens, (0, 0, 0, pad)))  # (B, L, C)
+        masks.append(nn.functional.pad(p.mask, (0, pad), value=False))  # (B, L)
+    return Tokens(torch.cat(tokens), torch.cat(masks))
+
+
+def concat_tokens(parts: list[Tokens]) -> Tokens:
+    """Concatenate Tokens of the same batch along the sequence."""
+    return Tokens(torch.cat([p.tokens for p in parts], dim=1), torch.cat([p.mask for p in parts], dim=1))
+
+
+def merge(conditionings: list[Conditioning]) -> Conditioning:
+    """Merge the contributions of several conditioners for the same batch."""
+    merged = Conditioning()
+    per_branch: dict[str, list[Tokens]] = {}
+    for c in conditionings:
+        for name, tokens in c.context.items():
+            per_branch.setdefault(name, []).append(tokens)
+        if c.slots is not None:
+            if merged.slots is not None:
+                raise ValueError("Only one conditioner may add temporal slots to the DiT input.")
+            merged.slots, merged.slot_mask = c.slots, c.slot_mask
+    merged.context = {name: concat_tokens(parts) for name, parts in per_branch.items()}
+    return merged
+
+
+def stack_batches(first: Conditioning, second: Conditioning) -> Conditioning:
+    """Concatenate two conditionings of the same branches along the batch (for batched CFG)."""
+    out = Conditioning(context={n: pad_tokens([first.context[n], second.context[n]]) for n in first.context})
+    if first.slots is not None:
+        out.slots = torch.cat([first.slots, second.slots])
+        if first.slot_mask is not None:
+            out.slot_mask = torch.cat([first.slot_mask, second.slot_mask])
+    return out

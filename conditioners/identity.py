@@ -1,0 +1,58 @@
+"""Identity condition: CLIP tokens of every reference image, for the DiT's image branch."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+from conditioners.base import Conditioner, ConditionerSpec, Conditioning
+from conditioners.references import apply_drop, reference_mask
+from encoders.base import Tokens
+from encoders.clip import CLIPVisionEncoder
+
+
+class IdentityConditioner(Conditioner):
+    """CLIP vision tokens of each reference, concatenated over references: (B, N·T, D).
+
+    The DiT's ``norm_mlp`` embedder of the fed branch projects them (Wan2.1-I2V's image projection);
+    padded and dropped references are masked out of the attention.
+
+    Args:
+        image_encoder: factory of the CLIP vision tower.
+        branch: DiT cross-attention branch fed.
+        dropout: see :class:`Conditioner`.
+        guided: see :class:`Conditioner` (BindWeave keeps the references in both CFG passes).
+    """
+
+    def __init__(
+        self,
+        image_encoder: Callable[[], CLIPVisionEncoder],
+        branch: str = "image",
+        dropout: float = 0.0,
+        guided: bool = False,
+    ) -> None:
+        super().__init__(dropout=dropout, guided=guided)
+        self.image_encoder_factory = image_encoder
+        self.branch = branch
+        self.image_encoder: CLIPVisionEncoder | None = None
+
+    def build(self, vae: nn.Module) -> None:
+        self.image_encoder = self.image_encoder_factory()
+
+    def spec(self) -> ConditionerSpec:
+        return ConditionerSpec(branches={self.branch: self.image_encoder.hidden_size})
+
+    def forward(self, batch: dict, drop: list[bool] | None = None) -> Conditioning:
+        references = batch["references"]  # (B, N, 3, H, W)
+        b, n = references.shape[:2]
+        tokens = self.image_encoder(references.flatten(0, 1))  # (B·N, T, D)
+        t = tokens.shape[1]
+        mask = apply_drop(reference_mask(batch), drop)  # (B, N)
+        tokens = tokens.view(b, n * t, -1)  # (B, N·T, D)
+        token_mask = mask.repeat_interleave(t, dim=1)  # (B, N·T)
+        return Conditioning(context={self.branch: Tokens(tokens, token_mask)})
+
+    @classmethod
+    def tiny(cls) -> "IdentityConditioner":
+        return cls(image_encoder=CLIPVisionEncoder.tiny)
