@@ -144,3 +144,49 @@ def bindweave_config_for(diffusers_config: dict) -> dict:
         freq_dim=c["freq_dim"],
         eps=c["eps"],
     )
+
+
+def load_with_new_conditions(dit: WanDiT, state_dict: dict[str, torch.Tensor]) -> list[str]:
+    """Load pretrained Wan weights into a DiT that adds conditions, zero-initialising what is new.
+
+    New input channels of the patch embedding get zero weights, and a branch the checkpoint lacks
+    gets a zero value projection, so the loaded model's output is exactly the pretrained one until
+    training moves them. Everything else must match in name and shape.
+
+    Returns the keys that were newly initialised.
+    """
+    target = dit.state_dict()
+    new_branches = [b for b in dit.branches if f"blocks.0.cross_attn.branches.{b}.to_k.weight" not in state_dict]
+    new_prefixes = tuple(
+        [f"context_embedders.{b}." for b in new_branches]
+        + [f"cross_attn.branches.{b}." for b in new_branches]
+    )
+    loaded, fresh, errors = {}, [], []
+    for key, value in target.items():
+        if key in state_dict:
+            source = state_dict[key]
+            if source.shape == value.shape:
+                loaded[key] = source
+            elif key == "patch_embedding.weight" and source.shape[0] == value.shape[0] and source.shape[2:] == value.shape[2:] \
+                    and source.shape[1] < value.shape[1]:
+                widened = torch.zeros_like(value)
+                widened[:, : source.shape[1]] = source
+                loaded[key] = widened
+                fresh.append(key)
+            else:
+                errors.append(f"{key}: checkpoint {tuple(source.shape)} vs model {tuple(value.shape)}")
+        elif any(p in key for p in new_prefixes):
+            fresh.append(key)
+            if ".to_v." in key:
+                loaded[key] = torch.zeros_like(value)
+        else:
+            errors.append(f"{key}: missing from the checkpoint")
+    unexpected = sorted(set(state_dict) - set(target))
+    if errors or unexpected:
+        raise ValueError(
+            "Pretrained weights do not fit this DiT: "
+            + "; ".join(errors[:8] + [f"{k}: not in the model" for k in unexpected[:8]])
+            + ". Check the preset (1.3B vs 14B, T2V vs I2V) against the checkpoint."
+        )
+    dit.load_state_dict(loaded, strict=False)
+    return fresh

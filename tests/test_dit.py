@@ -155,3 +155,27 @@ def test_bad_inputs_raise_helpful_errors():
         dit(x, t, {"text": ctx["text"], "image": torch.randn(2, 9, 25)})
     with pytest.raises(ValueError, match="unique"):
         WanDiT(branches=[TEXT, TEXT])
+
+
+def test_t2v_weights_in_bindweave_dit_are_unchanged_at_step_0():
+    """Wan T2V (16 channels, text only) loaded into the 36-channel text+image BindWeave DiT: the new
+    input channels and the new image branch are zero-initialised, so the output is the T2V output
+    whatever the reference channels and image tokens hold."""
+    from bindweave.convert import load_with_new_conditions
+
+    t2v = tiny_dit(image=False).eval()
+    bindweave = tiny_dit(image=True).eval()
+    fresh = load_with_new_conditions(bindweave, t2v.state_dict())
+    assert "patch_embedding.weight" in fresh and any(".branches.image.to_v." in k for k in fresh)
+    x, t, ctx = inputs(bindweave)
+    expected = t2v(x[:, :16], t, {"text": ctx["text"]})
+    torch.testing.assert_close(bindweave(x, t, ctx), expected)
+
+
+def test_load_with_new_conditions_names_wrong_shapes():
+    from bindweave.convert import load_with_new_conditions
+
+    small = tiny_dit(image=False)
+    wide = tiny_dit(image=True, dim=64, num_heads=4)
+    with pytest.raises(ValueError, match=r"checkpoint \(48"):
+        load_with_new_conditions(wide, small.state_dict())
