@@ -1,0 +1,20 @@
+"""Frozen pretrained backbones: relational MLLM, T5 text encoder, CLIP image encoder, Wan VAE."""
+
+from encoders.base import FrozenEncoder, Tokens, resolve_dtype
+from encoders.clip import CLIPVisionEncoder
+from encoders.mllm import MLLMEncoder
+from encoders.text import T5TextEncoder
+from encoders.tokenizer import byte_level_tokenizer, qwen2_tokenizer
+from encoders.vae import WanVAE
+
+__all__ = [
+    "CLIPVisionEncoder",
+    "FrozenEncoder",
+    "MLLMEncoder",
+    "T5TextEncoder",
+    "Tokens",
+    "WanVAE",
+    "byte_level_tokenizer",
+    "qwen2_tokenizer",
+    "resolve_dtype",
+]

@@ -1,0 +1,125 @@
+"""The T5 text encoder of the video DiT (Wan2.1 uses the umt5-xxl encoder, 512 tokens x 4096)."""
+
+from __future__ import annotations
+
+import copy
+import html
+import re
+
+import torch
+import transformers
+
+from encoders.base import FrozenEncoder, Tokens
+from encoders.mllm import build_from_config, locate
+from encoders.tokenizer import byte_level_tokenizer
+
+# Tiny UMT5 encoder: 2 layers of width 32 over the byte-level tokenizer (vocab size filled in).
+TINY_T5_CONFIG = {
+    "model_type": "umt5",
+    "d_model": 32,
+    "d_kv": 8,
+    "d_ff": 64,
+    "num_layers": 2,
+    "num_heads": 4,
+    "relative_attention_num_buckets": 8,
+    "relative_attention_max_distance": 16,
+    "dropout_rate": 0.0,
+}
+
+
+def clean_prompt(text: str) -> str:
+    """Wan's prompt cleaning without ftfy: unescape HTML entities and collapse whitespace."""
+    text = html.unescape(html.unescape(text))
+    return re.sub(r"\s+", " ", text).strip()
+
+
+class T5TextEncoder(FrozenEncoder):
+    """A frozen T5/UMT5 encoder giving fixed-length prompt embeddings, padding rows zeroed as in Wan.
+
+    Args:
+        pretrained_path: local folder of the encoder weights (e.g. Wan2.1-T2V-14B-Diffusers
+            ``text_encoder/``). Exclusive with ``tiny_config``.
+        tokenizer_path: local tokenizer folder (e.g. the diffusers ``tokenizer/``); defaults to
+            ``pretrained_path``. Ignored with ``tiny_config``, which uses a byte-level tokenizer.
+        tiny_config: random-weight model instead: ``model_type`` (default ``"umt5"``) and the
+            kwargs of its config; the vocab size is set from the tokenizer. See ``TINY_T5_CONFIG``.
+        model_class: dotted path of the transformers encoder class.
+        max_length: every prompt is truncated or padded to this many tokens.
+        clean_prompts: unescape HTML and collapse whitespace before tokenizing, as Wan does.
+        dtype: dtype of the weights and of the computation.
+    """
+
+    def __init__(
+        self,
+        pretrained_path: str | None = None,
+        tokenizer_path: str | None = None,
+        tiny_config: dict | None = None,
+        model_class: str = "transformers.UMT5EncoderModel",
+        max_length: int = 512,
+        clean_prompts: bool = True,
+        dtype: str = "bfloat16",
+    ) -> None:
+        super().__init__(dtype)
+        if (pretrained_path is None) == (tiny_config is None):
+            raise ValueError(
+                "T5TextEncoder needs exactly one of `pretrained_path` (a local encoder folder) or "
+                f"`tiny_config` (random weights); got pretrained_path={pretrained_path!r} and "
+                f"tiny_config={'set' if tiny_config is not None else None}."
+            )
+        if max_length <= 0:
+            raise ValueError(f"max_length must be positive, got {max_length}.")
+        self.max_length = max_length
+        self.clean_prompts = clean_prompts
+
+        if pretrained_path is not None:
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_path or pretrained_path)
+            self.model = locate(model_class).from_pretrained(pretrained_path, dtype=self.dtype)
+        else:
+            self.tokenizer = byte_level_tokenizer(append_eos=True)
+            kwargs = copy.deepcopy(tiny_config)
+            model_type = kwargs.pop("model_type", "umt5")
+            kwargs.update(
+                vocab_size=len(self.tokenizer),
+                pad_token_id=self.tokenizer.pad_token_id,
+                eos_token_id=self.tokenizer.eos_token_id,
+                decoder_start_token_id=self.tokenizer.pad_token_id,
+            )
+            config = transformers.AutoConfig.for_model(model_type, **kwargs)
+            self.model = build_from_config(model_class, config)
+        self.freeze()
+
+    @property
+    def hidden_size(self) -> int:
+        """Width D of the returned embeddings (d_model)."""
+        return self.model.config.d_model
+
+    @classmethod
+    def tiny(cls) -> "T5TextEncoder":
+        return cls(tiny_config=copy.deepcopy(TINY_T5_CONFIG), max_length=32, dtype="float32")
+
+    @torch.no_grad()
+    def forward(self, prompts: list[str]) -> Tokens:
+        """Encode prompts.
+
+        Args:
+            prompts: B prompts.
+
+        Returns:
+            Tokens with tokens (B, max_length, hidden_size), zero beyond each prompt, and
+            mask (B, max_length) bool.
+        """
+        if self.clean_prompts:
+            prompts = [clean_prompt(p) for p in prompts]
+        batch = self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.max_length,
+            truncation=True,
+            add_special_tokens=True,
+            return_attention_mask=True,
+            return_tensors="pt",
+        )
+        ids = batch["input_ids"].to(self.device)  # (B, L)
+        mask = batch["attention_mask"].to(self.device).bool()  # (B, L)
+        hidden = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state  # (B, L, D)
+        return Tokens(tokens=hidden.masked_fill(~mask[..., None], 0), mask=mask)

@@ -1,0 +1,167 @@
+"""The Wan video VAE with Wan's per-channel latent normalisation.
+
+Videos of 1 + 4k frames map to 1 + k latent frames at 1/8 of the resolution (Wan2.1). Latents are
+normalised channel-wise with the ``latents_mean`` / ``latents_std`` of the VAE config, as the Wan
+pipelines do: ``normalised = (z - mean) / std``; ``decode`` inverts it.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from diffusers import AutoencoderKLWan
+
+from encoders.base import FrozenEncoder
+
+# Tiny Wan VAE: width 4, 4 latent channels, same 4x temporal / 8x spatial compression as Wan2.1.
+TINY_VAE_CONFIG = {
+    "base_dim": 4,
+    "z_dim": 4,
+    "dim_mult": [1, 1, 1, 1],
+    "num_res_blocks": 1,
+    "temperal_downsample": [False, True, True],
+    "latents_mean": [0.1, -0.2, 0.3, 0.0],
+    "latents_std": [0.5, 2.0, 1.5, 1.0],
+}
+
+
+class WanVAE(FrozenEncoder):
+    """A frozen ``AutoencoderKLWan`` that returns normalised latents.
+
+    Args:
+        pretrained_path: local diffusers VAE folder (e.g. ``Wan2.1-T2V-14B-Diffusers/vae``).
+            Exclusive with ``tiny_config``.
+        tiny_config: random weights from ``AutoencoderKLWan`` kwargs instead (``base_dim``,
+            ``z_dim``, ``dim_mult``, ``num_res_blocks``, ``temperal_downsample``, ...). With a
+            ``z_dim`` other than 16, give ``latents_mean`` and ``latents_std`` of that length.
+            See ``TINY_VAE_CONFIG``.
+        sample: sample the posterior instead of taking its mean (Wan takes the mean).
+        tiling: encode/decode in overlapping spatial tiles to save memory on large frames.
+        dtype: dtype of the weights and of the computation (Wan and diffusers run the VAE in
+            float32).
+    """
+
+    def __init__(
+        self,
+        pretrained_path: str | None = None,
+        tiny_config: dict | None = None,
+        sample: bool = False,
+        tiling: bool = False,
+        dtype: str = "float32",
+    ) -> None:
+        super().__init__(dtype)
+        if (pretrained_path is None) == (tiny_config is None):
+            raise ValueError(
+                "WanVAE needs exactly one of `pretrained_path` (a local diffusers VAE folder) or "
+                f"`tiny_config` (random weights); got pretrained_path={pretrained_path!r} and "
+                f"tiny_config={'set' if tiny_config is not None else None}."
+            )
+        if pretrained_path is not None:
+            self.vae = AutoencoderKLWan.from_pretrained(pretrained_path, torch_dtype=self.dtype)
+        else:
+            self.vae = AutoencoderKLWan(**copy.deepcopy(tiny_config))
+        config = self.vae.config
+        for name in ("latents_mean", "latents_std"):
+            if len(config[name]) != config.z_dim:
+                raise ValueError(
+                    f"VAE config has z_dim={config.z_dim} but {len(config[name])} values in {name}: "
+                    f"give {name} with {config.z_dim} values."
+                )
+        if tiling:
+            self.vae.enable_tiling()
+        self.sample = sample
+        self.register_buffer("mean", torch.tensor(config.latents_mean).view(1, -1, 1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(config.latents_std).view(1, -1, 1, 1, 1), persistent=False)
+        self.freeze()
+
+    @property
+    def latent_channels(self) -> int:
+        """Number z of latent channels."""
+        return self.vae.config.z_dim
+
+    @property
+    def temporal_compression(self) -> int:
+        """Frames per latent frame after the first (4 for Wan2.1)."""
+        return 2 ** sum(self.vae.config.temperal_downsample)
+
+    @property
+    def spatial_compression(self) -> int:
+        """Pixels per latent pixel along H and W (8 for Wan2.1)."""
+        return 2 ** (len(self.vae.config.dim_mult) - 1) * (self.vae.config.patch_size or 1)
+
+    @classmethod
+    def tiny(cls) -> "WanVAE":
+        return cls(tiny_config=copy.deepcopy(TINY_VAE_CONFIG), dtype="float32")
+
+    def _check_pixels(self, video: torch.Tensor) -> None:
+        """Raise a ValueError naming the fix when ``video`` cannot be encoded."""
+        if video.ndim != 5:
+            raise ValueError(
+                f"video must be 5-D (B, 3, F, H, W) in [-1, 1], got shape {tuple(video.shape)}; "
+                "for single images (M, 3, H, W) use encode_images."
+            )
+        if video.shape[1] != 3:
+            raise ValueError(
+                f"video must have 3 RGB channels in dim 1 (B, 3, F, H, W), got {video.shape[1]} "
+                f"(shape {tuple(video.shape)}); a (B, F, 3, H, W) video needs .transpose(1, 2)."
+            )
+        frames, height, width = video.shape[2:]
+        t = self.temporal_compression
+        if (frames - 1) % t != 0:
+            lower = 1 + max(frames - 1, 0) // t * t
+            raise ValueError(
+                f"The VAE encodes 1 + {t}k frames, got {frames}: use {lower} or {lower + t} frames."
+            )
+        s = self.spatial_compression
+        if height % s != 0 or width % s != 0:
+            raise ValueError(
+                f"Frame size {height}x{width} is not a multiple of {s}: resize or crop to "
+                f"{height // s * s}x{width // s * s} (or {-(-height // s) * s}x{-(-width // s) * s})."
+            )
+
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        """Encode videos to normalised latents.
+
+        Args:
+            video: (B, 3, F, H, W) in [-1, 1], F = 1 + 4k, H and W multiples of 8.
+
+        Returns:
+            (B, z, 1 + (F - 1) // 4, H / 8, W / 8) normalised latents.
+        """
+        self._check_pixels(video)
+        posterior = self.vae.encode(video.to(self.device, self.dtype)).latent_dist
+        z = posterior.sample() if self.sample else posterior.mode()  # (B, z, f, h, w)
+        return (z - self.mean) / self.std
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Encode single frames (e.g. reference images).
+
+        Args:
+            images: (M, 3, H, W) in [-1, 1], H and W multiples of 8.
+
+        Returns:
+            (M, z, 1, H / 8, W / 8) normalised latents.
+        """
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be (M, 3, H, W) in [-1, 1], got shape {tuple(images.shape)}.")
+        return self.encode(images.unsqueeze(2))  # (M, z, 1, h, w)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Decode normalised latents to videos.
+
+        Args:
+            latents: (B, z, f, h, w) normalised latents.
+
+        Returns:
+            (B, 3, 1 + 4 (f - 1), 8 h, 8 w) videos clamped to [-1, 1].
+        """
+        if latents.ndim != 5 or latents.shape[1] != self.latent_channels:
+            raise ValueError(
+                f"latents must be (B, {self.latent_channels}, f, h, w), got shape {tuple(latents.shape)}."
+            )
+        z = latents.to(self.device, self.dtype) * self.std + self.mean  # (B, z, f, h, w)
+        return self.vae.decode(z).sample.clamp(-1, 1)  # (B, 3, F, H, W)
