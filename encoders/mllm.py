@@ -182,7 +182,7 @@ class MLLMEncoder(FrozenEncoder):
                 raise ValueError(
                     f"image_mask must be (B, N) = {tuple(images.shape[:2])}, got {tuple(image_mask.shape)}."
                 )
-            image_mask = image_mask.bool()
+            image_mask = image_mask.to(images.device, torch.bool)
             counts = image_mask.sum(1).tolist()
             refs = images[image_mask].float()  # (M, 3, H, W), sample-major order
             refs = F.interpolate(refs, size=(self.image_size,) * 2, mode="bicubic", align_corners=False)
@@ -198,14 +198,15 @@ class MLLMEncoder(FrozenEncoder):
             do_rescale=False,  # images are already floats in [0, 1]
         )
         batch = {
-            k: v.to(self.device, self.dtype if v.is_floating_point() else None) for k, v in batch.items()
+            k: v.to(self.device, self.dtype if v.is_floating_point() else None) if torch.is_tensor(v) else v
+            for k, v in batch.items()
         }
 
         # 2. Backbone forward
         out = self.model(**batch, use_cache=False, output_hidden_states=self.layer != -1, return_dict=True)
         hidden = out.last_hidden_state if self.layer == -1 else out.hidden_states[self.layer]  # (B, L, D)
         mask = batch["attention_mask"].bool()  # (B, L)
-        return Tokens(tokens=hidden * mask[..., None], mask=mask)
+        return Tokens(tokens=hidden.masked_fill(~mask[..., None], 0), mask=mask)
 
 
 def _tiny_processor(tiny_config: dict) -> transformers.ProcessorMixin:

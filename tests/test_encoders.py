@@ -9,6 +9,7 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 
 import encoders
 from encoders import CLIPVisionEncoder, FrozenEncoder, MLLMEncoder, T5TextEncoder, WanVAE
@@ -104,8 +105,13 @@ def test_byte_level_tokenizer():
     assert byte_level_tokenizer(append_eos=True)("ab")["input_ids"] == [3 + 97, 3 + 98, 1]
 
 
-def test_qwen2_tokenizer_matches_qwen_ids():
-    tokenizer = qwen2_tokenizer()
+@pytest.fixture(scope="module")
+def qwen_tokenizer():
+    return qwen2_tokenizer()
+
+
+def test_qwen2_tokenizer_matches_qwen_ids(qwen_tokenizer):
+    tokenizer = qwen_tokenizer
     expected = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645,
                 "<|vision_start|>": 151652, "<|vision_end|>": 151653, "<|image_pad|>": 151655,
                 "<|video_pad|>": 151656, "<|file_sep|>": 151664}  # fmt: skip
@@ -170,6 +176,23 @@ def test_mllm_without_chat_template_and_truncation():
     assert out.mask.sum(1).tolist() == [5 + 2 * (1 + 49), 3 + 1 + 49]  # bytes + (newline + 7x7 tokens)
     mllm.max_length = 2
     assert mllm._texts(["a dog"], [1]) == ["a \n<|image_pad|>"]
+
+
+def test_mllm_sequence_with_real_qwen_processor(qwen_tokenizer):
+    """The Qwen2.5-VL processor (default sizes) over the offline Qwen tokenizer: 448 px -> 256 tokens."""
+    mllm = MLLMEncoder.tiny()
+    mllm.processor = transformers.Qwen2_5_VLProcessor(
+        image_processor=transformers.Qwen2VLImageProcessor(),
+        video_processor=transformers.Qwen2VLVideoProcessor(),
+        tokenizer=qwen_tokenizer,
+        chat_template=qwen_tokenizer.chat_template,
+    )
+    texts = mllm._texts(["a dog", "a cat"], [2, 0])
+    images = list(torch.rand(2, 3, 448, 448))
+    batch = mllm.processor(text=texts, images=images, padding=True, return_tensors="pt", do_rescale=False)
+    image_tokens = (batch["input_ids"] == 151655).sum(1)
+    assert image_tokens.tolist() == [2 * 256, 0]
+    assert batch["image_grid_thw"].tolist() == [[1, 32, 32]] * 2
 
 
 def test_mllm_layer_and_input_checks(mllm):
