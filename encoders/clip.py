@@ -79,7 +79,9 @@ class CLIPVisionEncoder(FrozenEncoder):
             quick_gelu=model_cfg.get("quick_gelu", False),
         )
         if not isinstance(visual, VisionTransformer):
-            raise ValueError(f"{model_name!r} has a {type(visual).__name__} tower; only ViT towers are supported.")
+            raise ValueError(
+                f"{model_name!r} has a {type(visual).__name__} tower; only ViT towers are supported."
+            )
 
         if pretrained_path is not None:
             state = load_state_dict(pretrained_path)

@@ -159,7 +159,8 @@ def test_mllm_batch_with_different_reference_counts(mllm):
         assert out.mask[i].sum() == length and out.mask[i, :length].all()
         torch.testing.assert_close(out.tokens[i, :length], alone.tokens[0], atol=1e-4, rtol=1e-4)
     text_only = mllm(prompts[1:2])
-    torch.testing.assert_close(text_only.tokens[0], out.tokens[1, : text_only.mask.shape[1]], atol=1e-4, rtol=1e-4)
+    length = text_only.mask.shape[1]
+    torch.testing.assert_close(text_only.tokens[0], out.tokens[1, :length], atol=1e-4, rtol=1e-4)
 
 
 def test_mllm_sequence_follows_chat_template(mllm):
@@ -210,11 +211,15 @@ def test_mllm_layer_and_input_checks(mllm):
         mllm(["x"], images, torch.ones(1, 2, dtype=torch.bool))
 
 
-@pytest.mark.parametrize("model_class", ["transformers.AutoModelForImageTextToText", "transformers.AutoModel"])
+@pytest.mark.parametrize(
+    "model_class", ["transformers.AutoModelForImageTextToText", "transformers.AutoModel"]
+)
 def test_mllm_from_pretrained_path(mllm, tmp_path, model_class):
     mllm.model.save_pretrained(tmp_path)
     mllm.processor.save_pretrained(tmp_path)
-    loaded = MLLMEncoder(pretrained_path=str(tmp_path), model_class=model_class, image_size=56, dtype="float32")
+    loaded = MLLMEncoder(
+        pretrained_path=str(tmp_path), model_class=model_class, image_size=56, dtype="float32"
+    )
     assert loaded.hidden_size == mllm.hidden_size
     images, mask = _images(2, 2), torch.tensor([[True, False], [True, True]])
     expected, actual = mllm(["a", "b c"], images, mask), loaded(["a", "b c"], images, mask)
@@ -282,7 +287,8 @@ def _open_clip_block_outputs(model, images: torch.Tensor) -> list[torch.Tensor]:
 
 
 def test_clip_shapes_and_layers():
-    penultimate, last = CLIPVisionEncoder.tiny(), CLIPVisionEncoder(tiny_config=TINY_CLIP_CONFIG, layer=-1, dtype="float32")
+    penultimate = CLIPVisionEncoder.tiny()
+    last = CLIPVisionEncoder(tiny_config=TINY_CLIP_CONFIG, layer=-1, dtype="float32")
     assert penultimate.num_tokens == (32 // 8) ** 2 + 1 and penultimate.hidden_size == 32
     images = torch.rand(3, 3, 40, 48) * 2 - 1
     out = penultimate(images)
@@ -309,8 +315,9 @@ def test_clip_from_pretrained_path_matches_open_clip(clip_checkpoint, layer):
 def test_clip_from_visual_only_checkpoint(clip_checkpoint, tmp_path):
     model, folder, checkpoint = clip_checkpoint
     torch.save(model.visual.state_dict(), tmp_path / "visual.pt")
-    full = CLIPVisionEncoder(model_name=f"local-dir:{folder}", pretrained_path=str(checkpoint), dtype="float32")
-    visual = CLIPVisionEncoder(model_name=f"local-dir:{folder}", pretrained_path=str(tmp_path / "visual.pt"), dtype="float32")
+    name = f"local-dir:{folder}"
+    full = CLIPVisionEncoder(model_name=name, pretrained_path=str(checkpoint), dtype="float32")
+    visual = CLIPVisionEncoder(model_name=name, pretrained_path=str(tmp_path / "visual.pt"), dtype="float32")
     images = torch.rand(2, 3, 32, 32) * 2 - 1
     torch.testing.assert_close(visual(images), full(images))
     with pytest.raises(ValueError, match="Unknown open_clip model"):
