@@ -20,8 +20,8 @@ class BindWeaveCLI(LightningCLI):
     """LightningCLI with BindWeave's model and any datamodule given by class_path."""
 
 
-def main(args: list[str] | None = None) -> BindWeaveCLI:
-    """Entry point of the ``bindweave`` console script (``args`` for tests)."""
+def run_cli(args: list[str] | None = None) -> BindWeaveCLI:
+    """Parse ``args`` (default: sys.argv) and run the subcommand; returns the CLI (for tests)."""
     return BindWeaveCLI(
         BindWeave,
         L.LightningDataModule,
@@ -29,6 +29,11 @@ def main(args: list[str] | None = None) -> BindWeaveCLI:
         save_config_kwargs={"overwrite": True},
         args=args,
     )
+
+
+def main() -> None:
+    """Entry point of the ``bindweave`` console script."""
+    run_cli()
 
 
 if __name__ == "__main__":

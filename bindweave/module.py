@@ -8,6 +8,7 @@ x_σ = (1−σ)x₀ + σε ──[x_σ ; slots] on time, [noisy | mask | ref lat
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Literal
 
@@ -15,6 +16,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import nn
 
 from bindweave.batch import check_num_frames, check_spatial_size
@@ -23,6 +25,11 @@ from bindweave.flow import RectifiedFlow, euler_sigmas, euler_step
 from conditioners.base import Conditioner, Conditioning, merge, stack_batches
 from encoders.base import FrozenEncoder
 from encoders.vae import WanVAE
+
+
+# Frozen encoder weights are deliberately absent from checkpoints; on_load_checkpoint checks that
+# every trainable weight is present instead.
+warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in the checkpoint")
 
 
 @dataclass
@@ -55,8 +62,13 @@ class BindWeave(L.LightningModule):
     Args:
         dit: factory of the diffusion transformer (trainable).
         vae: factory of the frozen video VAE (encodes videos and references, decodes samples).
-        conditioners: the condition streams (e.g. relational, identity, multi-reference). Tokens
-            for the same branch are concatenated in this order.
+        relational: the prompt condition (paper: MLLM + T5, ``RelationalConditioner``); None to omit.
+        identity: the reference-appearance condition (paper: CLIP tokens, ``IdentityConditioner``).
+        multi_reference: the reference-latent slots (paper: ``MultiReferenceConditioner``).
+        extra_conditioners: further conditioners of your own (any :class:`Conditioner` subclass).
+            Conditioners feeding the same branch are concatenated in the order relational,
+            identity, multi_reference, extras. Separate named slots (rather than one list) let a
+            later ``-c`` config replace e.g. only the relational MLLM.
         optimizer: optimizer over the trainable parameters only (default AdamW, lr 5e-6, wd 0.01,
             the paper's constant-lr setup).
         flow_shift: timestep shift used when sampling training timesteps.
@@ -70,7 +82,10 @@ class BindWeave(L.LightningModule):
         self,
         dit: Callable[[], WanDiT],
         vae: Callable[[], WanVAE],
-        conditioners: list[Conditioner],
+        relational: Conditioner | None = None,
+        identity: Conditioner | None = None,
+        multi_reference: Conditioner | None = None,
+        extra_conditioners: list[Conditioner] | None = None,
         optimizer: OptimizerCallable | None = None,
         flow_shift: float = 5.0,
         timestep_sampling: Literal["uniform", "logit_normal"] = "uniform",
@@ -78,9 +93,18 @@ class BindWeave(L.LightningModule):
         sampling: SamplingConfig | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["dit", "vae", "conditioners", "optimizer"])
+        # Under LightningCLI the hyperparameters are the config (class_path/init_args dicts), so a
+        # checkpoint carries everything needed to rebuild the model (``load_from_checkpoint``).
+        # Built in Python, the factories and conditioners are objects: keep them out of the checkpoint.
+        from_cli = _given_hyperparameters.get() is not None
+        heavy = ["dit", "vae", "relational", "identity", "multi_reference", "extra_conditioners", "optimizer"]
+        self.save_hyperparameters(ignore=None if from_cli else heavy)
         self.dit_factory, self.vae_factory = dit, vae
-        self.conditioners = nn.ModuleList(conditioners)
+        named = {"relational": relational, "identity": identity, "multi_reference": multi_reference}
+        named.update({f"extra_{i}": c for i, c in enumerate(extra_conditioners or [])})
+        self.conditioners = nn.ModuleDict({name: c for name, c in named.items() if c is not None})
+        if not self.conditioners:
+            raise ValueError("BindWeave needs at least one conditioner (e.g. `relational` for the prompt).")
         self.optimizer_factory = optimizer
         self.flow = RectifiedFlow(shift=flow_shift, timestep_sampling=timestep_sampling)
         self.mask_context_padding = mask_context_padding
@@ -96,16 +120,21 @@ class BindWeave(L.LightningModule):
         """Build the DiT, the VAE and the conditioners' encoders, then check they fit together."""
         if self.dit is not None:
             return
-        self.vae = self.vae_factory()
         self.dit = self.dit_factory()
-        for conditioner in self.conditioners:
-            conditioner.build(self.vae)
+        # Frozen parts built from random tiny configs must be identical in fit and predict runs,
+        # whatever the global RNG went through: build them under a fixed seed (no effect on
+        # pretrained weights).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            self.vae = self.vae_factory()
+            for conditioner in self.conditioners.values():
+                conditioner.build(self.vae)
         self._check_dimensions()
 
     def _check_dimensions(self) -> None:
         fed: dict[str, int] = {}
         slot_channels = 0
-        for conditioner in self.conditioners:
+        for conditioner in self.conditioners.values():
             spec = conditioner.spec()
             slot_channels += spec.slot_channels
             for branch, size in spec.branches.items():
@@ -141,12 +170,12 @@ class BindWeave(L.LightningModule):
     def encode_conditions(self, batch: dict, drops: list[list[bool] | None] | None = None) -> Conditioning:
         """Run every conditioner once over the batch; ``drops[i]`` is conditioner i's drop list."""
         drops = drops or [None] * len(self.conditioners)
-        return merge([c(batch, drop) for c, drop in zip(self.conditioners, drops)])
+        return merge([c(batch, drop) for c, drop in zip(self.conditioners.values(), drops)])
 
     def _training_drops(self, batch_size: int) -> list[list[bool] | None]:
         """Condition dropout decided on the host (no device sync)."""
         return [
-            (torch.rand(batch_size) < c.dropout).tolist() if c.dropout > 0 else None for c in self.conditioners
+            (torch.rand(batch_size) < c.dropout).tolist() if c.dropout > 0 else None for c in self.conditioners.values()
         ]
 
     def assemble_input(self, noisy: torch.Tensor, cond: Conditioning) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -245,7 +274,7 @@ class BindWeave(L.LightningModule):
         """The unconditional side of CFG: guided conditioners give their null condition, the others
         are reused as they are (no second encoder run)."""
         size = len(batch["prompt"])
-        parts = [c(batch, [True] * size) if c.guided else part for c, part in zip(self.conditioners, cond_parts)]
+        parts = [c(batch, [True] * size) if c.guided else part for c, part in zip(self.conditioners.values(), cond_parts)]
         return merge(parts)
 
     def _request_size(self, batch: dict, key: str, default: int) -> int:
@@ -276,7 +305,7 @@ class BindWeave(L.LightningModule):
                 f"{tuple(references.shape)}; load them with bindweave.batch.fit_reference."
             )
         size = len(batch["prompt"])
-        cond_parts = [c(batch) for c in self.conditioners]
+        cond_parts = [c(batch) for c in self.conditioners.values()]
         cond = merge(cond_parts)
         guided = s.guidance_scale != 1.0
         if guided:

@@ -1,0 +1,119 @@
+"""One shared contract test run over every Conditioner subclass, plus per-conditioner behaviour."""
+
+import pytest
+import torch
+
+import conditioners
+from conditioners import Conditioner, Conditioning, IdentityConditioner, MultiReferenceConditioner, RelationalConditioner
+from encoders import T5TextEncoder, WanVAE
+from tests.helpers import synthetic_batch
+
+
+def concrete_subclasses(cls):
+    for sub in cls.__subclasses__():
+        if not sub.__module__.startswith("tests"):
+            yield sub
+        yield from concrete_subclasses(sub)
+
+
+ALL = sorted(set(concrete_subclasses(Conditioner)), key=lambda c: c.__name__)
+
+
+def test_every_conditioner_is_exported():
+    assert {c.__name__ for c in ALL} <= set(conditioners.__all__)
+    assert len(ALL) >= 3
+
+
+@pytest.mark.parametrize("cls", ALL, ids=lambda c: c.__name__)
+def test_conditioner_contract(cls):
+    conditioner = cls.tiny()
+    vae = WanVAE.tiny()
+    conditioner.build(vae)
+    spec = conditioner.spec()
+    batch = synthetic_batch(size=3)
+    out = conditioner(batch)
+    assert isinstance(out, Conditioning)
+    # What it produces is what its spec says (this is what configure_model checks against the DiT).
+    assert {name: t.tokens.shape[-1] for name, t in out.context.items()} == spec.branches
+    for tokens in out.context.values():
+        assert tokens.tokens.shape[:2] == tokens.mask.shape and tokens.mask.dtype == torch.bool
+        assert tokens.tokens.shape[0] == 3
+    if spec.slot_channels:
+        assert out.slots.shape[:3] == (3, spec.slot_channels, batch["references"].shape[1])
+    else:
+        assert out.slots is None
+    # Deterministic, and the null condition keeps the layout (needed for batched CFG).
+    again = conditioner(batch)
+    for name in out.context:
+        torch.testing.assert_close(out.context[name].tokens, again.context[name].tokens)
+    null = conditioner(batch, drop=[True, False, True])
+    assert set(null.context) == set(out.context)
+    assert (null.slots is None) == (out.slots is None)
+    # Only trainable parts have gradients; encoders stay frozen.
+    for name, p in conditioner.named_parameters():
+        if p.requires_grad:
+            assert "connector" in name, f"{cls.__name__}.{name} is trainable but is not a new projection"
+
+
+def test_relational_concatenates_connector_tokens_before_t5():
+    c = RelationalConditioner.tiny()
+    c.build(WanVAE.tiny())
+    batch = synthetic_batch(size=2)
+    out = c(batch).context["text"]
+    t5 = c.text_encoder(batch["prompt"])
+    counts = batch["num_references"]
+    mask = torch.tensor([[i < n for i in range(2)] for n in counts])
+    mllm = c.mllm(batch["prompt"], batch["references"], mask)
+    assert out.tokens.shape[1] == mllm.tokens.shape[1] + t5.tokens.shape[1]
+    torch.testing.assert_close(out.tokens[:, -t5.tokens.shape[1]:], t5.tokens)
+    # Zero-init connector: the MLLM tokens carry no information at step 0.
+    assert out.tokens[:, : mllm.tokens.shape[1]].abs().max() == 0
+    assert c.connector[0].weight.requires_grad
+
+
+def test_relational_without_mllm_is_the_t5_only_ablation():
+    c = RelationalConditioner(text_encoder=T5TextEncoder.tiny, mllm=None)
+    c.build(WanVAE.tiny())
+    batch = synthetic_batch(size=2)
+    torch.testing.assert_close(c(batch).context["text"].tokens, c.text_encoder(batch["prompt"]).tokens)
+    assert c.connector is None
+
+
+def test_identity_masks_padded_and_dropped_references():
+    c = IdentityConditioner.tiny()
+    c.build(WanVAE.tiny())
+    batch = synthetic_batch(size=2)
+    one, two = batch["num_references"].index(1), batch["num_references"].index(2)
+    out = c(batch).context["image"]
+    per_ref = c.image_encoder.num_tokens
+    assert out.tokens.shape[1] == 2 * per_ref
+    assert out.mask[one].tolist() == [True] * per_ref + [False] * per_ref
+    assert out.mask[two].all()
+    drop = [i == two for i in range(2)]
+    assert not c(batch, drop=drop).context["image"].mask[two].any()
+
+
+def test_multi_reference_slots_hold_latents_and_masks():
+    vae = WanVAE.tiny()
+    c = MultiReferenceConditioner.tiny()
+    c.build(vae)
+    batch = synthetic_batch(size=2)
+    one, two = batch["num_references"].index(1), batch["num_references"].index(2)
+    out = c(batch)
+    z = vae.latent_channels
+    expected = vae.encode_images(batch["references"][two])[:, :, 0]  # (2, z, h, w)
+    torch.testing.assert_close(out.slots[two, 4:].transpose(0, 1), expected)
+    assert (out.slots[:, 0, :][out.slot_mask] == 1).all()  # mask channel 0 on in real slots
+    assert out.slots[:, 1:4].abs().max() == 0  # the other mask channels stay 0
+    assert out.slots[one, :, 1].abs().max() == 0  # padding slot is empty
+    assert out.slot_mask[one].tolist() == [True, False] and out.slot_mask[two].all()
+    assert out.slots.shape[1] == 4 + z
+    dropped = c(batch, drop=[i == one for i in range(2)])
+    assert dropped.slots[one].abs().max() == 0 and dropped.slots[two].abs().max() > 0
+
+
+def test_multi_reference_rejects_too_many_references():
+    c = MultiReferenceConditioner(max_references=1)
+    c.build(WanVAE.tiny())
+    with pytest.raises(ValueError, match="at most 1"):
+        c(synthetic_batch(size=2))

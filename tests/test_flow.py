@@ -1,0 +1,38 @@
+import torch
+
+from bindweave.flow import RectifiedFlow, euler_sigmas, euler_step, shift_sigmas
+
+
+def test_shift_keeps_endpoints_and_moves_towards_noise():
+    s = torch.linspace(0, 1, 11)
+    shifted = shift_sigmas(s, 5.0)
+    assert shifted[0] == 0 and shifted[-1] == 1
+    assert (shifted[1:-1] > s[1:-1]).all()
+    torch.testing.assert_close(shift_sigmas(s, 1.0), s)
+
+
+def test_noising_and_velocity_are_consistent():
+    x0, noise = torch.randn(3, 4, 2, 2, 2), torch.randn(3, 4, 2, 2, 2)
+    sigmas = torch.tensor([0.0, 0.5, 1.0])
+    xt = RectifiedFlow.noisy(x0, noise, sigmas)
+    torch.testing.assert_close(xt[0], x0[0])
+    torch.testing.assert_close(xt[2], noise[2])
+    # Moving along the true velocity from σ to 0 lands on x0.
+    v = RectifiedFlow.velocity(x0, noise)
+    torch.testing.assert_close(euler_step(xt[1:2], v[1:2], torch.tensor(0.5), torch.tensor(0.0)), x0[1:2])
+
+
+def test_euler_sampler_with_exact_velocity_recovers_data():
+    x0, noise = torch.randn(2, 3), torch.randn(2, 3)
+    sigmas = euler_sigmas(7, shift=3.0)
+    assert sigmas[0] == 1 and sigmas[-1] == 0 and (sigmas.diff() < 0).all()
+    x = noise
+    for i in range(7):
+        x = euler_step(x, noise - x0, sigmas[i], sigmas[i + 1])
+    torch.testing.assert_close(x, x0)
+
+
+def test_training_sigmas_are_in_range():
+    for sampling in ("uniform", "logit_normal"):
+        s = RectifiedFlow(shift=3.0, timestep_sampling=sampling).sample_sigmas(1000, torch.device("cpu"))
+        assert s.min() > 0 and s.max() < 1
