@@ -90,7 +90,7 @@ class BindWeave(L.LightningModule):
         flow_shift: float = 5.0,
         timestep_sampling: Literal["uniform", "logit_normal"] = "uniform",
         mask_context_padding: bool = True,
-        sampling: SamplingConfig | None = None,
+        sampling: SamplingConfig = SamplingConfig(),
     ) -> None:
         super().__init__()
         # Under LightningCLI the hyperparameters are the config (class_path/init_args dicts), so a
@@ -108,7 +108,7 @@ class BindWeave(L.LightningModule):
         self.optimizer_factory = optimizer
         self.flow = RectifiedFlow(shift=flow_shift, timestep_sampling=timestep_sampling)
         self.mask_context_padding = mask_context_padding
-        self.sampling = sampling or SamplingConfig()
+        self.sampling = sampling
         self.dit: WanDiT | None = None
         self.vae: WanVAE | None = None
         # Checkpoints hold trainable weights only; frozen encoders come from their own files.

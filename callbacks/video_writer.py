@@ -18,14 +18,19 @@ class VideoWriter(BasePredictionWriter):
     truncated video behind.
 
     Args:
-        output_dir: folder the videos are written to (created if missing).
+        output_dir: folder the videos are written to (created if missing); default
+            ``<trainer.default_root_dir>/videos``.
         fps: frame rate of the written mp4 files.
     """
 
-    def __init__(self, output_dir: str = "outputs", fps: int = 16) -> None:
+    def __init__(self, output_dir: str | None = None, fps: int = 16) -> None:
         super().__init__(write_interval="batch")
-        self.output_dir = Path(output_dir)
+        self.output_dir = Path(output_dir) if output_dir else None
         self.fps = fps
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.output_dir is None:
+            self.output_dir = Path(trainer.default_root_dir) / "videos"
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
         for i, sample_id in enumerate(prediction["id"]):

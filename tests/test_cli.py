@@ -1,0 +1,56 @@
+"""The CLI as a user runs it: fit then predict on configs/tiny.yaml, --help, --print_config."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bindweave.cli import run_cli
+from bindweave.video_io import read_video
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny.yaml")
+
+
+def test_fit_then_predict_writes_videos(tmp_path):
+    common = ["-c", TINY, "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false"]
+    run_cli(["fit", *common, "--trainer.max_steps", "4", "--trainer.val_check_interval", "4"])
+    (checkpoint,) = tmp_path.glob("lightning_logs/version_0/checkpoints/last.ckpt")
+    out = tmp_path / "videos"
+    cli = run_cli(["predict", *common, "--ckpt_path", str(checkpoint)])
+    videos = sorted(out.glob("*.mp4"))
+    assert len(videos) == cli.datamodule.hparams.num_predict_samples
+    assert read_video(videos[0]).shape == (5, 32, 32, 3)
+    assert (out / f"{videos[0].stem}.json").exists()
+
+
+def test_print_config_is_complete_and_rerunnable(tmp_path):
+    printed = subprocess.run(
+        [sys.executable, "-m", "bindweave.cli", "fit", "-c", TINY, "--print_config"],
+        capture_output=True, text=True, check=True, cwd=ROOT,
+    ).stdout
+    for key in ("relational:", "mllm:", "identity:", "multi_reference:", "sampling:", "branches:"):
+        assert key in printed
+    config = tmp_path / "config.yaml"
+    config.write_text(printed)
+    run_cli(["fit", "-c", str(config), "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0",
+             "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
+             "--trainer.callbacks", "[]"])
+
+
+def test_help_lists_the_model_options():
+    result = subprocess.run([sys.executable, "-m", "bindweave.cli", "fit", "--help"], capture_output=True, text=True,
+                            check=True, cwd=ROOT, env={"COLUMNS": "200", "PATH": ""})
+    for option in ("--model.dit", "--model.vae", "--model.relational", "--model.identity",
+                   "--model.multi_reference", "--model.extra_conditioners", "--model.optimizer",
+                   "--model.flow_shift", "--model.sampling.num_steps", "--model.sampling.guidance_scale", "--data"):
+        assert option in result.stdout, option
+
+
+def test_unknown_class_in_config_is_a_clear_error(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  identity:\n    class_path: conditioners.NoSuchConditioner\n")
+    with pytest.raises(SystemExit):
+        run_cli(["fit", "-c", TINY, "-c", str(bad)])
+    assert "NoSuchConditioner" in capsys.readouterr().err

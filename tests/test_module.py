@@ -1,0 +1,169 @@
+"""The LightningModule: loss, reference slots, CFG batching, encoder call counts, bad inputs."""
+
+from functools import partial
+
+import pytest
+import torch
+
+from bindweave.dit import CrossAttentionBranch, WanDiT
+from conditioners import RelationalConditioner
+from conditioners.base import merge
+from encoders import T5TextEncoder
+from tests.helpers import TINY_DIT, synthetic_batch, tiny_module
+
+
+def fixed_loss(module, batch, repeats=4):
+    """Flow loss averaged over fixed noise/timestep draws (same draws every call)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(1234)
+        return torch.stack([module.flow_loss(batch) for _ in range(repeats)]).mean()
+
+
+def test_reference_slots_are_excluded_from_the_loss():
+    module = tiny_module()
+    batch = synthetic_batch()
+    baseline = fixed_loss(module, batch)
+    original = module.dit.forward
+
+    def corrupt_slots(*args, **kwargs):
+        out = original(*args, **kwargs).clone()
+        out[:, :, 2:] += 1e3  # latent T = 2 frames for 5 video frames; slots follow
+        return out
+
+    module.dit.forward = corrupt_slots
+    torch.testing.assert_close(fixed_loss(module, batch), baseline)
+
+
+def test_loss_on_a_fixed_batch_falls_by_half():
+    module = tiny_module()
+    batch = synthetic_batch(size=2)
+    before = fixed_loss(module, batch).item()
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=3e-3)
+    for _ in range(150):
+        optimizer.zero_grad()
+        module.flow_loss(batch).backward()
+        optimizer.step()
+    after = fixed_loss(module, batch).item()
+    assert after < 0.5 * before, (before, after)
+
+
+def test_only_trainable_parts_get_optimised():
+    module = tiny_module()
+    optimizer = module.configure_optimizers()
+    trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for name, p in module.named_parameters():
+        assert (id(p) in trained) == (name.startswith("dit.") or ".connector." in name), name
+    assert optimizer.defaults["lr"] == 5e-6
+
+
+def test_checkpoint_holds_trainable_weights_only():
+    module = tiny_module()
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    keys = checkpoint["state_dict"].keys()
+    assert any(k.startswith("dit.") for k in keys) and any(".connector." in k for k in keys)
+    assert not any(k.startswith("vae.") or ".text_encoder." in k or ".mllm." in k or ".image_encoder." in k for k in keys)
+    del checkpoint["state_dict"]["dit.head.proj.weight"]
+    with pytest.raises(ValueError, match="dit.head.proj.weight"):
+        module.on_load_checkpoint(checkpoint)
+
+
+def test_generate_shape_and_seed_reproducibility():
+    module = tiny_module(num_steps=2)
+    batch = synthetic_batch(size=2, with_video=False)
+    first, second = module.generate(batch), module.generate(batch)
+    assert first.shape == (2, 5, 32, 32, 3) and first.dtype == torch.uint8
+    assert torch.equal(first, second)
+    batch["seed"] = [7, 8]
+    assert not torch.equal(first, module.generate(batch))
+
+
+def test_batched_cfg_equals_two_separate_passes():
+    module = tiny_module(num_steps=3, guidance_scale=4.0)
+    # A non-zero output head, so the DiT's prediction actually depends on the conditions.
+    torch.nn.init.normal_(module.dit.head.proj.weight, std=0.5)
+    for c in module.conditioners.values():
+        if getattr(c, "connector", None) is not None:
+            torch.nn.init.normal_(c.connector[2].weight, std=0.5)
+    batch = synthetic_batch(size=2, with_video=False)
+    batched = module.generate(batch)
+
+    # Reference: the conditional and unconditional passes as separate DiT calls, unpadded.
+    parts = [c(batch) for c in module.conditioners.values()]
+    cond, uncond = merge(parts), module._null_conditions(batch, parts)
+    s = module.sampling
+    x = torch.stack([torch.randn(4, 2, 4, 4, generator=torch.Generator().manual_seed(seed)) for seed in batch["seed"]])
+    sigmas = torch.linspace(1, 0, s.num_steps + 1)
+    sigmas = s.shift * sigmas / (1 + (s.shift - 1) * sigmas)
+
+    def velocity(c, x, sigma):
+        dit_in, frame_mask = module.assemble_input(x, c)
+        context, mask = module._context(c)
+        return module.dit(dit_in, (sigma * 1000).expand(x.shape[0]), context, mask, frame_mask)[:, :, :2]
+
+    with torch.no_grad():
+        for i in range(s.num_steps):
+            v_c, v_u = velocity(cond, x, sigmas[i]), velocity(uncond, x, sigmas[i])
+            x = x + (sigmas[i + 1] - sigmas[i]) * (v_u + s.guidance_scale * (v_c - v_u))
+        video = module.vae.decode(x)
+    expected = ((video + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 4, 1)
+    assert (batched.int() - expected.int()).abs().max() <= 1
+
+
+def test_encoders_run_once_per_video_not_per_step():
+    calls = {}
+
+    def count(name):
+        def hook(*_):
+            calls[name] = calls.get(name, 0) + 1
+        return hook
+
+    for steps in (2, 5):
+        module = tiny_module(num_steps=steps)
+        relational, identity = module.conditioners["relational"], module.conditioners["identity"]
+        calls.clear()
+        relational.text_encoder.register_forward_hook(count("t5"))
+        relational.mllm.register_forward_hook(count("mllm"))
+        identity.image_encoder.register_forward_hook(count("clip"))
+        encode_images = module.vae.encode_images
+        module.vae.encode_images = lambda *a: (count("vae")(), encode_images(*a))[1]
+        dit_calls = []
+        module.dit.register_forward_hook(lambda *_: dit_calls.append(1))
+        module.generate(synthetic_batch(size=2, with_video=False))
+        # Conditional + null prompt for T5 and MLLM; references encoded once; one DiT call per step.
+        assert calls == {"t5": 2, "mllm": 2, "clip": 1, "vae": 1}, calls
+        assert len(dit_calls) == steps
+
+
+def test_bad_requests_raise_clear_errors():
+    module = tiny_module()
+    batch = synthetic_batch(size=1, with_video=False)
+    with pytest.raises(ValueError, match="1 \\+ 4k"):
+        module.generate({**batch, "num_frames": [6]})
+    with pytest.raises(ValueError, match="multiple of 16"):
+        module.generate({**batch, "height": [40], "width": [40]})
+    with pytest.raises(ValueError, match="RGB"):
+        module.generate({**batch, "references": torch.zeros(1, 1, 4, 32, 32)})
+    five = {**batch, "references": torch.zeros(1, 5, 3, 32, 32), "num_references": [5]}
+    with pytest.raises(ValueError, match="at most 4"):
+        module.generate(five)
+    with pytest.raises(ValueError, match="1 \\+ 4k"):
+        module.flow_loss({**synthetic_batch(size=1), "video": torch.zeros(1, 3, 4, 32, 32)})
+
+
+def test_mismatched_dimensions_are_reported_at_build():
+    wrong_branch = dict(TINY_DIT, branches=[CrossAttentionBranch("text", 48), CrossAttentionBranch("image", 32, "norm_mlp")])
+    with pytest.raises(ValueError, match="context_dim=48"):
+        tiny_module(dit=partial(WanDiT, **wrong_branch))
+    with pytest.raises(ValueError, match="in_channels to 12"):
+        tiny_module(dit=partial(WanDiT, **dict(TINY_DIT, in_channels=36)))
+    with pytest.raises(ValueError, match="No conditioner feeds"):
+        tiny_module(identity=None)
+    t2v = dict(TINY_DIT, branches=[CrossAttentionBranch("text", 32)])
+    with pytest.raises(ValueError, match="feeds branch 'image'"):
+        tiny_module(dit=partial(WanDiT, **t2v))
+    with pytest.raises(ValueError, match="at least one conditioner"):
+        tiny_module(relational=None, identity=None, multi_reference=None)
+    # A text-only model (T5-only, no references) composes fine.
+    tiny_module(dit=partial(WanDiT, **dict(t2v, in_channels=4)), identity=None, multi_reference=None,
+                relational=RelationalConditioner(text_encoder=T5TextEncoder.tiny))
