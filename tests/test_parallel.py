@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -161,12 +162,13 @@ def saved_bytes(model: WanDiT, inputs) -> int:
     return total
 
 
-def test_checkpointing_saves_less():
+def test_full_checkpointing_saves_less():
+    # (What selective checkpointing keeps bypasses saved-tensor hooks; its effect is checked above
+    # by counting recomputed ops, and its memory on the GPU by benchmarks/dit.py.)
     inputs = tiny_inputs()
     none = saved_bytes(tiny_dit(), inputs)
-    selective = saved_bytes(apply_activation_checkpointing(tiny_dit(), "selective"), inputs)
     full = saved_bytes(apply_activation_checkpointing(tiny_dit(), "full"), inputs)
-    assert full < selective < none
+    assert full < none / 2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -243,6 +245,7 @@ def test_gpu_compiled_checkpointed_matches_eager(backends):
 def load_benchmark():
     spec = importlib.util.spec_from_file_location("benchmark_dit", BENCHMARK)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 
@@ -253,7 +256,10 @@ def test_flop_formula_matches_pytorch_flop_counter():
     x, t, context, _, _ = tiny_inputs()
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
+    from torch.nn.attention import sdpa_kernel
+
+    # The math backend runs attention as counted matrix products (the CPU flash kernel is not counted).
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
         dit(x, t, context)
     tokens = x.shape[2] * x.shape[3] * x.shape[4] // 4
     formula = bench.forward_flops(dit, tokens, {k: v.shape[1] for k, v in context.items()}, batch=x.shape[0])
