@@ -68,7 +68,7 @@ class SyntheticSubjects(Dataset):
             start = (rng.uniform(size, h - size), rng.uniform(size, w - size))
             subjects.append((shape, COLOURS[colour], start, MOTIONS[motion]))
             phrases.append(f"the {colour} {shape} moves {motion}")
-        sample = {"prompt": " and ".join(phrases), "id": f"synthetic-{self.seed}-{index:06d}", "seed": index}
+        sample = {"prompt": " and ".join(phrases), "id": f"synthetic-{self.seed}-{index:06d}", "seed": index, "fps": 8}
 
         references = torch.full((len(subjects), 3, h, w), 255.0)
         for i, (shape, colour, _, _) in enumerate(subjects):

@@ -13,11 +13,15 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
 
 
-def test_fit_then_predict_writes_videos(tmp_path):
-    common = ["-c", TINY, "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false"]
+def test_fit_then_predict_writes_videos(tmp_path, monkeypatch):
+    """The README's main command, with fewer steps: tiny fit, then predict from its last.ckpt."""
+    monkeypatch.chdir(tmp_path)  # the tiny config writes under ./outputs/tiny
+    common = ["-c", TINY, "--trainer.enable_progress_bar", "false"]
     run_cli(["fit", *common, "--trainer.max_steps", "4", "--trainer.val_check_interval", "4"])
-    (checkpoint,) = tmp_path.glob("lightning_logs/version_0/checkpoints/last.ckpt")
-    out = tmp_path / "videos"
+    run_cli(["fit", *common, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2"])  # rerun-safe
+    checkpoint = tmp_path / "outputs" / "tiny" / "checkpoints" / "last.ckpt"
+    assert sorted(p.name for p in checkpoint.parent.glob("last*")) == ["last.ckpt"]
+    out = tmp_path / "outputs" / "tiny" / "videos"
     cli = run_cli(["predict", *common, "--ckpt_path", str(checkpoint)])
     videos = sorted(out.glob("*.mp4"))
     assert len(videos) == cli.datamodule.hparams.num_predict_samples
