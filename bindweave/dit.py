@@ -51,6 +51,15 @@ class CrossAttentionBranch:
 # ----------------------------------------------------------------------------------------------
 
 
+class FP32LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 whatever the weight/input dtype; returns the input's dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+
+
 def timestep_sinusoid(timestep: torch.Tensor, dim: int) -> torch.Tensor:
     """Wan's sinusoidal timestep features: [cos, sin] of t · 10000^(-i/half). (B,) -> (B, dim) fp32."""
     half = dim // 2
@@ -70,11 +79,11 @@ class ContextEmbedder(nn.Module):
             )
         elif kind == "norm_mlp":
             self.net = nn.Sequential(
-                nn.LayerNorm(context_dim),
+                FP32LayerNorm(context_dim),
                 nn.Linear(context_dim, context_dim),
                 nn.GELU(),
                 nn.Linear(context_dim, dim),
-                nn.LayerNorm(dim),
+                FP32LayerNorm(dim),
             )
         else:
             raise ValueError(f"Unknown context embedder {kind!r}: use 'mlp' or 'norm_mlp'.")
@@ -209,11 +218,11 @@ class WanBlock(nn.Module):
         self, dim: int, ffn_dim: int, num_heads: int, branch_names: list[str], eps: float
     ) -> None:
         super().__init__()
-        self.norm_self = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
+        self.norm_self = FP32LayerNorm(dim, eps=eps, elementwise_affine=False)
         self.self_attn = SelfAttention(dim, num_heads, eps)
-        self.norm_cross = nn.LayerNorm(dim, eps=eps, elementwise_affine=True)
+        self.norm_cross = FP32LayerNorm(dim, eps=eps, elementwise_affine=True)
         self.cross_attn = CrossAttention(dim, num_heads, branch_names, eps)
-        self.norm_ffn = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
+        self.norm_ffn = FP32LayerNorm(dim, eps=eps, elementwise_affine=False)
         self.ffn = nn.Sequential(
             nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim)
         )
@@ -254,7 +263,7 @@ class OutputHead(nn.Module):
 
     def __init__(self, dim: int, out_dim: int, eps: float) -> None:
         super().__init__()
-        self.norm = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
+        self.norm = FP32LayerNorm(dim, eps=eps, elementwise_affine=False)
         self.proj = nn.Linear(dim, out_dim)
         self.modulation = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
 

@@ -37,12 +37,14 @@ class RectifiedFlow:
         self.shift = shift
         self.timestep_sampling = timestep_sampling
 
-    def sample_sigmas(self, batch_size: int, device: torch.device) -> torch.Tensor:
+    def sample_sigmas(
+        self, batch_size: int, device: torch.device, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """σ for each sample of a training batch: (B,) in (0, 1)."""
         if self.timestep_sampling == "uniform":
-            sigmas = torch.rand(batch_size, device=device)
+            sigmas = torch.rand(batch_size, device=device, generator=generator)
         else:
-            sigmas = torch.sigmoid(torch.randn(batch_size, device=device))
+            sigmas = torch.sigmoid(torch.randn(batch_size, device=device, generator=generator))
         return shift_sigmas(sigmas, self.shift)
 
     @staticmethod

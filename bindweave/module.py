@@ -212,14 +212,28 @@ class BindWeave(L.LightningModule):
         check_num_frames(num_frames)
         check_spatial_size(height, width, self.vae.spatial_compression * self.dit.patch_size[1])
 
-    def flow_loss(self, batch: dict, drops: list[list[bool] | None] | None = None) -> torch.Tensor:
-        """Velocity MSE over the video latent only (never over the reference slots)."""
+    @staticmethod
+    def _check_references(references: torch.Tensor, height: int, width: int) -> None:
+        if references.ndim != 5 or references.shape[2] != 3 or tuple(references.shape[-2:]) != (height, width):
+            raise ValueError(
+                f"references must be (B, N, 3, {height}, {width}) RGB images at the video size, got "
+                f"{tuple(references.shape)}; load them with bindweave.batch.fit_reference."
+            )
+
+    def flow_loss(
+        self, batch: dict, drops: list[list[bool] | None] | None = None, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Velocity MSE over the video latent only (never over the reference slots).
+
+        ``generator`` fixes the noise and timesteps (validation); None uses the global RNG.
+        """
         video = batch["video"]  # (B, 3, F, H, W)
         self._check_video(*video.shape[2:])
+        self._check_references(batch["references"], *video.shape[-2:])
         latents = self.vae.encode(video)  # (B, z, T, h, w)
         cond = self.encode_conditions(batch, drops)
-        noise = torch.randn_like(latents)
-        sigmas = self.flow.sample_sigmas(latents.shape[0], latents.device)  # (B,)
+        noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        sigmas = self.flow.sample_sigmas(latents.shape[0], latents.device, generator)  # (B,)
         noisy = self.flow.noisy(latents, noise, sigmas)
         x, frame_mask = self.assemble_input(noisy, cond)  # (B, C_in, T+N, h, w)
         context, context_mask = self._context(cond)
@@ -233,8 +247,17 @@ class BindWeave(L.LightningModule):
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self.flow_loss(batch)
+        """Flow loss with noise and timesteps fixed per batch, so curves compare across runs."""
+        generator = torch.Generator(self.device).manual_seed(batch_idx)
+        loss = self.flow_loss(batch, generator=generator)
         self.log("val/loss", loss, prog_bar=True, batch_size=len(batch["prompt"]), sync_dist=True)
+        return loss
+
+    def test_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        """Same fixed-noise flow loss as validation, logged as ``test/loss``."""
+        generator = torch.Generator(self.device).manual_seed(batch_idx)
+        loss = self.flow_loss(batch, generator=generator)
+        self.log("test/loss", loss, batch_size=len(batch["prompt"]), sync_dist=True)
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -298,12 +321,7 @@ class BindWeave(L.LightningModule):
         height = self._request_size(batch, "height", s.height)
         width = self._request_size(batch, "width", s.width)
         self._check_video(num_frames, height, width)
-        references = batch["references"]
-        if references.ndim != 5 or references.shape[2] != 3 or references.shape[-2:] != (height, width):
-            raise ValueError(
-                f"references must be (B, N, 3, {height}, {width}) RGB images at the video size, got "
-                f"{tuple(references.shape)}; load them with bindweave.batch.fit_reference."
-            )
+        self._check_references(batch["references"], height, width)
         size = len(batch["prompt"])
         cond_parts = [c(batch) for c in self.conditioners.values()]
         cond = merge(cond_parts)

@@ -136,5 +136,8 @@ class SyntheticDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)
 
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
     def predict_dataloader(self) -> DataLoader:
         return self._loader(self.predict_set, shuffle=False)

@@ -33,7 +33,8 @@ class FrozenEncoder(nn.Module):
     returning a small random instance for the shared contract tests.
 
     Args:
-        dtype: dtype of the weights and of the computation ("float32", "bfloat16", "float16").
+        dtype: dtype of the weights and of the computation ("float32", "bfloat16", "float16");
+            kept whatever precision the trainer casts the rest of the model to.
     """
 
     def __init__(self, dtype: str = "bfloat16") -> None:
@@ -45,6 +46,15 @@ class FrozenEncoder(nn.Module):
         self.to(self.dtype)
         self.requires_grad_(False)
         return super().train(False)
+
+    def _apply(self, fn, recurse: bool = True):
+        """Keep the configured dtype when a whole model is cast (e.g. Lightning's ``bf16-true``
+        precision casts every module): a frozen encoder's precision is part of its config."""
+        module = super()._apply(fn, recurse)
+        for tensor in list(self.parameters()) + list(self.buffers()):
+            if tensor.is_floating_point() and tensor.dtype != self.dtype:
+                tensor.data = tensor.data.to(self.dtype)
+        return module
 
     def train(self, mode: bool = True) -> "FrozenEncoder":
         """Frozen encoders stay in eval mode whatever Lightning asks (no dropout, fixed norms)."""

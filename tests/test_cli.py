@@ -58,3 +58,21 @@ def test_unknown_class_in_config_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         run_cli(["fit", "-c", TINY, "-c", str(bad)])
     assert "NoSuchConditioner" in capsys.readouterr().err
+
+
+def test_bf16_true_keeps_frozen_encoder_dtypes_and_validation_is_deterministic(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    common = ["-c", TINY, "--trainer.enable_progress_bar", "false", "--trainer.precision", "bf16-true"]
+    cli = run_cli(["fit", *common, "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0"])
+    model = cli.model
+    assert model.dit.patch_embedding.weight.dtype == torch.bfloat16
+    assert model.vae.vae.encoder.conv_in.weight.dtype == torch.float32  # configured dtype: float32
+    assert next(model.conditioners["relational"].text_encoder.parameters()).dtype == torch.float32
+    checkpoint = str(tmp_path / "outputs" / "tiny" / "checkpoints" / "last.ckpt")
+    first = run_cli(["validate", *common, "--ckpt_path", checkpoint]).trainer.callback_metrics["val/loss"]
+    second = run_cli(["validate", *common, "--ckpt_path", checkpoint]).trainer.callback_metrics["val/loss"]
+    assert first == second
+    tested = run_cli(["test", *common, "--ckpt_path", checkpoint]).trainer.callback_metrics["test/loss"]
+    assert torch.isfinite(tested)
