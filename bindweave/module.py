@@ -167,10 +167,18 @@ class BindWeave(L.LightningModule):
 
     # -- conditioning --------------------------------------------------------------------------
 
+    def encode_features(self, batch: dict) -> dict[str, dict[str, torch.Tensor]]:
+        """Frozen-encoder features of every conditioner: ``batch["features"][name]`` when the batch
+        comes from a feature cache, else computed now (once)."""
+        cached = batch.get("features", {})
+        return {name: cached[name] if name in cached else c.encode(batch) for name, c in self.conditioners.items()}
+
     def encode_conditions(self, batch: dict, drops: list[list[bool] | None] | None = None) -> Conditioning:
-        """Run every conditioner once over the batch; ``drops[i]`` is conditioner i's drop list."""
+        """Conditioning of the batch; ``drops[i]`` is conditioner i's condition-dropout list."""
         drops = drops or [None] * len(self.conditioners)
-        return merge([c(batch, drop) for c, drop in zip(self.conditioners.values(), drops)])
+        features = self.encode_features(batch)
+        parts = [c.condition(batch, features[name], drop) for (name, c), drop in zip(self.conditioners.items(), drops)]
+        return merge(parts)
 
     def _training_drops(self, batch_size: int) -> list[list[bool] | None]:
         """Condition dropout decided on the host (no device sync)."""
@@ -230,7 +238,7 @@ class BindWeave(L.LightningModule):
         video = batch["video"]  # (B, 3, F, H, W)
         self._check_video(*video.shape[2:])
         self._check_references(batch["references"], *video.shape[-2:])
-        latents = self.vae.encode(video)  # (B, z, T, h, w)
+        latents = batch["video_latents"] if "video_latents" in batch else self.vae.encode(video)  # (B, z, T, h, w)
         cond = self.encode_conditions(batch, drops)
         noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
         sigmas = self.flow.sample_sigmas(latents.shape[0], latents.device, generator)  # (B,)
@@ -293,11 +301,16 @@ class BindWeave(L.LightningModule):
 
     # -- sampling ------------------------------------------------------------------------------
 
-    def _null_conditions(self, batch: dict, cond_parts: list[Conditioning]) -> Conditioning:
-        """The unconditional side of CFG: guided conditioners give their null condition, the others
-        are reused as they are (no second encoder run)."""
-        size = len(batch["prompt"])
-        parts = [c(batch, [True] * size) if c.guided else part for c, part in zip(self.conditioners.values(), cond_parts)]
+    def _null_conditions(
+        self, batch: dict, features: dict[str, dict[str, torch.Tensor]], cond_parts: list[Conditioning]
+    ) -> Conditioning:
+        """The unconditional side of CFG from the same features: guided conditioners give their null
+        condition, the others are reused as they are. No encoder runs again."""
+        drop = [True] * len(batch["prompt"])
+        parts = [
+            c.condition(batch, features[name], drop) if c.guided else part
+            for (name, c), part in zip(self.conditioners.items(), cond_parts)
+        ]
         return merge(parts)
 
     def _request_size(self, batch: dict, key: str, default: int) -> int:
@@ -323,11 +336,12 @@ class BindWeave(L.LightningModule):
         self._check_video(num_frames, height, width)
         self._check_references(batch["references"], height, width)
         size = len(batch["prompt"])
-        cond_parts = [c(batch) for c in self.conditioners.values()]
+        features = self.encode_features(batch)  # encoders run here, once per request
+        cond_parts = [c.condition(batch, features[name]) for name, c in self.conditioners.items()]
         cond = merge(cond_parts)
         guided = s.guidance_scale != 1.0
         if guided:
-            cond = stack_batches(cond, self._null_conditions(batch, cond_parts))
+            cond = stack_batches(cond, self._null_conditions(batch, features, cond_parts))
         context, context_mask = self._context(cond)
         context = self.dit.embed_context(context)  # once, not per step
 

@@ -7,6 +7,10 @@ A conditioner turns (part of) a batch into a :class:`Conditioning`:
 * ``slots``: channels of extra temporal slots appended after the video latent (BindWeave's reference
   latents + masks), with a per-sample ``slot_mask`` when samples have different numbers of slots.
 
+It works in two halves: :meth:`Conditioner.encode` runs the frozen encoders (its output is what a
+feature cache stores) and :meth:`Conditioner.condition` turns those features into contributions
+(trainable projections, masks, condition dropout).
+
 Heavy parts (frozen encoders) are built in :meth:`Conditioner.build`, called from the
 LightningModule's ``configure_model``, so constructing a conditioner from YAML is instant.
 Add your own by subclassing and naming it with ``class_path`` in a config (see README).
@@ -77,9 +81,21 @@ class Conditioner(nn.Module):
         """Branches and slot channels this (built) conditioner produces."""
         raise NotImplementedError
 
-    def forward(self, batch: dict, drop: list[bool] | None = None) -> Conditioning:
-        """Encode the batch. ``drop[i]`` replaces sample i's condition by the null condition."""
+    def encode(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Run the frozen encoders: per-sample features, batched on dim 0 (what a feature cache
+        stores, so training from the cache never loads the encoders). Default: none."""
+        return {}
+
+    def condition(
+        self, batch: dict, features: dict[str, torch.Tensor], drop: list[bool] | None = None
+    ) -> Conditioning:
+        """Turn features into DiT contributions (trainable projections, masks, slots).
+        ``drop[i]`` replaces sample i's condition by the null condition."""
         raise NotImplementedError
+
+    def forward(self, batch: dict, drop: list[bool] | None = None) -> Conditioning:
+        """Encode the batch and condition on it."""
+        return self.condition(batch, self.encode(batch), drop)
 
     @classmethod
     def tiny(cls) -> "Conditioner":

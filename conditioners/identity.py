@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
 from torch import nn
 
 from conditioners.base import Conditioner, ConditionerSpec, Conditioning
@@ -43,15 +44,18 @@ class IdentityConditioner(Conditioner):
     def spec(self) -> ConditionerSpec:
         return ConditionerSpec(branches={self.branch: self.image_encoder.hidden_size})
 
-    def forward(self, batch: dict, drop: list[bool] | None = None) -> Conditioning:
+    @torch.no_grad()
+    def encode(self, batch: dict) -> dict[str, torch.Tensor]:
         references = batch["references"]  # (B, N, 3, H, W)
-        b, n = references.shape[:2]
         tokens = self.image_encoder(references.flatten(0, 1))  # (B·N, T, D)
-        t = tokens.shape[1]
+        return {"tokens": tokens.unflatten(0, references.shape[:2])}  # (B, N, T, D)
+
+    def condition(self, batch: dict, features: dict[str, torch.Tensor], drop: list[bool] | None = None) -> Conditioning:
+        tokens = features["tokens"]  # (B, N, T, D)
+        b, n, t = tokens.shape[:3]
         mask = apply_drop(reference_mask(batch), drop)  # (B, N)
-        tokens = tokens.view(b, n * t, -1)  # (B, N·T, D)
         token_mask = mask.repeat_interleave(t, dim=1)  # (B, N·T)
-        return Conditioning(context={self.branch: Tokens(tokens, token_mask)})
+        return Conditioning(context={self.branch: Tokens(tokens.reshape(b, n * t, -1), token_mask)})
 
     @classmethod
     def tiny(cls) -> "IdentityConditioner":

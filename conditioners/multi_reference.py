@@ -42,16 +42,26 @@ class MultiReferenceConditioner(Conditioner):
     def spec(self) -> ConditionerSpec:
         return ConditionerSpec(slot_channels=self.mask_channels + self.vae.latent_channels)
 
-    def forward(self, batch: dict, drop: list[bool] | None = None) -> Conditioning:
+    def _check_count(self, batch: dict) -> None:
+        most = max(batch["num_references"])
+        if most > self.max_references or batch["references"].shape[1] > self.max_references:
+            raise ValueError(
+                f"A sample has {most} references but this model takes at most {self.max_references}; "
+                f"pass fewer references or raise max_references."
+            )
+
+    @torch.no_grad()
+    def encode(self, batch: dict) -> dict[str, torch.Tensor]:
+        self._check_count(batch)
         references = batch["references"]  # (B, N, 3, H, W)
         b, n = references.shape[:2]
-        if n > self.max_references or max(batch["num_references"]) > self.max_references:
-            raise ValueError(
-                f"A sample has {max(batch['num_references'])} references but this model takes at most "
-                f"{self.max_references}; pass fewer references or raise max_references."
-            )
         latents = self.vae.encode_images(references.flatten(0, 1))  # (B·N, z, 1, h, w)
-        latents = latents[:, :, 0].unflatten(0, (b, n)).transpose(1, 2)  # (B, z, N, h, w)
+        return {"latents": latents[:, :, 0].unflatten(0, (b, n)).transpose(1, 2)}  # (B, z, N, h, w)
+
+    def condition(self, batch: dict, features: dict[str, torch.Tensor], drop: list[bool] | None = None) -> Conditioning:
+        self._check_count(batch)
+        latents = features["latents"]  # (B, z, N, h, w)
+        b, n = latents.shape[0], latents.shape[2]
         valid = apply_drop(reference_mask(batch), drop)  # (B, N)
         weight = valid[:, None, :, None, None].to(latents.dtype)  # (B, 1, N, 1, 1)
         mask = torch.zeros(b, self.mask_channels, n, *latents.shape[-2:], dtype=latents.dtype, device=latents.device)

@@ -4,13 +4,29 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
 from torch import nn
 
 from conditioners.base import Conditioner, ConditionerSpec, Conditioning, concat_tokens
-from conditioners.references import apply_drop, reference_mask
+from conditioners.references import reference_mask
 from encoders.base import Tokens
 from encoders.mllm import MLLMEncoder
 from encoders.text import T5TextEncoder
+
+
+def _replace_rows(tokens: torch.Tensor, mask: torch.Tensor, null_tokens: torch.Tensor, null_mask: torch.Tensor,
+                  drop: list[bool]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows i with drop[i] take the (1, L', C) null sequence; both are padded to a common length."""
+    length = max(tokens.shape[1], null_tokens.shape[1])
+    tokens = nn.functional.pad(tokens, (0, 0, 0, length - tokens.shape[1]))  # (B, L, C)
+    mask = nn.functional.pad(mask, (0, length - mask.shape[1]), value=False)  # (B, L)
+    null_tokens = nn.functional.pad(null_tokens, (0, 0, 0, length - null_tokens.shape[1])).to(tokens)
+    null_mask = nn.functional.pad(null_mask, (0, length - null_mask.shape[1]), value=False)
+    tokens, mask = tokens.clone(), mask.clone()
+    for i, dropped in enumerate(drop):
+        if dropped:
+            tokens[i], mask[i] = null_tokens[0], null_mask[0]
+    return tokens, mask
 
 
 class RelationalConditioner(Conditioner):
@@ -23,14 +39,17 @@ class RelationalConditioner(Conditioner):
 
     The connector's output layer is zero-initialised: at step 0 the MLLM tokens are all equal
     constants, so they carry no information yet (they still take part in the attention softmax, so
-    a concatenated branch is not bit-identical to T5 alone; feed the MLLM to a separate,
-    zero-initialised branch via ``branch`` if exact step-0 equality matters).
+    a concatenated branch is not bit-identical to T5 alone).
+
+    The null condition (CFG's unconditional side, condition dropout) is ``null_prompt`` read
+    without images; its features are computed once and kept (or set from a feature cache with
+    :meth:`set_null_features`).
 
     Args:
         text_encoder: factory of the T5/UMT5 encoder.
         mllm: factory of the MLLM encoder; None switches the MLLM path off.
         branch: DiT cross-attention branch fed.
-        null_prompt: prompt used for the null (unconditional / dropped) condition; its MLLM input has no images.
+        null_prompt: prompt of the null condition.
         dropout: see :class:`Conditioner`.
         guided: see :class:`Conditioner`.
     """
@@ -52,35 +71,63 @@ class RelationalConditioner(Conditioner):
         self.text_encoder: T5TextEncoder | None = None
         self.mllm: MLLMEncoder | None = None
         self.connector: nn.Sequential | None = None
+        self.null_features: dict[str, torch.Tensor] | None = None
 
     def build(self, vae: nn.Module) -> None:
-        self.text_encoder = self.text_encoder_factory()
+        """Build the encoders and the connector, whose sizes come from the encoders' configs."""
+        text_encoder = self.text_encoder_factory()
         if self.mllm_factory is not None:
-            self.mllm = self.mllm_factory()
-            width = self.text_encoder.hidden_size
+            mllm = self.mllm_factory()
+            width = text_encoder.hidden_size
             self.connector = nn.Sequential(
-                nn.Linear(self.mllm.hidden_size, width), nn.GELU(approximate="tanh"), nn.Linear(width, width)
+                nn.Linear(mllm.hidden_size, width), nn.GELU(approximate="tanh"), nn.Linear(width, width)
             )
             nn.init.zeros_(self.connector[2].weight)
             nn.init.zeros_(self.connector[2].bias)
+            self.mllm = mllm
+        self.text_encoder = text_encoder
 
     def spec(self) -> ConditionerSpec:
         return ConditionerSpec(branches={self.branch: self.text_encoder.hidden_size})
 
-    def forward(self, batch: dict, drop: list[bool] | None = None) -> Conditioning:
-        prompts = list(batch["prompt"])
-        if drop is not None:
-            prompts = [self.null_prompt if d else p for p, d in zip(prompts, drop)]
-        t5 = self.text_encoder(prompts)  # (B, L_t, C_t)
-        if self.mllm is None:
+    @torch.no_grad()
+    def encode(self, batch: dict) -> dict[str, torch.Tensor]:
+        t5 = self.text_encoder(list(batch["prompt"]))  # (B, L_t, C_t)
+        features = {"t5_tokens": t5.tokens, "t5_mask": t5.mask}
+        if self.mllm is not None:
+            images = batch.get("references")
+            mask = reference_mask(batch) if images is not None and images.shape[1] else None
+            hidden = self.mllm(list(batch["prompt"]), images if mask is not None else None, mask)  # (B, L_m, C_m)
+            features.update(mllm_tokens=hidden.tokens, mllm_mask=hidden.mask)
+        return features
+
+    def set_null_features(self, features: dict[str, torch.Tensor]) -> None:
+        """Use these (1, L, C) features for the null condition (e.g. read from a feature cache)."""
+        self.null_features = features
+
+    def _null(self) -> dict[str, torch.Tensor]:
+        if self.null_features is None:
+            self.null_features = self.encode({"prompt": [self.null_prompt]})
+        return self.null_features
+
+    def condition(self, batch: dict, features: dict[str, torch.Tensor], drop: list[bool] | None = None) -> Conditioning:
+        t5_tokens, t5_mask = features["t5_tokens"], features["t5_mask"]
+        has_mllm = self.connector is not None
+        if drop is not None and any(drop):
+            null = self._null()
+            t5_tokens, t5_mask = _replace_rows(t5_tokens, t5_mask, null["t5_tokens"], null["t5_mask"], drop)
+            if has_mllm:
+                mllm_tokens, mllm_mask = _replace_rows(
+                    features["mllm_tokens"], features["mllm_mask"], null["mllm_tokens"], null["mllm_mask"], drop
+                )
+        elif has_mllm:
+            mllm_tokens, mllm_mask = features["mllm_tokens"], features["mllm_mask"]
+        t5 = Tokens(t5_tokens, t5_mask)
+        if not has_mllm:
             return Conditioning(context={self.branch: t5})
-        images = batch["references"]  # (B, N, 3, H, W)
-        image_mask = apply_drop(reference_mask(batch), drop)  # (B, N)
-        hidden = self.mllm(prompts, images, image_mask)  # (B, L_m, C_m)
         weight = self.connector[0].weight
-        projected = self.connector(hidden.tokens.to(weight.dtype))  # (B, L_m, C_t)
-        mllm_tokens = Tokens(projected.to(t5.tokens.dtype), hidden.mask)
-        return Conditioning(context={self.branch: concat_tokens([mllm_tokens, t5])})
+        projected = self.connector(mllm_tokens.to(weight.dtype))  # (B, L_m, C_t)
+        return Conditioning(context={self.branch: concat_tokens([Tokens(projected.to(t5_tokens.dtype), mllm_mask), t5])})
 
     @classmethod
     def tiny(cls) -> "RelationalConditioner":

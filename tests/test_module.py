@@ -89,8 +89,9 @@ def test_batched_cfg_equals_two_separate_passes():
     batched = module.generate(batch)
 
     # Reference: the conditional and unconditional passes as separate DiT calls, unpadded.
-    parts = [c(batch) for c in module.conditioners.values()]
-    cond, uncond = merge(parts), module._null_conditions(batch, parts)
+    features = module.encode_features(batch)
+    parts = [c.condition(batch, features[name]) for name, c in module.conditioners.items()]
+    cond, uncond = merge(parts), module._null_conditions(batch, features, parts)
     s = module.sampling
     x = torch.stack([torch.randn(4, 2, 4, 4, generator=torch.Generator().manual_seed(seed)) for seed in batch["seed"]])
     sigmas = torch.linspace(1, 0, s.num_steps + 1)
@@ -133,6 +134,10 @@ def test_encoders_run_once_per_video_not_per_step():
         # Conditional + null prompt for T5 and MLLM; references encoded once; one DiT call per step.
         assert calls == {"t5": 2, "mllm": 2, "clip": 1, "vae": 1}, calls
         assert len(dit_calls) == steps
+        # The null condition's features are kept: a second video runs each encoder once.
+        calls.clear()
+        module.generate(synthetic_batch(size=2, with_video=False))
+        assert calls == {"t5": 1, "mllm": 1, "clip": 1, "vae": 1}, calls
 
 
 def test_bad_requests_raise_clear_errors():
