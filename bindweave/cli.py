@@ -2,9 +2,15 @@
 
 Any LightningDataModule can be named with ``data.class_path``; conditioners, encoders, the DiT and
 callbacks are chosen the same way (``class_path`` + ``init_args``), which is the plug-in registry.
+
+Tools that are not training loops have their own subcommand modules (``TOOLS``), each with a
+``main(argv: list[str]) -> None``: ``bindweave data pack ...``, ``bindweave weights check ...``.
 """
 
 from __future__ import annotations
+
+import importlib
+import sys
 
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
@@ -31,8 +37,18 @@ def run_cli(args: list[str] | None = None) -> BindWeaveCLI:
     )
 
 
+TOOLS = {
+    "data": "bindweave.data_cli",
+    "weights": "bindweave.weights_cli",
+}
+"""Subcommands outside LightningCLI: name -> module with ``main(argv)``."""
+
+
 def main() -> None:
     """Entry point of the ``bindweave`` console script."""
+    if len(sys.argv) > 1 and sys.argv[1] in TOOLS:
+        importlib.import_module(TOOLS[sys.argv[1]]).main(sys.argv[2:])
+        return
     run_cli()
 
 
