@@ -138,12 +138,15 @@ class Variant:
     ac: str = "none"  # ours: none/full/selective; diffusers: none/full (its gradient checkpointing)
     attention: str | None = None  # diffusers attention backend, None = as shipped
     bindweave_tokens: bool = False  # text at BindWeave's length instead of diffusers' 512
+    rope: str | None = None  # "complex": the proposed bindweave.dit.apply_rope (apply_rope_complex)
 
     @property
     def label(self) -> str:
         parts = [self.impl, "compiled" if self.compiled else "eager"]
         if self.attention:
             parts.append(self.attention.strip("_"))
+        if self.rope:
+            parts.append(f"rope={self.rope}")
         if self.task == "train":
             parts.append(f"ac={self.ac}")
         return " ".join(parts)
@@ -154,37 +157,36 @@ def _v(spec: str) -> Variant:
     words = spec.split()
     opts = dict(w.split("=") for w in words[2:] if "=" in w)
     return Variant(words[0], words[1], compiled="compiled" in words, ac=opts.get("ac", "none"),
-                   attention=opts.get("attn"), bindweave_tokens="bw" in words)
+                   attention=opts.get("attn"), bindweave_tokens="bw" in words, rope=opts.get("rope"))
 
 
 # In order of importance: a case stops starting variants when its time budget is spent.
 VARIANTS_14B_480P = [
-    "diffusers forward", "ours forward", "ours forward compiled", "diffusers forward attn=_native_flash",
-    "ours train", "diffusers train", "ours train bw", "ours train compiled bw",
-    "ours train compiled ac=full bw", "ours train compiled ac=selective bw", "diffusers train ac=full",
-    "ours forward compiled bw", "ours train ac=full bw", "ours train ac=selective bw", "ours forward bw",
-    "diffusers forward compiled", "ours forward attn=cudnn", "ours forward compiled attn=cudnn",
-    "ours train compiled attn=cudnn bw",
+    "diffusers forward", "ours forward", "ours forward compiled", "ours forward rope=complex",
+    "diffusers forward attn=_native_flash", "ours train", "diffusers train", "ours train rope=complex",
+    "ours train bw", "ours train compiled bw", "ours train compiled ac=full bw",
+    "ours train compiled ac=selective bw", "diffusers train ac=full", "ours forward compiled bw",
+    "diffusers forward compiled", "ours train ac=full bw", "ours forward bw",
 ]
 VARIANTS_1B_480P = [
-    "diffusers forward", "ours forward", "ours forward compiled", "diffusers train ac=full",
-    "ours train compiled ac=full bw", "ours train compiled ac=selective bw",
-    "diffusers forward attn=_native_flash", "ours train compiled bw",
+    "diffusers forward", "ours forward", "ours forward compiled", "ours forward rope=complex",
+    "diffusers train ac=full", "ours train compiled ac=full bw", "ours train compiled ac=selective bw",
+    "diffusers forward attn=_native_flash", "diffusers forward compiled",
 ]
 VARIANTS_14B_720P = [
     "diffusers forward", "ours forward", "ours forward compiled", "diffusers train",
     "ours train compiled bw", "ours train compiled ac=full bw", "diffusers train ac=full",
-    "diffusers forward attn=_native_flash", "ours train compiled ac=selective bw",
+    "ours train compiled ac=selective bw", "diffusers forward attn=_native_flash",
 ]
 
 
 def gpu_cases() -> list[Case]:
     return [
-        Case("14b-block-480p", "wan2.1-i2v-14b", 1, (25, 60, 104), fp32_diffusers=True, budget_s=240,
+        Case("14b-block-480p", "wan2.1-i2v-14b", 1, (25, 60, 104), fp32_diffusers=True, budget_s=190,
              variants=[_v(s) for s in VARIANTS_14B_480P]),
-        Case("1.3b-480p", "wan2.1-i2v-1.3b", 30, (25, 60, 104), iters=3, fp32_reference=False, budget_s=140,
+        Case("1.3b-480p", "wan2.1-i2v-1.3b", 30, (25, 60, 104), iters=3, fp32_reference=False, budget_s=150,
              variants=[_v(s) for s in VARIANTS_1B_480P]),
-        Case("14b-block-720p", "wan2.1-i2v-14b", 1, (25, 90, 160), iters=3, fp32_reference=False, budget_s=140,
+        Case("14b-block-720p", "wan2.1-i2v-14b", 1, (25, 90, 160), iters=3, fp32_reference=False, budget_s=150,
              variants=[_v(s) for s in VARIANTS_14B_720P]),
     ]
 
@@ -193,6 +195,7 @@ def smoke_cases() -> list[Case]:
     tiny = dict(dim=64, ffn_dim=128, num_heads=4, branches=[
         CrossAttentionBranch("text", 48, "mlp"), CrossAttentionBranch("image", 40, "norm_mlp")])
     specs = ["diffusers forward", "ours forward", "ours forward compiled", "diffusers forward attn=_native_math",
+             "ours forward rope=complex", "ours train rope=complex", "diffusers forward",
              "ours train", "diffusers train", "ours train bw", "ours train compiled ac=full bw",
              "ours train compiled ac=selective bw", "ours train ac=selective bw", "diffusers train ac=full",
              "diffusers forward compiled", "ours forward attn=math", "ours train compiled attn=math bw"]
@@ -249,6 +252,30 @@ def peak_memory(fn, device: torch.device) -> dict:
     return dict(peak_gib=peak / 2**30, peak_above_start_gib=(peak - base) / 2**30)
 
 
+def training_memory(model, fwd, grad: torch.Tensor, device: torch.device) -> dict:
+    """Peak GiB of one training step, and the activations the forward leaves for the backward.
+
+    ``saved_per_block_gib`` (memory held between forward and backward, over the number of blocks)
+    is what scales with depth: a 40-block model holds about 40 times it at the start of the backward.
+    """
+    if device.type != "cuda":
+        return {}
+    model.zero_grad(set_to_none=True)
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    out = fwd()
+    held = torch.cuda.memory_allocated(device) - base - out.numel() * out.element_size()
+    out.backward(grad)
+    del out
+    sync(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    n_blocks = len(model.blocks)
+    return dict(peak_gib=peak / 2**30, peak_above_start_gib=(peak - base) / 2**30,
+                saved_gib=held / 2**30, saved_per_block_gib=held / 2**30 / n_blocks)
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """‖a − b‖ / ‖b‖ in fp32 (NaN if either is not finite)."""
     a, b = a.float(), b.float()
@@ -296,8 +323,7 @@ def attention_backends(device: torch.device, smoke: bool) -> dict:
     backends = {"default": None, "cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
                 "efficient": SDPBackend.EFFICIENT_ATTENTION}
     results = {}
-    for lq, lk, train in [(39000, 39000, True), (32760, 32760, False), (90000, 90000, False),
-                          (39000, 1028, False), (39000, 768, False), (39000, 512, False)]:
+    for lq, lk, train in [(39000, 39000, True), (90000, 90000, False), (39000, 1028, False), (39000, 768, False)]:
         # (B, L, H, Dh) transposed to (B, H, L, Dh): the layout bindweave.attention passes to SDPA.
         q = torch.randn(1, lq, heads, head_dim, device=device, dtype=torch.bfloat16).transpose(1, 2)
         k, v = (torch.randn(1, lk, heads, head_dim, device=device, dtype=torch.bfloat16).transpose(1, 2)
@@ -480,7 +506,7 @@ def run_case(case: Case, device: torch.device, peak_tflops: float, args, deadlin
     # -- parity: ours and diffusers in bf16 against our fp32 model, same weights -------------------
     ours = ours_in(master, dtype).requires_grad_(False)
     diff = build_diffusers(master, dtype, device).requires_grad_(False)
-    ref_out: dict[bool, torch.Tensor] = {}
+    ref_out: dict = {}
     with torch.no_grad():
         out_ours = forward_fn(ours, "ours", inputs[False])()
         out_diff = forward_fn(diff, "diffusers", inputs[False])()
@@ -490,6 +516,7 @@ def run_case(case: Case, device: torch.device, peak_tflops: float, args, deadlin
             master.requires_grad_(False)
             out32 = forward_fn(master, "ours", inputs[False].to(torch.float32))()
             parity.update(ours_bf16_vs_fp32=rel_err(out_ours, out32), diffusers_bf16_vs_fp32=rel_err(out_diff, out32))
+            ref_out["fp32"] = out32
             if case.fp32_diffusers:
                 diff32 = build_diffusers(master, torch.float32, device)
                 parity.update(ours_fp32_vs_diffusers_fp32=rel_err(
@@ -516,11 +543,6 @@ def run_case(case: Case, device: torch.device, peak_tflops: float, args, deadlin
             result["variants"].append(row)
             log(f"   {v.label:<40} skipped (time budget)")
             continue
-        if v.impl == "ours" and v.attention == "cudnn" and args.sdpa_default == "CUDNN_ATTENTION":
-            row["skipped"] = "PyTorch already prefers cuDNN here"
-            result["variants"].append(row)
-            log(f"   {v.label:<40} skipped ({row['skipped']})")
-            continue
         try:
             row.update(run_variant(v, case, ours, diff, inputs[v.bindweave_tokens], ref_out, ref_grad,
                                    device, args))
@@ -531,6 +553,7 @@ def run_case(case: Case, device: torch.device, peak_tflops: float, args, deadlin
             traceback.print_exc()
         finally:
             set_sdpa_backends(None)
+            restore_diffusers_backend()
         free(device)
         flops = result["flops_forward"]["bindweave_shape" if v.bindweave_tokens else "diffusers_shape"]["total"]
         if "ms" in row:
@@ -554,7 +577,38 @@ def run_case(case: Case, device: torch.device, peak_tflops: float, args, deadlin
     return result
 
 
+def restore_diffusers_backend() -> None:
+    """``ModelMixin.set_attention_backend`` also sets a process-wide default; put it back."""
+    try:
+        from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+    except ImportError:
+        return
+    _AttentionBackendRegistry.set_active_backend(AttentionBackendName.NATIVE)
+
+
+def apply_rope_complex(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Proposed ``bindweave.dit.apply_rope``: the same fp32 rotation as one complex product.
+
+    Three passes over q/k (upcast, multiply, downcast) instead of about ten (upcast, four products,
+    two sums, stack, downcast); same arithmetic in fp32. Measured as ``rope=complex`` variants.
+    """
+    rotated = torch.view_as_complex(x.float().unflatten(-1, (-1, 2))) * torch.complex(cos, sin)  # (B, L, H, Dh/2)
+    return torch.view_as_real(rotated).flatten(-2).type_as(x)  # (B, L, H, Dh)
+
+
 def run_variant(v: Variant, case: Case, ours, diff, inp: Inputs, ref_out, ref_grad, device, args) -> dict:
+    import bindweave.dit as dit_module
+
+    original_rope = dit_module.apply_rope
+    if v.rope == "complex":
+        dit_module.apply_rope = apply_rope_complex
+    try:
+        return _run_variant(v, case, ours, diff, inp, ref_out, ref_grad, device, args)
+    finally:
+        dit_module.apply_rope = original_rope
+
+
+def _run_variant(v: Variant, case: Case, ours, diff, inp: Inputs, ref_out, ref_grad, device, args) -> dict:
     torch._dynamo.reset()
     base = ours if v.impl == "ours" else diff
     model = copy.deepcopy(base)
@@ -588,6 +642,8 @@ def run_variant(v: Variant, case: Case, ours, diff, inp: Inputs, ref_out, ref_gr
             ref_out[v.bindweave_tokens] = y
         else:
             out["rel_err_vs_ours_eager"] = rel_err(y, ref)
+        if not v.bindweave_tokens and "fp32" in ref_out:
+            out["rel_err_vs_fp32"] = rel_err(y, ref_out["fp32"])
     else:
         model.train().requires_grad_(True)
         param = dict(model.named_parameters())[GRAD_PARAM[v.impl]]
@@ -597,7 +653,7 @@ def run_variant(v: Variant, case: Case, ours, diff, inp: Inputs, ref_out, ref_gr
             fwd().backward(inp.grad)
 
         out.update(time_fn(fn, device, warmup=case.warmup, iters=iters))
-        out.update(peak_memory(fn, device))
+        out.update(training_memory(model, fwd, inp.grad, device))
         grad = param.grad.detach().clone()
         ref = ref_grad.get(v.bindweave_tokens)
         if ref is None and v.impl == "ours":
@@ -605,9 +661,7 @@ def run_variant(v: Variant, case: Case, ours, diff, inp: Inputs, ref_out, ref_gr
             out["grad_reference"] = True
         elif ref is not None:
             out["grad_rel_err_vs_reference"] = rel_err(grad, ref)
-        if args.profile and v.impl == "ours" and v.compiled and case.name == args.profile_case:
-            out["profile"] = profile_groups(fn, device)
-    if args.profile and v.task == "forward" and v.impl == "ours" and case.name == args.profile_case:
+    if args.profile and case.name == args.profile_case:
         out["profile"] = profile_groups(fn, device)
     del model
     return out
@@ -671,9 +725,12 @@ def format_row(r: dict) -> str:
         s += f"  peak {r['peak_gib']:6.2f} GiB"
     if "speedup_vs_diffusers" in r:
         s += f"  x{r['speedup_vs_diffusers']:.2f}"
-    for k in ("rel_err_vs_ours_eager", "grad_rel_err_vs_reference"):
+    if "saved_per_block_gib" in r:
+        s += f"  saved/block {r['saved_per_block_gib']:.2f} GiB"
+    for k, name in (("rel_err_vs_ours_eager", "err"), ("grad_rel_err_vs_reference", "grad err"),
+                    ("rel_err_vs_fp32", "err vs fp32")):
         if k in r:
-            s += f"  err {r[k]:.1e}"
+            s += f"  {name} {r[k]:.1e}"
     s += f"  (first call {r['first_call_s']:.1f} s)"
     return s
 
@@ -697,18 +754,22 @@ def markdown(results: dict) -> str:
             "Parity (rel. L2 error of the output): " + ", ".join(
                 f"{k} {v:.1e}" if isinstance(v, float) else f"{k} {v}" for k, v in p.items()),
             "",
-            "| variant | task | text tokens | ms | TFLOP/s | MFU | peak GiB | vs diffusers | check |",
-            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "| variant | task | text tokens | ms | TFLOP/s | MFU | peak GiB | saved GiB/block | vs diffusers "
+            "| err vs fp32 | err vs ours eager |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for r in c["variants"]:
             cells = [r["label"], r["task"], str(r["text_tokens"])]
             if "ms" not in r:
-                cells += [r.get("error") or f"skipped ({r.get('skipped')})"] + [""] * 5
+                cells += [r.get("error") or f"skipped ({r.get('skipped')})"] + [""] * 7
             else:
                 err = r.get("rel_err_vs_ours_eager", r.get("grad_rel_err_vs_reference"))
+                fp32 = r.get("rel_err_vs_fp32")
                 cells += [f"{r['ms']:.1f}", f"{r['tflops']:.0f}", f"{100 * r['mfu']:.1f}%",
                           f"{r.get('peak_gib', float('nan')):.1f}",
+                          f"{r['saved_per_block_gib']:.2f}" if "saved_per_block_gib" in r else "",
                           f"{r['speedup_vs_diffusers']:.2f}x" if "speedup_vs_diffusers" in r else "",
+                          f"{fp32:.1e}" if fp32 is not None else "",
                           f"{err:.1e}" if err is not None else "ref"]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
@@ -727,12 +788,14 @@ def environment(device: torch.device) -> dict:
         env["device"] = torch.cuda.get_device_name(device)
         env["cudnn"] = torch.backends.cudnn.version()
         env["capability"] = list(torch.cuda.get_device_capability(device))
-        try:
-            from torch.nn.attention import SDPBackend
-
-            env["sdpa_priority"] = [SDPBackend(i).name for i in torch._C._get_sdp_priority_order()]
+        try:  # what F.scaled_dot_product_attention picks for bf16 (B, H, L, 128) inputs
+            q = torch.randn(1, 40, 1024, 128, device=device, dtype=torch.bfloat16)
+            mask = torch.ones(1, 1, 1, 1024, device=device, dtype=torch.bool)
+            env["sdpa_default_choice"] = {
+                "no_mask": SDPBackend(torch._fused_sdp_choice(q, q, q)).name,
+                "key_mask": SDPBackend(torch._fused_sdp_choice(q, q, q, attn_mask=mask)).name}
         except Exception as e:  # private API
-            env["sdpa_priority"] = repr(e)
+            env["sdpa_default_choice"] = repr(e)
     return env
 
 
@@ -785,7 +848,6 @@ def main(argv: list[str] | None = None) -> dict:
     results["attention_grad_check"] = attention_gradient_check(device)
     log(f"SDPA default-backend gradients vs float64: {results['attention_grad_check']}")
 
-    args.sdpa_default = (results["env"].get("sdpa_priority") or [None])[0]
     results["plain_bf16_cast"] = plain_cast_check(device)
     log(f"WanDiT cast whole to bf16 runs a forward: {results['plain_bf16_cast']}")
 

@@ -107,7 +107,7 @@ def apply_compile(
     mode: str | None = None,
     backend: str = "inductor",
 ) -> WanDiT:
-    """``torch.compile`` every transformer block of ``dit`` separately (in place; returns ``dit``).
+    """``torch.compile`` every transformer block of ``dit`` separately, and its output head (in place).
 
     Blocks of one model share their code, so this compiles once per input shape, not once per
     block (each further shape is a recompile: with ``dynamic=False``, the default, every video size
@@ -123,4 +123,7 @@ def apply_compile(
     """
     for block in dit.blocks:
         block.compile(dynamic=dynamic, fullgraph=fullgraph, mode=mode, backend=backend)
+    # The head's fp32 norm and modulation are a few memory-bound passes over all tokens: fused,
+    # they cost one (about 2% of a one-block forward at 480p; nothing against 40 blocks).
+    dit.head.compile(dynamic=dynamic, fullgraph=fullgraph, mode=mode, backend=backend)
     return dit
