@@ -53,6 +53,28 @@ class SamplingConfig:
     width: int = 832
 
 
+@dataclass
+class ParallelismConfig:
+    """How the built model is wrapped for speed and memory (applied in ``configure_model``, from
+    outside the model code).
+
+    Args:
+        activation_checkpointing: per DiT block: ``none``, ``full`` (keep block inputs only) or
+            ``selective`` (keep attention outputs, recompute the rest).
+        compile: ``torch.compile`` each DiT block (and the head) separately.
+        fsdp_param_dtype: FSDP2 compute dtype of the DiT under ``ModelParallelStrategy``
+            (None: storage dtype).
+        fsdp_reshard_after_forward: free gathered block weights after forward (ZeRO-3 style).
+        fsdp_shard_encoders: shard the frozen encoders too (else replicated on every rank).
+    """
+
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    compile: bool = False
+    fsdp_param_dtype: str | None = "bfloat16"
+    fsdp_reshard_after_forward: bool = True
+    fsdp_shard_encoders: bool = True
+
+
 class BindWeave(L.LightningModule):
     """Subject-consistent video generation: registry conditioners feeding a Wan2.1 DiT.
 
@@ -76,6 +98,7 @@ class BindWeave(L.LightningModule):
         mask_context_padding: mask padded condition tokens out of cross-attention. Wan was trained
             attending to its zero padding; set False to reproduce that exactly.
         sampling: settings of ``predict``.
+        parallelism: activation checkpointing, compilation and FSDP2 options.
     """
 
     def __init__(
@@ -91,6 +114,7 @@ class BindWeave(L.LightningModule):
         timestep_sampling: Literal["uniform", "logit_normal"] = "uniform",
         mask_context_padding: bool = True,
         sampling: SamplingConfig = SamplingConfig(),
+        parallelism: ParallelismConfig = ParallelismConfig(),
     ) -> None:
         super().__init__()
         # Under LightningCLI the hyperparameters are the config (class_path/init_args dicts), so a
@@ -109,6 +133,7 @@ class BindWeave(L.LightningModule):
         self.flow = RectifiedFlow(shift=flow_shift, timestep_sampling=timestep_sampling)
         self.mask_context_padding = mask_context_padding
         self.sampling = sampling
+        self.parallelism = parallelism
         self.dit: WanDiT | None = None
         self.vae: WanVAE | None = None
         # Checkpoints hold trainable weights only; frozen encoders come from their own files.
@@ -130,6 +155,22 @@ class BindWeave(L.LightningModule):
             for conditioner in self.conditioners.values():
                 conditioner.build(self.vae)
         self._check_dimensions()
+        self._apply_parallelism()
+
+    def _apply_parallelism(self) -> None:
+        """Activation checkpointing, compile and (under ModelParallelStrategy) FSDP2, in that order."""
+        from bindweave.parallel import apply_activation_checkpointing, apply_compile
+        from bindweave.sharding import frozen_encoders, shard_model
+
+        p = self.parallelism
+        apply_activation_checkpointing(self.dit, p.activation_checkpointing)
+        if p.compile:
+            apply_compile(self.dit)
+        if self.device_mesh is not None:
+            shard_model(
+                self.dit, frozen_encoders(self), self.device_mesh, p.fsdp_param_dtype,
+                reshard_after_forward=p.fsdp_reshard_after_forward, shard_encoders=p.fsdp_shard_encoders,
+            )
 
     def _check_dimensions(self) -> None:
         fed: dict[str, int] = {}

@@ -52,3 +52,11 @@ def test_mllm_presets_layer_without_losing_the_rest():
     assert config["model"]["identity"]["class_path"].endswith("IdentityConditioner")
     ablation = print_config("configs/bindweave-wan2.1-i2v-14b.yaml", "configs/mllm/none.yaml")
     assert ablation["model"]["relational"]["init_args"]["mllm"] is None
+
+
+@pytest.mark.parametrize("strategy", sorted((ROOT / "configs" / "strategy").glob("*.yaml")), ids=lambda p: p.stem)
+def test_strategy_presets_layer_on_the_paper_config(strategy):
+    config = print_config("configs/bindweave-wan2.1-i2v-14b.yaml", f"configs/strategy/{strategy.name}")
+    expected = yaml.safe_load(strategy.read_text())["trainer"]["strategy"]["class_path"]
+    assert config["trainer"]["strategy"]["class_path"] == expected
+    assert config["model"]["dit"]["init_args"]["dim"] == 5120  # the rest survived

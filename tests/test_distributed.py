@@ -1,0 +1,119 @@
+"""Multi-process training on the CPU (gloo): DDP and FSDP2 steps equal one process on the full batch."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from bindweave.synthetic import SyntheticSubjects
+from bindweave.batch import collate
+from tests.helpers import tiny_module
+
+LR = 1e-3
+
+
+def per_sample_loss(module, batch):
+    """Loss of a batch as the mean of per-sample losses, each with noise fixed by the sample's seed
+    (so a sample's loss does not depend on which rank computes it)."""
+    losses = []
+    for i in range(len(batch["prompt"])):
+        sample = {k: (v[i : i + 1] if isinstance(v, (list, torch.Tensor)) else v) for k, v in batch.items()}
+        generator = torch.Generator().manual_seed(int(sample["seed"][0]))
+        losses.append(module.flow_loss(sample, generator=generator))
+    return torch.stack(losses).mean()
+
+
+def build(**parallelism):
+    from bindweave.module import ParallelismConfig
+
+    torch.manual_seed(0)
+    module = tiny_module(parallelism=ParallelismConfig(**parallelism))
+    for c in module.conditioners.values():
+        c.dropout = 0.0
+    return module
+
+
+def dataset():
+    return SyntheticSubjects(2, num_frames=5, height=32, width=32, max_references=2, seed=0)
+
+
+def reference_step():
+    """One process, full batch of 2."""
+    module = build()
+    torch.manual_seed(0)  # connector and DiT init happen in build; same for every rank
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=LR)
+    loss = per_sample_loss(module, collate([dataset()[0], dataset()[1]]))
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), {k: v.detach().clone() for k, v in module.dit.state_dict().items()}
+
+
+def _worker(rank: int, world: int, port: int, strategy: str, out: str) -> None:
+    import lightning as L
+    from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+    from torch.utils.data import DataLoader
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank), NODE_RANK="0")
+    torch.set_num_threads(1)
+
+    class Step(type(build())):
+        def training_step(self, batch, batch_idx):
+            loss = per_sample_loss(self, batch)
+            self.log("loss", loss, sync_dist=True, batch_size=1)
+            return loss
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=LR)
+
+    if strategy == "ddp":
+        module = build()
+        module.__class__ = Step
+        chosen = DDPStrategy(process_group_backend="gloo")
+    else:
+        from functools import partial
+
+        from bindweave.dit import WanDiT
+        from bindweave.module import ParallelismConfig
+        from conditioners import IdentityConditioner, MultiReferenceConditioner, RelationalConditioner
+        from encoders import WanVAE
+        from tests.helpers import TINY_DIT
+
+        torch.manual_seed(0)
+        module = Step(dit=partial(WanDiT, **TINY_DIT), vae=WanVAE.tiny, relational=RelationalConditioner.tiny(),
+                      identity=IdentityConditioner.tiny(), multi_reference=MultiReferenceConditioner.tiny(),
+                      parallelism=ParallelismConfig(fsdp_param_dtype=None))
+        for c in module.conditioners.values():
+            c.dropout = 0.0
+        chosen = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)
+    trainer = L.Trainer(accelerator="cpu", devices=world, strategy=chosen, max_steps=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    loader = DataLoader(dataset(), batch_size=1, collate_fn=collate)
+    trainer.fit(module, loader)
+    state = {}
+    for key, value in module.dit.state_dict().items():
+        state[key] = value.full_tensor() if hasattr(value, "full_tensor") else value
+    if rank == 0:
+        torch.save({"loss": trainer.callback_metrics["loss"], "dit": state}, out)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_two_ranks_match_one_process(strategy, tmp_path):
+    if strategy == "fsdp2" and torch.__version__ < "2.6":
+        pytest.skip("FSDP2 fully_shard needs torch >= 2.6")
+    out = str(tmp_path / "rank0.pt")
+    mp.start_processes(_worker, args=(2, _free_port(), strategy, out), nprocs=2, join=True, start_method="spawn")
+    result = torch.load(out, weights_only=True)
+    # The reference must build the same initial weights: build() seeds before configure_model.
+    loss, expected = reference_step()
+    torch.testing.assert_close(result["loss"], loss, rtol=1e-5, atol=1e-6)
+    for key, value in expected.items():
+        torch.testing.assert_close(result["dit"][key], value, rtol=1e-4, atol=1e-5, msg=key)
