@@ -1,0 +1,182 @@
+"""Export a trained BindWeave as a folder of safetensors + ``config.yaml``, and load it back.
+
+Layout of an export folder::
+
+    config.yaml                          the model's config: ``model:`` = BindWeave's init args, as in a
+                                         LightningCLI config; the DiT entry is the plain architecture
+    model.safetensors                    the trainable weights (DiT + connector), BindWeave state-dict keys,
+      or model-0000i-of-0000N.safetensors  sharded above ``max_shard_bytes``,
+         + model.safetensors.index.json    with the Hugging Face index
+
+Frozen encoders (VAE, T5, CLIP, MLLM) are not copied: ``config.yaml`` names their files, as the
+training config did. Weights are only ever written as safetensors; a Lightning ``.ckpt`` is read with
+``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+import yaml
+
+from bindweave.loading import Checkpoint, WeightsError, load_into, save_sharded
+
+CONFIG_NAME = "config.yaml"
+WEIGHTS_NAME = "model"
+FORMAT = "bindweave-export/1"
+_HEAVY = ("dit", "vae")
+# WanDiT arguments; anything else in a DiT entry (pretrained_path, dtype, ...) is about loading.
+_DIT_ARCHITECTURE = ("in_channels", "out_channels", "dim", "ffn_dim", "num_heads", "num_layers", "branches",
+                     "patch_size", "freq_dim", "eps")
+
+
+def _plain_dit_entry(entry: dict) -> dict:
+    """The DiT config entry as a plain ``bindweave.dit.WanDiT`` architecture (no pretrained loading:
+    the export holds the trained weights)."""
+    init_args = entry.get("init_args", {}) if isinstance(entry, dict) else {}
+    return {"class_path": "bindweave.dit.WanDiT",
+            "init_args": {k: v for k, v in init_args.items() if k in _DIT_ARCHITECTURE}}
+
+
+def export_config(hparams: dict) -> dict:
+    """The ``config.yaml`` content for a model whose hyperparameters are ``hparams`` (the dict config
+    LightningCLI stores: ``class_path``/``init_args`` entries for the parts)."""
+    config = {k: copy.deepcopy(v) for k, v in dict(hparams).items() if not k.startswith("_")}
+    missing = [k for k in _HEAVY if not isinstance(config.get(k), dict) or "class_path" not in config[k]]
+    if missing:
+        raise ValueError(
+            f"The model's hyperparameters have no config for {missing}: it was built in Python, not from a "
+            f"config. Pass config= (the `model:` section of a BindWeave config) to save_pretrained."
+        )
+    config["dit"] = _plain_dit_entry(config["dit"])
+    return {"format": FORMAT, "model": config}
+
+
+def trainable_state_dict(module) -> dict[str, torch.Tensor]:
+    """The weights an export holds: everything but the frozen encoders (DiT, connector, ...)."""
+    prefixes = tuple(module._frozen_prefixes())
+    return {k: v for k, v in module.state_dict().items() if not k.startswith(prefixes)}
+
+
+def save_pretrained(module, directory: str | Path, config: dict | None = None,
+                    max_shard_bytes: int = 5 * 1024**3) -> Path:
+    """Write ``module`` (a built :class:`~bindweave.module.BindWeave`) as an export folder.
+
+    Args:
+        module: the model, built (``configure_model`` ran).
+        directory: output folder (created).
+        config: the model's config (``model:`` section, class_path/init_args entries); default: the
+            module's hyperparameters, which hold it when the model came from a config.
+        max_shard_bytes: largest safetensors file written.
+    """
+    if module.dit is None:
+        raise ValueError("save_pretrained needs a built model: call module.configure_model() first.")
+    directory = Path(directory)
+    content = export_config(config if config is not None else module.hparams)
+    save_sharded(trainable_state_dict(module), directory, WEIGHTS_NAME, max_shard_bytes, {"bindweave": FORMAT})
+    (directory / CONFIG_NAME).write_text(yaml.safe_dump(content, sort_keys=False))
+    return directory
+
+
+def export_checkpoint(checkpoint_path: str | Path, directory: str | Path,
+                      max_shard_bytes: int = 5 * 1024**3) -> Path:
+    """Turn a Lightning ``.ckpt`` written by ``bindweave fit`` into an export folder.
+
+    The checkpoint is read with ``torch.load(weights_only=True)`` (no pickle code runs); its
+    hyperparameters are the config and its ``state_dict`` the trainable weights (frozen encoders are
+    never in BindWeave checkpoints).
+    """
+    path = Path(checkpoint_path)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001
+        raise WeightsError(f"{path}: cannot be read as a Lightning checkpoint with weights_only=True ({e}).") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
+        raise WeightsError(f"{path}: not a Lightning checkpoint of a BindWeave model (no state_dict/hyper_parameters).")
+    content = export_config(checkpoint["hyper_parameters"])
+    state = checkpoint["state_dict"]
+    if not any(k.startswith("dit.") for k in state):
+        raise WeightsError(f"{path}: the checkpoint holds no DiT weights (dit.*).")
+    directory = Path(directory)
+    save_sharded(state, directory, WEIGHTS_NAME, max_shard_bytes, {"bindweave": FORMAT})
+    (directory / CONFIG_NAME).write_text(yaml.safe_dump(content, sort_keys=False))
+    return directory
+
+
+def read_config(directory: str | Path) -> dict:
+    """The ``model:`` section of an export folder's ``config.yaml``."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise WeightsError(f"{directory}: not a BindWeave export (no {CONFIG_NAME}).")
+    content = yaml.safe_load(path.read_text())
+    if not isinstance(content, dict) or content.get("format") != FORMAT or "model" not in content:
+        raise WeightsError(f"{path}: not a BindWeave export config (expected format: {FORMAT} and a model: section).")
+    return content["model"]
+
+
+def load_pretrained(directory: str | Path, dtype: str | None = None, model_overrides: dict | None = None):
+    """Rebuild a :class:`~bindweave.module.BindWeave` from an export folder, weights loaded and checked.
+
+    The DiT is built on the meta device and read straight into place from the safetensors; the
+    frozen encoders load from the files ``config.yaml`` names; every trainable weight must be in the
+    export and every exported weight must belong to the model (strict).
+
+    Args:
+        directory: the export folder.
+        dtype: dtype of the DiT weights (``float32``, ``bfloat16``, ``float16``); default: as stored.
+        model_overrides: entries replacing those of ``config.yaml``'s ``model:`` section (e.g. other
+            encoder paths on this machine, or ``sampling``).
+
+    Returns:
+        The built model, in eval mode.
+    """
+    from lightning.pytorch.cli import instantiate_module
+    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters_context
+
+    from bindweave.module import BindWeave
+    from encoders.base import resolve_dtype
+
+    directory = Path(directory)
+    config = read_config(directory)
+    config.update(copy.deepcopy(model_overrides or {}))
+    checkpoint = Checkpoint.open(directory, prefix=WEIGHTS_NAME)
+    with _given_hyperparameters_context(hparams=config, instantiator="lightning.pytorch.cli.instantiate_module"):
+        module = instantiate_module(BindWeave, config)
+    build_dit = module.dit_factory
+    dit_sources = {k.removeprefix("dit."): k for k in checkpoint.keys() if k.startswith("dit.")}
+
+    stored = {checkpoint.dtype(k) for k in dit_sources.values() if checkpoint.dtype(k).is_floating_point}
+    dit_dtype = resolve_dtype(dtype) if dtype else (stored.pop() if len(stored) == 1 else None)
+
+    def load_dit():
+        with torch.device("meta"):
+            dit = build_dit()
+        load_into(dit, checkpoint, dit_sources, dtype=dit_dtype,
+                  ignored=[k for k in checkpoint.keys() if not k.startswith("dit.")],
+                  hint=f"The DiT entry of {directory / CONFIG_NAME} does not describe these weights.")
+        return dit
+
+    module.dit_factory = load_dit
+    module.configure_model()
+    module.dit_factory = build_dit
+    # The rest of the trainable weights (connector, ...): strict both ways.
+    frozen = tuple(module._frozen_prefixes())
+    others = {k: k for k in module.state_dict() if not k.startswith(frozen) and not k.startswith("dit.")}
+    rest = [k for k in checkpoint.keys() if not k.startswith("dit.")]
+    missing = sorted(set(others) - set(rest))
+    unexpected = sorted(set(rest) - set(others))
+    if missing or unexpected:
+        raise WeightsError(
+            f"{directory}: the export does not match its config: missing {missing[:8]}, unexpected {unexpected[:8]}."
+        )
+    state = module.state_dict()
+    wrong = [f"{checkpoint.file_of(k)}: {k} has shape {tuple(checkpoint.shape(k))}, expected {tuple(state[k].shape)}"
+             for k in rest if checkpoint.shape(k) != tuple(state[k].shape)]
+    if wrong:
+        raise WeightsError("\n".join([f"{directory}: wrong shapes:"] + wrong[:12]))
+    with torch.no_grad():
+        for key in rest:
+            state[key].copy_(checkpoint.read(key, state[key].dtype))
+    return module.eval()
