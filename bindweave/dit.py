@@ -148,6 +148,8 @@ class SelfAttention(nn.Module):
         self.to_out = nn.Linear(dim, dim)
         self.norm_q = nn.RMSNorm(dim, eps=eps)
         self.norm_k = nn.RMSNorm(dim, eps=eps)
+        # The attention kernel; sequence parallelism swaps in its all-to-all version from outside.
+        self.attention_fn = attention
 
     def forward(
         self,
@@ -160,7 +162,7 @@ class SelfAttention(nn.Module):
         k = self.norm_k(self.to_k(x)).unflatten(-1, (self.num_heads, -1))  # (B, L, H, Dh)
         v = self.to_v(x).unflatten(-1, (self.num_heads, -1))  # (B, L, H, Dh)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = attention(q, k, v, key_mask)  # (B, L, H, Dh)
+        out = self.attention_fn(q, k, v, key_mask)  # (B, L, H, Dh)
         return self.to_out(out.flatten(2))  # (B, L, D)
 
 
@@ -426,11 +428,23 @@ class WanDiT(nn.Module):
         Returns:
             (B, C_out, F, H, W) predicted velocity.
         """
+        state = self.embed(x, timestep, context, context_mask, frame_mask, context_embedded)
+        tokens = self.run_blocks(state.tokens, state)  # (B, L, D)
+        return self.unembed(tokens, state)  # (B, C_out, F, H, W)
+
+    def embed(
+        self,
+        x: torch.Tensor,
+        timestep: torch.Tensor,
+        context: dict[str, torch.Tensor],
+        context_mask: dict[str, torch.Tensor] | None = None,
+        frame_mask: torch.Tensor | None = None,
+        context_embedded: bool = False,
+    ) -> "DiTState":
+        """Stage 1 of :meth:`forward`: patch tokens, timestep modulation, RoPE tables, context."""
         self.check_input(x)
-        batch, _, frames, height, width = x.shape
         pt, ph, pw = self.patch_size
-        grid = (frames // pt, height // ph, width // pw)
-        context_mask = dict(context_mask or {})
+        grid = (x.shape[2] // pt, x.shape[3] // ph, x.shape[4] // pw)
         if not context_embedded:
             context = self.embed_context(context)  # {name: (B, Lc, D)}
 
@@ -444,15 +458,54 @@ class WanDiT(nn.Module):
 
         token_mask = None
         if frame_mask is not None:
-            token_mask = frame_mask[:, :: pt].repeat_interleave(grid[1] * grid[2], dim=1)  # (B, L)
+            token_mask = frame_mask[:, ::pt].repeat_interleave(grid[1] * grid[2], dim=1)  # (B, L)
+        return DiTState(tokens, time_emb, time_mod, cos, sin, context, dict(context_mask or {}), token_mask,
+                        tuple(x.shape), grid)
 
+    def run_blocks(self, tokens: torch.Tensor, state: "DiTState") -> torch.Tensor:
+        """Stage 2: the transformer blocks over (B, L, D) tokens (or a sequence shard of them)."""
         for block in self.blocks:
-            tokens = block(tokens, time_mod, cos, sin, context, context_mask, token_mask)  # (B, L, D)
+            tokens = block(tokens, state.time_mod, state.cos, state.sin, state.context, state.context_mask,
+                           state.token_mask)  # (B, L, D)
+        return tokens
 
-        out = self.head(tokens, time_emb)  # (B, L, C_out·pt·ph·pw)
-        out = out.view(batch, *grid, pt, ph, pw, self.out_channels)  # (B, f, h, w, pt, ph, pw, C)
+    def unembed(self, tokens: torch.Tensor, state: "DiTState") -> torch.Tensor:
+        """Stage 3: output head and unpatchify, (B, L, D) -> (B, C_out, F, H, W)."""
+        batch, _, frames, height, width = state.input_shape
+        pt, ph, pw = self.patch_size
+        out = self.head(tokens, state.time_emb)  # (B, L, C_out·pt·ph·pw)
+        out = out.view(batch, *state.grid, pt, ph, pw, self.out_channels)  # (B, f, h, w, pt, ph, pw, C)
         out = out.permute(0, 7, 1, 4, 2, 5, 3, 6)  # (B, C, f, pt, h, ph, w, pw)
         return out.reshape(batch, self.out_channels, frames, height, width)  # (B, C_out, F, H, W)
+
+
+@dataclass
+class DiTState:
+    """Everything the blocks and the head need besides the tokens (see :meth:`WanDiT.embed`).
+
+    Attributes:
+        tokens: (B, L, D) patch tokens.
+        time_emb: (B, D) fp32 timestep embedding (the head's modulation input).
+        time_mod: (B, 6, D) fp32 block modulation.
+        cos: (L, 1, Dh/2) RoPE cosines.
+        sin: (L, 1, Dh/2) RoPE sines.
+        context: {branch: (B, Lc, D)} embedded condition tokens.
+        context_mask: {branch: (B, Lc) bool}.
+        token_mask: (B, L) bool self-attention key mask, or None.
+        input_shape: shape of the DiT input x.
+        grid: (f, h, w) token grid.
+    """
+
+    tokens: torch.Tensor
+    time_emb: torch.Tensor
+    time_mod: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    context: dict[str, torch.Tensor]
+    context_mask: dict[str, torch.Tensor | None]
+    token_mask: torch.Tensor | None
+    input_shape: tuple[int, ...]
+    grid: tuple[int, int, int]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -117,3 +117,62 @@ def test_two_ranks_match_one_process(strategy, tmp_path):
     torch.testing.assert_close(result["loss"], loss, rtol=1e-5, atol=1e-6)
     for key, value in expected.items():
         torch.testing.assert_close(result["dit"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def _sp_worker(rank: int, world: int, port: int, path: str) -> None:
+    import torch.distributed as dist
+
+    from bindweave.sequence_parallel import batch_parallel_forward, sequence_parallel_forward, ulysses_attention
+    from tests.test_dit import inputs, tiny_dit
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    group = dist.group.WORLD
+    torch.manual_seed(0)
+    dit = tiny_dit()
+    x, t, ctx = inputs(dit, frames=4)  # 4 · 4 · 6 = 96 tokens
+    x.requires_grad_(True)
+    frame_mask = torch.tensor([[True, True, True, False], [True] * 4])
+    results = {}
+    # Raw kernel: each rank's rows of full attention.
+    q, k, v = (torch.randn(2, 8, 4, 6, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    mask = torch.rand(2, 8, generator=torch.Generator().manual_seed(9)) > 0.3
+    rows = slice(rank * 4, rank * 4 + 4)
+    results["kernel"] = ulysses_attention(q[:, rows], k[:, rows], v[:, rows], mask, group=group)
+    # Whole model, forward and input gradient.
+    out = sequence_parallel_forward(dit, group, x, t, ctx, frame_mask=frame_mask)
+    out.square().mean().backward()
+    # Replicated inputs (and parameters) get each rank's share of the gradient: the sum over the
+    # group is the full gradient (in training, the data-parallel all-reduce spans the SP group too).
+    dist.all_reduce(x.grad, group=group)
+    results["sp_out"], results["sp_grad"] = out.detach(), x.grad.detach()
+    with torch.no_grad():
+        results["cfg_out"] = batch_parallel_forward(dit, group, x, t, ctx, frame_mask=frame_mask)
+    if rank == 0:
+        torch.save(results, path)
+    dist.destroy_process_group()
+
+
+def test_sequence_and_cfg_parallel_equal_one_process(tmp_path):
+    from tests.test_dit import inputs, tiny_dit
+    from bindweave.attention import attention
+
+    out = str(tmp_path / "sp.pt")
+    mp.start_processes(_sp_worker, args=(2, _free_port(), out), nprocs=2, join=True, start_method="spawn")
+    result = torch.load(out, weights_only=True)
+
+    q, k, v = (torch.randn(2, 8, 4, 6, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    mask = torch.rand(2, 8, generator=torch.Generator().manual_seed(9)) > 0.3
+    torch.testing.assert_close(result["kernel"], attention(q, k, v, mask)[:, :4])
+
+    torch.manual_seed(0)
+    dit = tiny_dit()
+    x, t, ctx = inputs(dit, frames=4)
+    x.requires_grad_(True)
+    frame_mask = torch.tensor([[True, True, True, False], [True] * 4])
+    expected = dit(x, t, ctx, frame_mask=frame_mask)
+    expected.square().mean().backward()
+    # Every rank sees the full output; the summed input gradient is the full one.
+    torch.testing.assert_close(result["sp_out"], expected.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(result["sp_grad"], x.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(result["cfg_out"], expected.detach(), rtol=1e-5, atol=1e-5)
