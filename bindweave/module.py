@@ -21,8 +21,9 @@ from torch import nn
 
 from bindweave.batch import check_num_frames, check_spatial_size
 from bindweave.dit import WanDiT
-from bindweave.flow import RectifiedFlow, euler_sigmas, euler_step
-from conditioners.base import Conditioner, Conditioning, merge, stack_batches
+from bindweave.flow import RectifiedFlow
+from bindweave.sampling import SamplingConfig, predict_batch, sample_videos
+from conditioners.base import Conditioner, Conditioning, merge
 from encoders.base import FrozenEncoder
 from encoders.vae import WanVAE
 
@@ -32,25 +33,7 @@ from encoders.vae import WanVAE
 warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in the checkpoint")
 
 
-@dataclass
-class SamplingConfig:
-    """Settings of ``predict``.
-
-    Args:
-        num_steps: flow Euler steps.
-        guidance_scale: classifier-free guidance scale (1.0 switches the unconditional pass off).
-        shift: timestep shift of the sampling schedule (Wan: 5.0 for T2V, 3.0 for 480p I2V).
-        num_frames: frames generated when a request does not say (1 + 4k).
-        height: video height when a request does not say.
-        width: video width when a request does not say.
-    """
-
-    num_steps: int = 50
-    guidance_scale: float = 5.0
-    shift: float = 5.0
-    num_frames: int = 81
-    height: int = 480
-    width: int = 832
+__all__ = ["BindWeave", "SamplingConfig"]  # SamplingConfig lives in bindweave.sampling; re-exported
 
 
 @dataclass
@@ -354,72 +337,12 @@ class BindWeave(L.LightningModule):
         ]
         return merge(parts)
 
-    def _request_size(self, batch: dict, key: str, default: int) -> int:
-        values = batch.get(key)
-        if values is None:
-            return default
-        values = [int(v) for v in (values.tolist() if isinstance(values, torch.Tensor) else values)]
-        if len(set(values)) != 1:
-            raise ValueError(f"All requests of a predict batch must share {key}; got {values}. Use batch_size 1.")
-        return values[0]
-
-    @torch.no_grad()
-    def generate(self, batch: dict) -> torch.Tensor:
-        """Sample videos for a batch of requests. Returns (B, F, H, W, 3) uint8 on the CPU.
-
-        Encoders run once per request; the conditional and unconditional passes share one DiT call
-        per step; the only host syncs are the final copy to the CPU.
-        """
-        s = self.sampling
-        num_frames = self._request_size(batch, "num_frames", s.num_frames)
-        height = self._request_size(batch, "height", s.height)
-        width = self._request_size(batch, "width", s.width)
-        self._check_video(num_frames, height, width)
-        self._check_references(batch["references"], height, width)
-        size = len(batch["prompt"])
-        features = self.encode_features(batch)  # encoders run here, once per request
-        cond_parts = [c.condition(batch, features[name]) for name, c in self.conditioners.items()]
-        cond = merge(cond_parts)
-        guided = s.guidance_scale != 1.0
-        if guided:
-            cond = stack_batches(cond, self._null_conditions(batch, features, cond_parts))
-        context, context_mask = self._context(cond)
-        context = self.dit.embed_context(context)  # once, not per step
-
-        latent_shape = (
-            self.vae.latent_channels,
-            (num_frames - 1) // self.vae.temporal_compression + 1,
-            height // self.vae.spatial_compression,
-            width // self.vae.spatial_compression,
-        )
-        seeds = batch.get("seed") or list(range(size))
-        dtype = self.dit.patch_embedding.weight.dtype
-        x = torch.stack([
-            torch.randn(latent_shape, generator=torch.Generator(self.device).manual_seed(int(seed)), device=self.device)
-            for seed in seeds
-        ])  # (B, z, T, h, w) fp32: per-request seeds make results independent of batching
-        sigmas = euler_sigmas(s.num_steps, s.shift, self.device)
-        for i in range(s.num_steps):
-            model_x = torch.cat([x, x]) if guided else x
-            dit_in, frame_mask = self.assemble_input(model_x.to(dtype), cond)
-            timestep = (sigmas[i] * 1000).expand(model_x.shape[0])
-            velocity = self.dit(dit_in, timestep, context, context_mask, frame_mask, context_embedded=True)
-            velocity = velocity[:, :, : latent_shape[1]].float()  # (2B or B, z, T, h, w)
-            if guided:
-                conditional, unconditional = velocity.chunk(2)
-                velocity = unconditional + s.guidance_scale * (conditional - unconditional)
-            x = euler_step(x, velocity, sigmas[i], sigmas[i + 1])
-        video = self.vae.decode(x.to(self.vae.dtype))  # (B, 3, F, H, W) in [-1, 1]
-        frames = ((video.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-        return frames.permute(0, 2, 3, 4, 1).cpu()  # (B, F, H, W, 3)
+    def generate(self, batch: dict, config: SamplingConfig | None = None, progress: bool = False) -> torch.Tensor:
+        """Sample videos for a batch of requests (``config`` defaults to ``self.sampling``).
+        Returns (B, F, H, W, 3) uint8 on the CPU; see :func:`bindweave.sampling.sample_videos`."""
+        return sample_videos(self, batch, config or self.sampling, progress=progress)
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        size = len(batch["prompt"])
-        ids = batch.get("id") or [f"sample-{batch_idx:05d}-{i}" for i in range(size)]
-        return {
-            "video": self.generate(batch),
-            "id": list(ids),
-            "prompt": list(batch["prompt"]),
-            "num_references": list(batch["num_references"]),
-            "seed": list(batch.get("seed") or range(size)),
-        }
+        """Videos of a batch of requests. A request that fails (bad input, out of memory) is
+        reported under ``failed`` and the others still run; see :func:`bindweave.sampling.predict_batch`."""
+        return predict_batch(self, batch, batch_idx, self.sampling)

@@ -1,41 +1,221 @@
-"""Writes the videos produced by ``predict`` to disk."""
+"""Writes the videos produced by ``predict`` to disk: mp4, contact sheet, reproduction record, summary."""
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import json
+import logging
 import os
+import tempfile
 from pathlib import Path
 
+import numpy as np
+import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
+from PIL import Image
 
 from bindweave.video_io import write_video
 
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------
+# Files (each written to a temporary file and renamed: a crash never leaves half a file)
+# ----------------------------------------------------------------------------------------------
+
+
+def write_atomic(path: Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same folder + rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def to_json(value: object) -> str:
+    """JSON of records holding dataclasses, paths, dtypes and tensors (as lists)."""
+
+    def default(v: object) -> object:
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            return dataclasses.asdict(v)
+        if isinstance(v, torch.Tensor):
+            return v.tolist()
+        return str(v)
+
+    return json.dumps(value, indent=2, default=default)
+
+
+def contact_sheet(
+    frames: torch.Tensor, references: torch.Tensor | None = None, max_frames: int = 8, tile_height: int = 256,
+    gap: int = 8,
+) -> np.ndarray:
+    """References and evenly spaced frames side by side in one row, as (H', W', 3) uint8.
+
+    Args:
+        frames: (F, H, W, 3) uint8 video.
+        references: (N, H, W, 3) uint8 reference images, or None.
+        max_frames: frames shown (first and last always among them).
+        tile_height: tiles taller than this are scaled down to it.
+        gap: pixels between tiles (a double gap separates references from frames).
+    """
+    count = min(max_frames, frames.shape[0])
+    picks = torch.linspace(0, frames.shape[0] - 1, count).round().long().unique()
+    height, width = frames.shape[1:3]
+    scale = min(1.0, tile_height / height)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    tiles = [np.asarray(Image.fromarray(t.numpy()).resize(size, Image.Resampling.BICUBIC)) for t in frames[picks]]
+    refs = [] if references is None else [
+        np.asarray(Image.fromarray(r.numpy()).resize(size, Image.Resampling.BICUBIC)) for r in references
+    ]
+    columns = refs + tiles
+    sheet_width = len(columns) * size[0] + (len(columns) + 1) * gap + (gap if refs else 0)
+    sheet = np.full((size[1] + 2 * gap, sheet_width, 3), 255, dtype=np.uint8)
+    x = gap
+    for i, tile in enumerate(columns):
+        if refs and i == len(refs):
+            x += gap  # wider gap between references and frames
+        sheet[gap : gap + size[1], x : x + size[0]] = tile
+        x += size[0] + gap
+    return sheet
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """PNG encoding of an (H, W, 3) uint8 image."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_outputs(
+    output_dir: Path, sample_id: str, frames: torch.Tensor, references: torch.Tensor | None, record: dict,
+    fps: int = 16, sheet_frames: int = 8,
+) -> Path:
+    """``<id>.mp4``, ``<id>.png`` (contact sheet) and, last, ``<id>.json`` (``record``): a request
+    counts as done once its json exists. Returns the mp4 path."""
+    output_dir = Path(output_dir)
+    video = write_video(output_dir / f"{sample_id}.mp4", frames, fps=fps)
+    write_atomic(output_dir / f"{sample_id}.png", png_bytes(contact_sheet(frames, references, sheet_frames)))
+    write_atomic(output_dir / f"{sample_id}.json", to_json(record).encode())
+    (output_dir / f"{sample_id}.error.json").unlink(missing_ok=True)
+    return video
+
+
+def format_table(rows: list[dict], columns: tuple[str, ...]) -> str:
+    """A Markdown table of ``rows`` (dicts) over ``columns``."""
+    cells = [[str(row.get(c, "")) for c in columns] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    line = lambda values: "| " + " | ".join(v.ljust(w) for v, w in zip(values, widths)) + " |"  # noqa: E731
+    return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+# ----------------------------------------------------------------------------------------------
+# The callback
+# ----------------------------------------------------------------------------------------------
+
 
 class VideoWriter(BasePredictionWriter):
-    """Saves each predicted video as ``<output_dir>/<id>.mp4`` with a ``<id>.json`` of its request.
+    """Saves each predicted video with what reproduces it, and prints a summary at the end.
 
-    Files are written atomically (temporary file + rename), so an interrupted run never leaves a
-    truncated video behind.
+    Per request: ``<id>.mp4``; ``<id>.png``, a contact sheet of the references and evenly spaced
+    frames side by side; ``<id>.json`` with the request (a line for a requests JSONL), the sampling
+    settings, the checkpoint and model config, versions, device and time taken. A request that
+    failed gets ``<id>.error.json`` with its error instead. Every file is written atomically
+    (temporary file + rename), the json last, so an interrupted run never leaves a truncated video
+    and a rerun (``RequestDataModule(skip_done=True)``) skips exactly the finished requests.
+    At the end, a table of every request (done, failed, skipped) is printed and saved as
+    ``summary.md``.
 
     Args:
         output_dir: folder the videos are written to (created if missing); default
             ``<trainer.default_root_dir>/videos``.
         fps: frame rate of the written mp4 files.
+        sheet_frames: frames shown on the contact sheet.
     """
 
-    def __init__(self, output_dir: str | None = None, fps: int = 16) -> None:
+    def __init__(self, output_dir: str | None = None, fps: int = 16, sheet_frames: int = 8) -> None:
         super().__init__(write_interval="batch")
         self.output_dir = Path(output_dir) if output_dir else None
         self.fps = fps
+        self.sheet_frames = sheet_frames
+        self.rows: list[dict] = []
 
-    def setup(self, trainer, pl_module, stage: str) -> None:
+    def resolve_output_dir(self, trainer) -> Path:
+        """The output folder (``output_dir``, else ``<default_root_dir>/videos``)."""
         if self.output_dir is None:
             self.output_dir = Path(trainer.default_root_dir) / "videos"
+        return self.output_dir
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self.resolve_output_dir(trainer)
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        self.rows = []
+
+    def _context(self, trainer, pl_module) -> dict:
+        import lightning
+
+        dit = getattr(pl_module, "dit", None)
+        hparams = {k: v for k, v in dict(getattr(pl_module, "hparams", {})).items() if not k.startswith("_")}
+        return {
+            "checkpoint": str(trainer.ckpt_path) if trainer.ckpt_path else None,
+            "model_config": hparams,
+            "environment": {
+                "torch": torch.__version__, "lightning": lightning.__version__,
+                "device": str(pl_module.device),
+                "dit_dtype": str(dit.patch_embedding.weight.dtype) if dit is not None else None,
+                "precision": str(trainer.precision),
+            },
+        }
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+        context = self._context(trainer, pl_module)
         for i, sample_id in enumerate(prediction["id"]):
-            write_video(self.output_dir / f"{sample_id}.mp4", prediction["video"][i], fps=self.fps)
-            record = {key: value[i] for key, value in prediction.items() if key != "video"}
-            tmp = self.output_dir / f".{sample_id}.json.tmp"
-            tmp.write_text(json.dumps(record, indent=2, default=str))
-            os.replace(tmp, self.output_dir / f"{sample_id}.json")
+            frames = prediction["video"][i]  # (F, H, W, 3) uint8
+            references = None
+            if prediction.get("references") is not None:
+                references = prediction["references"][i][: prediction["num_references"][i]]  # (n, H, W, 3)
+            request = prediction["request"][i] if "request" in prediction else {
+                k: prediction[k][i] for k in ("prompt", "seed") if k in prediction
+            }
+            seconds = prediction["seconds"][i] if "seconds" in prediction else None
+            record = {
+                "id": sample_id, "request": request, "sampling": prediction.get("sampling"), "seconds": seconds,
+                "files": {"video": f"{sample_id}.mp4", "contact_sheet": f"{sample_id}.png"}, **context,
+            }
+            path = write_outputs(self.output_dir, sample_id, frames, references, record, self.fps, self.sheet_frames)
+            self.rows.append({
+                "id": sample_id, "status": "done", "video": "x".join(str(s) for s in frames.shape[:3]),
+                "seconds": f"{seconds:.1f}" if seconds is not None else "", "output": str(path),
+            })
+        for failure in prediction.get("failed", []):
+            log.warning("Predict: %s", failure["error"])
+            if _safe(failure["id"]):
+                write_atomic(self.output_dir / f"{failure['id']}.error.json", to_json(failure).encode())
+            self.rows.append({"id": failure["id"], "status": "FAILED", "output": failure["error"]})
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        skipped = list(getattr(trainer.datamodule, "skipped", []) or []) if trainer.datamodule is not None else []
+        rows = self.rows + [{"id": s, "status": "skipped", "output": "already done"} for s in skipped]
+        if not rows:
+            return
+        counts = {status: sum(r["status"] == status for r in rows) for status in ("done", "FAILED", "skipped")}
+        title = ", ".join(f"{n} {status.lower()}" for status, n in counts.items() if n)
+        table = format_table(rows, ("id", "status", "video", "seconds", "output"))
+        suffix = f"-rank{trainer.global_rank}" if trainer.world_size > 1 else ""
+        write_atomic(self.output_dir / f"summary{suffix}.md", f"# Predict: {title}\n\n{table}\n".encode())
+        print(f"\nPredict summary ({title}) -> {self.output_dir}\n{table}", flush=True)
+
+
+def _safe(name: str) -> bool:
+    """Whether a request id can name a file in the output folder."""
+    return bool(name) and "/" not in name and "\\" not in name and not name.startswith(".")
