@@ -283,10 +283,39 @@ def _set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
         owner._buffers[attr] = value
 
 
+def _present(checkpoint: Checkpoint, source: str | tuple[str, ...] | None) -> bool:
+    if isinstance(source, tuple):
+        return all(k in checkpoint for k in source)
+    return source is not None and source in checkpoint
+
+
+def _source_shape(checkpoint: Checkpoint, source: str | tuple[str, ...]) -> tuple[int, ...]:
+    if isinstance(source, tuple):
+        shapes = [checkpoint.shape(k) for k in source]
+        if any(s[1:] != shapes[0][1:] for s in shapes):
+            return tuple(shapes)  # not concatenable: never equal to a target shape
+        return (sum(s[0] for s in shapes), *shapes[0][1:])
+    return checkpoint.shape(source)
+
+
+def _source_read(checkpoint: Checkpoint, source, dtype, device) -> torch.Tensor:
+    if isinstance(source, tuple):
+        return torch.cat([checkpoint.read(k, dtype, device) for k in source])
+    return checkpoint.read(source, dtype, device)
+
+
+def _source_name(source) -> str:
+    return " + ".join(source) if isinstance(source, tuple) else source
+
+
+def _first(source) -> str:
+    return source[0] if isinstance(source, tuple) else source
+
+
 def load_into(
     module: nn.Module,
     checkpoint: Checkpoint,
-    sources: dict[str, str],
+    sources: dict[str, str | tuple[str, ...]],
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     allow_missing: Callable[[str], bool] = lambda name: False,
@@ -299,7 +328,8 @@ def load_into(
     Args:
         module: the target, typically built on the meta device.
         checkpoint: the opened checkpoint.
-        sources: {target key (``module.state_dict()`` name): checkpoint key}.
+        sources: {target key (``module.state_dict()`` name): checkpoint key, or a tuple of keys whose
+            tensors are concatenated along dim 0 (fused projections, e.g. q, k, v -> in_proj)}.
         dtype: cast floating tensors to this dtype (default: the target's dtype).
         device: where the tensors go (default: CPU).
         allow_missing: target keys that may be absent from ``sources`` (the caller initialises them).
@@ -314,23 +344,33 @@ def load_into(
     """
     adapt = adapt or {}
     targets = module.state_dict(keep_vars=True)
-    aliases: dict[int, list[str]] = {}
+    groups: dict[int, list[str]] = {}  # tied weights: one tensor under several names
     for name, tensor in targets.items():
-        aliases.setdefault(id(tensor), []).append(name)
+        groups.setdefault(id(tensor), []).append(name)
+    chosen: dict[str, str] = {}  # first name of each group -> the name whose source is read
     report = LoadReport(source=str(checkpoint.source), ignored=sorted(ignored))
     missing, wrong = [], []
-    for name, tensor in targets.items():
-        source = sources.get(name)
-        if source is None or source not in checkpoint:
-            if not allow_missing(name):
-                missing.append(f"{name} {_shape(tensor.shape)}" + (f" (checkpoint key {source!r})" if source else ""))
+    for names in groups.values():
+        tensor = targets[names[0]]
+        found = [n for n in names if _present(checkpoint, sources.get(n))]
+        if not found:
+            if not any(allow_missing(n) for n in names):
+                source = sources.get(names[0])
+                missing.append(f"{names[0]} {_shape(tensor.shape)}"
+                               + (f" (checkpoint key {_source_name(source)!r})" if source else ""))
             continue
-        if name not in adapt and checkpoint.shape(source) != tuple(tensor.shape):
+        name = chosen[names[0]] = found[0]
+        source = sources[name]
+        if name not in adapt and _source_shape(checkpoint, source) != tuple(tensor.shape):
             wrong.append(
-                f"{checkpoint.file_of(source)}: {source} has shape {_shape(checkpoint.shape(source))}, expected "
-                f"{_shape(tensor.shape)}" + (f" (for {name})" if name != source else "")
+                f"{checkpoint.file_of(_first(source))}: {_source_name(source)} has shape "
+                f"{_shape(_source_shape(checkpoint, source))}, expected {_shape(tensor.shape)}"
+                + (f" (for {name})" if name != source else "")
             )
-    used = {sources[n] for n in targets if n in sources}
+    used = set()
+    for n in targets:
+        if _present(checkpoint, sources.get(n)):
+            used.update(sources[n] if isinstance(sources[n], tuple) else [sources[n]])
     unexpected = sorted(set(checkpoint.keys()) - used - set(ignored))
     if missing or wrong or unexpected:
         lines = [f"Cannot load {checkpoint.source} into {type(module).__name__}; nothing was loaded."]
@@ -345,19 +385,17 @@ def load_into(
         raise WeightsError("\n".join(lines))
 
     # Read in file order (sequential IO), one tensor at a time, straight into its final place.
-    order = sorted(
-        (n for n in targets if n in sources and sources[n] in checkpoint and aliases[id(targets[n])][0] == n),
-        key=lambda n: (str(checkpoint.file_of(sources[n])), checkpoint.entries[sources[n]].start),
-    )
-    for name in order:
-        target = targets[name]
+    order = sorted(chosen.items(), key=lambda item: (str(checkpoint.file_of(_first(sources[item[1]]))),
+                                                       checkpoint.entries[_first(sources[item[1]])].start))
+    for first, name in order:
+        target = targets[first]
         want = dtype if dtype is not None and target.is_floating_point() else target.dtype
-        value = checkpoint.read(sources[name], want, device)
+        value = _source_read(checkpoint, sources[name], want, device)
         if name in adapt:
             value = adapt[name](value, target)
-        if isinstance(target, nn.Parameter):  # one Parameter for all aliases keeps tied weights tied
+        if isinstance(target, nn.Parameter):  # one Parameter for all names keeps tied weights tied
             value = nn.Parameter(value, requires_grad=target.requires_grad)
-        for alias in aliases[id(target)]:
+        for alias in groups[id(target)]:
             _set_tensor(module, alias, value)
             report.loaded.append(alias)
     report.fresh = sorted(n for n in targets if n not in report.loaded)
@@ -583,33 +621,31 @@ def load_dit(
     return report
 
 
-def dit_arguments_from_checkpoint(path: str | Path) -> dict:
-    """:class:`WanDiT` arguments of a DiT folder or file: from its ``config.json`` (official Wan or
-    diffusers) when present, else from tensor shapes (the head count then assumes Wan's head size 128)."""
-    from bindweave.convert import bindweave_config_for
-    from bindweave.wan_official import wan_dit_arguments
+def dit_arguments_from_checkpoint(path: str | Path | Checkpoint) -> dict:
+    """:class:`WanDiT` arguments of a DiT checkpoint, read from its tensor shapes.
 
-    path = Path(path)
-    config_file = (path if path.is_dir() else path.parent) / "config.json"
-    if config_file.is_file():
-        config = json.loads(config_file.read_text())
-        if config.get("_class_name") == "WanModel":
-            return wan_dit_arguments(config)
-        if config.get("_class_name") == "WanTransformer3DModel":
-            return bindweave_config_for(config)
-    checkpoint = Checkpoint.open(path)
-    fmt = detect_dit_format(checkpoint.keys())
-    sources, _ = dit_key_map(checkpoint.keys(), fmt)
+    The head count is not in the shapes: it comes from the folder's ``config.json`` (official Wan
+    ``num_heads`` or diffusers ``num_attention_heads``), else Wan's head size 128 is assumed.
+    """
+    checkpoint = path if isinstance(path, Checkpoint) else Checkpoint.open(path)
+    sources, _ = dit_key_map(checkpoint.keys(), detect_dit_format(checkpoint.keys()))
     shape = lambda key: checkpoint.shape(sources[key])  # noqa: E731
     dim, in_channels, *patch = shape("patch_embedding.weight")
     branches = [CrossAttentionBranch("text", shape("context_embedders.text.net.0.weight")[1], "mlp")]
     if "context_embedders.image.net.1.weight" in sources:
         branches.append(CrossAttentionBranch("image", shape("context_embedders.image.net.1.weight")[1], "norm_mlp"))
     layers = {int(m.group(1)) for k in sources if (m := re.match(r"blocks\.(\d+)\.", k))}
+    num_heads, eps = max(dim // 128, 1), 1e-6
+    source = Path(checkpoint.source)
+    config_file = (source if source.is_dir() else source.parent) / "config.json"
+    if config_file.is_file():
+        config = json.loads(config_file.read_text())
+        num_heads = config.get("num_heads", config.get("num_attention_heads", num_heads))
+        eps = config.get("eps", eps)
     return dict(
         in_channels=in_channels, out_channels=shape("head.proj.weight")[0] // math.prod(patch), dim=dim,
-        ffn_dim=shape("blocks.0.ffn.0.weight")[0], num_heads=max(dim // 128, 1), num_layers=len(layers),
-        branches=branches, patch_size=tuple(patch), freq_dim=shape("time_embedding.0.weight")[1],
+        ffn_dim=shape("blocks.0.ffn.0.weight")[0], num_heads=num_heads, num_layers=len(layers),
+        branches=branches, patch_size=tuple(patch), freq_dim=shape("time_embedding.0.weight")[1], eps=eps,
     )
 
 

@@ -281,68 +281,78 @@ def is_wan_clip(keys) -> bool:
     return "visual.cls_embedding" in keys and "visual.pos_embedding" in keys
 
 
-def wan_clip_to_open_clip(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The visual tower of a Wan CLIP state dict in open_clip ``VisionTransformer`` keys.
+def open_clip_to_wan_clip_key(key: str) -> str | None:
+    """Wan ``XLMRobertaCLIP`` key of an open_clip ``VisionTransformer`` key (None if it has none).
 
-    The text tower (``textual.*``) and ``log_scale`` are dropped; the class and position embeddings
-    lose their leading batch dimensions; Wan's ``head`` (dim, out_dim) is open_clip's ``proj``.
+    ``class_embedding`` (D) is Wan's ``visual.cls_embedding`` (1, 1, D), ``positional_embedding``
+    (T, D) is ``visual.pos_embedding`` (1, T, D) and ``proj`` is ``visual.head``: same values, other
+    leading dimensions.
     """
+    fixed = {"class_embedding": "visual.cls_embedding", "positional_embedding": "visual.pos_embedding",
+             "proj": "visual.head"}
+    if key in fixed:
+        return fixed[key]
+    if match := _CLIP_OC_BLOCK.match(key):
+        for wan, oc in _CLIP_BLOCK:
+            if match.group(2).startswith(oc):
+                return f"visual.transformer.{match.group(1)}.{wan}{match.group(2)[len(oc):]}"
+        return None
+    for wan, oc in _CLIP_TOP:
+        if key.startswith(oc):
+            return wan + key[len(oc):]
+    return None
+
+
+def wan_clip_to_open_clip(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The visual tower of a Wan CLIP state dict in open_clip ``VisionTransformer`` keys and shapes
+    (the text tower ``textual.*`` and ``log_scale`` are dropped)."""
     out, unknown = {}, []
     for key, value in state_dict.items():
         if not key.startswith("visual."):
             continue
-        match = _CLIP_WAN_BLOCK.match(key)
-        if key == "visual.cls_embedding":
-            out["class_embedding"] = value.reshape(-1)
-        elif key == "visual.pos_embedding":
-            out["positional_embedding"] = value.reshape(value.shape[-2:])
-        elif key == "visual.head":
-            out["proj"] = value
-        elif match:
-            for wan, oc in _CLIP_BLOCK:
-                if match.group(2).startswith(wan):
-                    out[f"transformer.resblocks.{match.group(1)}.{oc}{match.group(2)[len(wan):]}"] = value
-                    break
-            else:
-                unknown.append(key)
-        else:
-            for wan, oc in _CLIP_TOP:
-                if key.startswith(wan):
-                    out[oc + key[len(wan):]] = value
-                    break
-            else:
-                unknown.append(key)
+        target = _wan_clip_target(key)
+        if target is None:
+            unknown.append(key)
+            continue
+        if target == "class_embedding":
+            value = value.reshape(-1)
+        elif target == "positional_embedding":
+            value = value.reshape(value.shape[-2:])
+        out[target] = value
     if unknown:
         raise ValueError(f"{len(unknown)} Wan CLIP keys have no open_clip counterpart, e.g. {unknown[:5]}.")
     return out
 
 
+def _wan_clip_target(key: str) -> str | None:
+    fixed = {"visual.cls_embedding": "class_embedding", "visual.pos_embedding": "positional_embedding",
+             "visual.head": "proj"}
+    if key in fixed:
+        return fixed[key]
+    if match := _CLIP_WAN_BLOCK.match(key):
+        for wan, oc in _CLIP_BLOCK:
+            if match.group(2).startswith(wan):
+                return f"transformer.resblocks.{match.group(1)}.{oc}{match.group(2)[len(wan):]}"
+        return None
+    for wan, oc in _CLIP_TOP:
+        if key.startswith(wan):
+            return oc + key[len(wan):]
+    return None
+
+
 def open_clip_to_wan_clip(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """An open_clip ``VisionTransformer`` state dict in Wan's ``visual.*`` keys (inverse of
+    """An open_clip ``VisionTransformer`` state dict in Wan's ``visual.*`` keys and shapes (inverse of
     :func:`wan_clip_to_open_clip`; the text tower is not produced)."""
     out = {}
     for key, value in state_dict.items():
-        match = _CLIP_OC_BLOCK.match(key)
+        target = open_clip_to_wan_clip_key(key)
+        if target is None:
+            raise ValueError(f"open_clip key {key!r} has no Wan counterpart.")
         if key == "class_embedding":
-            out["visual.cls_embedding"] = value.reshape(1, 1, -1)
+            value = value.reshape(1, 1, -1)
         elif key == "positional_embedding":
-            out["visual.pos_embedding"] = value.unsqueeze(0)
-        elif key == "proj":
-            out["visual.head"] = value
-        elif match:
-            for wan, oc in _CLIP_BLOCK:
-                if match.group(2).startswith(oc):
-                    out[f"visual.transformer.{match.group(1)}.{wan}{match.group(2)[len(oc):]}"] = value
-                    break
-            else:
-                raise ValueError(f"open_clip key {key!r} has no Wan counterpart.")
-        else:
-            for wan, oc in _CLIP_TOP:
-                if key.startswith(oc):
-                    out[wan + key[len(oc):]] = value
-                    break
-            else:
-                raise ValueError(f"open_clip key {key!r} has no Wan counterpart.")
+            value = value.unsqueeze(0)
+        out[target] = value
     return out
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import html
 import re
+from pathlib import Path
 
 import torch
 import transformers
@@ -27,6 +28,33 @@ TINY_T5_CONFIG = {
 }
 
 
+def load_wan_t5(path: str, dtype: torch.dtype, model_class: str = "transformers.UMT5EncoderModel") -> torch.nn.Module:
+    """A transformers UMT5 encoder from Wan's ``models_t5_umt5-xxl-enc-bf16.pth`` (``T5Encoder`` keys).
+
+    The architecture is read from the tensor shapes; the model is built on the meta device and each
+    tensor is read into place (``torch.load(weights_only=True, mmap=True)``), so loading the 11 GB
+    bf16 file needs about its size in memory once.
+    """
+    from bindweave.loading import Checkpoint, WeightsError, assert_materialized, load_into
+    from bindweave.wan_official import umt5_config_from_wan, wan_t5_to_transformers_key
+
+    checkpoint = Checkpoint.open(path)
+    shapes = {k: checkpoint.shape(k) for k in checkpoint.keys()}
+    try:
+        config = transformers.UMT5Config(**umt5_config_from_wan(shapes))
+    except (KeyError, ValueError) as e:
+        raise WeightsError(
+            f"{path}: not a Wan T5 encoder checkpoint (expected Wan's T5Encoder keys: token_embedding.weight, "
+            f"blocks.N.attn.q.weight, ...; missing {e}). A transformers encoder is a folder: pass the folder."
+        ) from None
+    with torch.device("meta"):
+        model = locate(model_class)(config)
+    sources = {wan_t5_to_transformers_key(k): k for k in checkpoint.keys() if wan_t5_to_transformers_key(k)}
+    load_into(model, checkpoint, sources, dtype=dtype, hint="Expected Wan2.1's umt5-xxl T5Encoder state dict.")
+    assert_materialized(model, f"T5 encoder from {path}")
+    return model
+
+
 def clean_prompt(text: str) -> str:
     """Wan's prompt cleaning without ftfy: unescape HTML entities and collapse whitespace."""
     text = html.unescape(html.unescape(text))
@@ -37,10 +65,12 @@ class T5TextEncoder(FrozenEncoder):
     """A frozen T5/UMT5 encoder giving fixed-length prompt embeddings, padding rows zeroed as in Wan.
 
     Args:
-        pretrained_path: local folder of the encoder weights (e.g. Wan2.1-T2V-14B-Diffusers
-            ``text_encoder/``). Exclusive with ``tiny_config``.
-        tokenizer_path: local tokenizer folder (e.g. the diffusers ``tokenizer/``); defaults to
-            ``pretrained_path``. Ignored with ``tiny_config``, which uses a byte-level tokenizer.
+        pretrained_path: local encoder weights: a transformers folder (e.g. Wan2.1-T2V-14B-Diffusers
+            ``text_encoder/``) or Wan's own file ``models_t5_umt5-xxl-enc-bf16.pth`` (read with
+            ``weights_only=True``, architecture from its shapes). Exclusive with ``tiny_config``.
+        tokenizer_path: local tokenizer folder (the diffusers ``tokenizer/``, or ``google/umt5-xxl/``
+            of an official Wan folder); defaults to ``pretrained_path`` (required with a ``.pth`` file).
+            Ignored with ``tiny_config``, which uses a byte-level tokenizer.
         tiny_config: random-weight model instead: ``model_type`` (default ``"umt5"``) and the
             kwargs of its config; the vocab size is set from the tokenizer. See ``TINY_T5_CONFIG``.
         model_class: dotted path of the transformers encoder class.
@@ -71,7 +101,15 @@ class T5TextEncoder(FrozenEncoder):
         self.max_length = max_length
         self.clean_prompts = clean_prompts
 
-        if pretrained_path is not None:
+        if pretrained_path is not None and Path(pretrained_path).is_file():
+            if tokenizer_path is None:
+                raise ValueError(
+                    f"pretrained_path {pretrained_path!r} is a single weights file: give tokenizer_path too (the "
+                    f"google/umt5-xxl/ folder of the official Wan download, or a diffusers tokenizer/ folder)."
+                )
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_path)
+            self.model = load_wan_t5(pretrained_path, self.dtype, model_class)
+        elif pretrained_path is not None:
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_path or pretrained_path)
             self.model = locate(model_class).from_pretrained(pretrained_path, dtype=self.dtype)
         else:

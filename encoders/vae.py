@@ -8,6 +8,7 @@ pipelines do: ``normalised = (z - mean) / std``; ``decode`` inverts it.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKLWan
@@ -26,18 +27,60 @@ TINY_VAE_CONFIG = {
 }
 
 
+def load_wan_vae(path: str, dtype: torch.dtype, latents_mean: list[float] | None = None,
+                 latents_std: list[float] | None = None) -> AutoencoderKLWan:
+    """An ``AutoencoderKLWan`` from Wan's own ``Wan2.1_VAE.pth`` (official ``WanVAE_`` keys).
+
+    The architecture is read from the tensor shapes. The file stores no latent normalisation: for 16
+    latent channels Wan2.1's (``wan/modules/vae.py``) is used unless ``latents_mean``/``latents_std``
+    are given; other sizes need them.
+    """
+    from bindweave.loading import Checkpoint, WeightsError, assert_materialized, load_into
+    from bindweave.wan_official import WAN21_LATENTS_MEAN, WAN21_LATENTS_STD, vae_config_from_wan, wan_vae_to_diffusers_key
+
+    checkpoint = Checkpoint.open(path)
+    shapes = {k: checkpoint.shape(k) for k in checkpoint.keys()}
+    try:
+        config = vae_config_from_wan(shapes)
+    except (KeyError, ValueError) as e:
+        raise WeightsError(
+            f"{path}: not a Wan VAE checkpoint (expected Wan2.1_VAE.pth keys: encoder.conv1.weight, "
+            f"encoder.downsamples.N..., conv1/conv2; {e}). A diffusers VAE is a folder: pass the folder."
+        ) from None
+    z_dim = config["z_dim"]
+    if latents_mean is None and latents_std is None and z_dim == 16:
+        latents_mean, latents_std = WAN21_LATENTS_MEAN, WAN21_LATENTS_STD
+    if latents_mean is None or latents_std is None:
+        raise ValueError(f"{path} has {z_dim} latent channels: give latents_mean and latents_std ({z_dim} values each).")
+    with torch.device("meta"):
+        vae = AutoencoderKLWan(**config, latents_mean=list(latents_mean), latents_std=list(latents_std))
+    num_res_blocks = config["num_res_blocks"]
+    sources = {}
+    for key in checkpoint.keys():
+        target = wan_vae_to_diffusers_key(key, num_res_blocks)
+        if target is not None:
+            sources[target] = key
+    load_into(vae, checkpoint, sources, dtype=dtype, hint="Expected Wan2.1's VAE (Wan2.1_VAE.pth).")
+    assert_materialized(vae, f"VAE from {path}")
+    return vae
+
+
 class WanVAE(FrozenEncoder):
     """A frozen ``AutoencoderKLWan`` that returns normalised latents.
 
     Args:
-        pretrained_path: local diffusers VAE folder (e.g. ``Wan2.1-T2V-14B-Diffusers/vae``).
-            Exclusive with ``tiny_config``.
+        pretrained_path: local VAE weights: a diffusers folder (e.g. ``Wan2.1-T2V-14B-Diffusers/vae``)
+            or Wan's own ``Wan2.1_VAE.pth`` (read with ``weights_only=True``, architecture from its
+            shapes). Exclusive with ``tiny_config``.
         tiny_config: random weights from ``AutoencoderKLWan`` kwargs instead (``base_dim``,
             ``z_dim``, ``dim_mult``, ``num_res_blocks``, ``temperal_downsample``, ...). With a
             ``z_dim`` other than 16, give ``latents_mean`` and ``latents_std`` of that length.
             See ``TINY_VAE_CONFIG``.
         sample: sample the posterior instead of taking its mean (Wan takes the mean).
         tiling: encode/decode in overlapping spatial tiles to save memory on large frames.
+        latents_mean: per-channel latent mean for a ``.pth`` file, which stores none (default:
+            Wan2.1's for 16 channels). Not used with a diffusers folder, whose config has it.
+        latents_std: per-channel latent std for a ``.pth`` file, as ``latents_mean``.
         dtype: dtype of the weights and of the computation (Wan and diffusers run the VAE in
             float32).
     """
@@ -48,6 +91,8 @@ class WanVAE(FrozenEncoder):
         tiny_config: dict | None = None,
         sample: bool = False,
         tiling: bool = False,
+        latents_mean: list[float] | None = None,
+        latents_std: list[float] | None = None,
         dtype: str = "float32",
     ) -> None:
         super().__init__(dtype)
@@ -57,7 +102,9 @@ class WanVAE(FrozenEncoder):
                 f"`tiny_config` (random weights); got pretrained_path={pretrained_path!r} and "
                 f"tiny_config={'set' if tiny_config is not None else None}."
             )
-        if pretrained_path is not None:
+        if pretrained_path is not None and Path(pretrained_path).is_file():
+            self.vae = load_wan_vae(pretrained_path, self.dtype, latents_mean, latents_std)
+        elif pretrained_path is not None:
             self.vae = AutoencoderKLWan.from_pretrained(pretrained_path, torch_dtype=self.dtype)
         else:
             self.vae = AutoencoderKLWan(**copy.deepcopy(tiny_config))
