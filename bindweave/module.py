@@ -82,6 +82,10 @@ class BindWeave(L.LightningModule):
             attending to its zero padding; set False to reproduce that exactly.
         sampling: settings of ``predict``.
         parallelism: activation checkpointing, compilation and FSDP2 options.
+        feature_cache: folder written by ``bindweave data cache``: train from its cached features
+            (pair it with cached shards, ``data: cached: true``). The VAE and the conditioners'
+            encoders are then never built; their sizes and the null condition come from the cache.
+            Leave None to encode online and to sample.
     """
 
     def __init__(
@@ -98,13 +102,15 @@ class BindWeave(L.LightningModule):
         mask_context_padding: bool = True,
         sampling: SamplingConfig = SamplingConfig(),
         parallelism: ParallelismConfig = ParallelismConfig(),
+        feature_cache: str | None = None,
     ) -> None:
         super().__init__()
         # Under LightningCLI the hyperparameters are the config (class_path/init_args dicts), so a
         # checkpoint carries everything needed to rebuild the model (``load_from_checkpoint``).
         # Built in Python, the factories and conditioners are objects: keep them out of the checkpoint.
         from_cli = _given_hyperparameters.get() is not None
-        heavy = ["dit", "vae", "relational", "identity", "multi_reference", "extra_conditioners", "optimizer"]
+        heavy = ["dit", "vae", "relational", "identity", "multi_reference", "extra_conditioners", "optimizer",
+                 "sampling", "parallelism"]  # objects: not loadable with torch.load(weights_only=True)
         self.save_hyperparameters(ignore=None if from_cli else heavy)
         self.dit_factory, self.vae_factory = dit, vae
         named = {"relational": relational, "identity": identity, "multi_reference": multi_reference}
@@ -117,6 +123,7 @@ class BindWeave(L.LightningModule):
         self.mask_context_padding = mask_context_padding
         self.sampling = sampling
         self.parallelism = parallelism
+        self.feature_cache = feature_cache
         self.dit: WanDiT | None = None
         self.vae: WanVAE | None = None
         # Checkpoints hold trainable weights only; frozen encoders come from their own files.
@@ -129,16 +136,26 @@ class BindWeave(L.LightningModule):
         if self.dit is not None:
             return
         self.dit = self.dit_factory()
+        self.build_encoders()
+        self._check_dimensions()
+        self._apply_parallelism()
+
+    def build_encoders(self) -> None:
+        """Build the VAE and the conditioners (frozen encoders and trainable parts); with
+        ``feature_cache``, only the conditioners' trainable parts, sized from the cache."""
         # Frozen parts built from random tiny configs must be identical in fit and predict runs,
         # whatever the global RNG went through: build them under a fixed seed (no effect on
         # pretrained weights).
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
+            if self.feature_cache is not None:
+                from bindweave.feature_cache import build_from_cache
+
+                self.vae = build_from_cache(self.conditioners, self.feature_cache)  # sizes only
+                return
             self.vae = self.vae_factory()
             for conditioner in self.conditioners.values():
                 conditioner.build(self.vae)
-        self._check_dimensions()
-        self._apply_parallelism()
 
     def _apply_parallelism(self) -> None:
         """Activation checkpointing, compile and (under ModelParallelStrategy) FSDP2, in that order."""
@@ -195,6 +212,10 @@ class BindWeave(L.LightningModule):
         """Frozen-encoder features of every conditioner: ``batch["features"][name]`` when the batch
         comes from a feature cache, else computed now (once)."""
         cached = batch.get("features", {})
+        if self.feature_cache is not None and set(self.conditioners) - set(cached):
+            from bindweave.feature_cache import NO_ENCODERS
+
+            raise ValueError(f"The batch has no cached features of {sorted(set(self.conditioners) - set(cached))}. {NO_ENCODERS}")
         return {name: cached[name] if name in cached else c.encode(batch) for name, c in self.conditioners.items()}
 
     def encode_conditions(self, batch: dict, drops: list[list[bool] | None] | None = None) -> Conditioning:
@@ -259,10 +280,15 @@ class BindWeave(L.LightningModule):
 
         ``generator`` fixes the noise and timesteps (validation); None uses the global RNG.
         """
-        video = batch["video"]  # (B, 3, F, H, W)
-        self._check_video(*video.shape[2:])
-        self._check_references(batch["references"], *video.shape[-2:])
-        latents = batch["video_latents"] if "video_latents" in batch else self.vae.encode(video)  # (B, z, T, h, w)
+        if "video_latents" in batch:  # from a feature cache: no pixels
+            latents = batch["video_latents"]  # (B, z, T, h, w)
+            size = [n * self.vae.spatial_compression for n in latents.shape[-2:]]
+        else:
+            video = batch["video"]  # (B, 3, F, H, W)
+            self._check_video(*video.shape[2:])
+            size = video.shape[-2:]
+            latents = self.vae.encode(video)  # (B, z, T, h, w)
+        self._check_references(batch["references"], *size)
         cond = self.encode_conditions(batch, drops)
         noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
         sigmas = self.flow.sample_sigmas(latents.shape[0], latents.device, generator)  # (B,)
@@ -304,7 +330,14 @@ class BindWeave(L.LightningModule):
         return [name + "." for name, m in self.named_modules() if isinstance(m, FrozenEncoder) and name]
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Drop the frozen encoders' weights: checkpoints hold what training changes."""
+        """Drop the frozen encoders' weights: checkpoints hold what training changes.
+
+        Sharded (distributed) checkpoints keep them: torch.distributed.checkpoint loads into the
+        model's full state dict and has no partial load through Lightning; each rank stores only
+        its shard of them."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if getattr(strategy, "_save_distributed_checkpoint", False):
+            return
         prefixes = tuple(self._frozen_prefixes())
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith(prefixes)]:
@@ -312,7 +345,7 @@ class BindWeave(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Fail loudly if a trainable weight is missing (strict_loading is off only for frozen ones)."""
-        if self.dit is None:
+        if self.dit is None or "state_dict" not in checkpoint:  # sharded checkpoints load the model separately
             return
         prefixes = tuple(self._frozen_prefixes())
         expected = {k for k in self.state_dict() if not k.startswith(prefixes)}

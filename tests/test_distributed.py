@@ -176,3 +176,57 @@ def test_sequence_and_cfg_parallel_equal_one_process(tmp_path):
     torch.testing.assert_close(result["sp_out"], expected.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(result["sp_grad"], x.grad, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(result["cfg_out"], expected.detach(), rtol=1e-5, atol=1e-5)
+
+
+def _checkpoint_worker(rank: int, world: int, port: int, ckpt_dir: str, out: str, resume: bool) -> None:
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.strategies import ModelParallelStrategy
+    from torch.utils.data import DataLoader
+
+    from bindweave.module import ParallelismConfig
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank), NODE_RANK="0")
+    torch.set_num_threads(1)
+    from functools import partial
+
+    from bindweave.dit import WanDiT
+    from bindweave.module import BindWeave
+    from conditioners import IdentityConditioner, MultiReferenceConditioner, RelationalConditioner
+    from encoders import WanVAE
+    from tests.helpers import TINY_DIT
+
+    torch.manual_seed(rank + (10 if resume else 0))  # different init: the checkpoint must overwrite it
+    module = BindWeave(dit=partial(WanDiT, **TINY_DIT), vae=WanVAE.tiny, relational=RelationalConditioner.tiny(),
+                       identity=IdentityConditioner.tiny(), multi_reference=MultiReferenceConditioner.tiny(),
+                       optimizer=partial(torch.optim.AdamW, lr=LR), parallelism=ParallelismConfig(fsdp_param_dtype=None))
+    strategy = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1, save_distributed_checkpoint=True)
+    saver = ModelCheckpoint(dirpath=ckpt_dir, save_last=True)
+    trainer = L.Trainer(accelerator="cpu", devices=world, strategy=strategy, max_steps=1,
+                        logger=False, callbacks=[saver], enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0)
+    loader = DataLoader(dataset(), batch_size=1, collate_fn=collate)
+    if resume:
+        # max_steps=1 was reached by the saved run: fit restores everything and trains no further.
+        trainer.fit(module, loader, ckpt_path=os.path.join(ckpt_dir, "last.ckpt"))
+        state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in module.dit.state_dict().items()}
+        torch.save({"dit": state, "step": trainer.global_step}, out)
+        return
+    trainer.fit(module, loader)
+    state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in module.dit.state_dict().items()}
+    if rank == 0:
+        torch.save({"dit": state}, out)
+
+
+def test_sharded_checkpoint_resumes_at_another_world_size(tmp_path):
+    ckpt_dir, saved, restored = str(tmp_path / "ckpt"), str(tmp_path / "saved.pt"), str(tmp_path / "restored.pt")
+    mp.start_processes(_checkpoint_worker, args=(2, _free_port(), ckpt_dir, saved, False), nprocs=2, join=True,
+                       start_method="spawn")
+    assert os.path.isdir(os.path.join(ckpt_dir, "last.ckpt"))  # a distributed (sharded) checkpoint folder
+    mp.start_processes(_checkpoint_worker, args=(1, _free_port(), ckpt_dir, restored, True), nprocs=1, join=True,
+                       start_method="spawn")
+    before, after = torch.load(saved, weights_only=True), torch.load(restored, weights_only=True)
+    assert after["step"] == 1
+    for key, value in before["dit"].items():
+        torch.testing.assert_close(after["dit"][key], value, msg=key)
