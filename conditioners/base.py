@@ -86,6 +86,18 @@ class Conditioner(nn.Module):
         stores, so training from the cache never loads the encoders). Default: none."""
         return {}
 
+    def cached_state(self) -> dict[str, torch.Tensor]:
+        """What a feature cache records, besides per-sample features, to build this (built)
+        conditioner again without its encoders: encoder widths, null-condition features.
+        Default: nothing."""
+        return {}
+
+    def build_cached(self, vae: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        """Build for training from cached features: the trainable parts only, from the
+        :meth:`cached_state` a feature cache recorded; ``vae`` stands in for the VAE (its sizes).
+        Default: :meth:`build` (right for conditioners whose build loads no encoder)."""
+        self.build(vae)
+
     def condition(
         self, batch: dict, features: dict[str, torch.Tensor], drop: list[bool] | None = None
     ) -> Conditioning:

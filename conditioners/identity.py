@@ -37,12 +37,20 @@ class IdentityConditioner(Conditioner):
         self.image_encoder_factory = image_encoder
         self.branch = branch
         self.image_encoder: CLIPVisionEncoder | None = None
+        self.width: int | None = None
 
     def build(self, vae: nn.Module) -> None:
         self.image_encoder = self.image_encoder_factory()
+        self.width = self.image_encoder.hidden_size
+
+    def cached_state(self) -> dict[str, torch.Tensor]:
+        return {"width": torch.tensor(self.width)}
+
+    def build_cached(self, vae: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        self.width = int(state["width"])
 
     def spec(self) -> ConditionerSpec:
-        return ConditionerSpec(branches={self.branch: self.image_encoder.hidden_size})
+        return ConditionerSpec(branches={self.branch: self.width})
 
     @torch.no_grad()
     def encode(self, batch: dict) -> dict[str, torch.Tensor]:

@@ -72,23 +72,45 @@ class RelationalConditioner(Conditioner):
         self.mllm: MLLMEncoder | None = None
         self.connector: nn.Sequential | None = None
         self.null_features: dict[str, torch.Tensor] | None = None
+        self.width: int | None = None
 
     def build(self, vae: nn.Module) -> None:
         """Build the encoders and the connector, whose sizes come from the encoders' configs."""
         text_encoder = self.text_encoder_factory()
-        if self.mllm_factory is not None:
-            mllm = self.mllm_factory()
-            width = text_encoder.hidden_size
-            self.connector = nn.Sequential(
-                nn.Linear(mllm.hidden_size, width), nn.GELU(approximate="tanh"), nn.Linear(width, width)
-            )
-            nn.init.zeros_(self.connector[2].weight)
-            nn.init.zeros_(self.connector[2].bias)
-            self.mllm = mllm
+        mllm = self.mllm_factory() if self.mllm_factory is not None else None
+        self._build_connector(text_encoder.hidden_size, mllm.hidden_size if mllm is not None else None)
+        self.mllm = mllm
         self.text_encoder = text_encoder
 
+    def _build_connector(self, width: int, mllm_width: int | None) -> None:
+        self.width = width
+        if mllm_width is not None:
+            self.connector = nn.Sequential(nn.Linear(mllm_width, width), nn.GELU(approximate="tanh"), nn.Linear(width, width))
+            nn.init.zeros_(self.connector[2].weight)
+            nn.init.zeros_(self.connector[2].bias)
+
+    def cached_state(self) -> dict[str, torch.Tensor]:
+        """The T5 (and MLLM) widths and the null condition's features."""
+        state = {"width": torch.tensor(self.width)}
+        if self.connector is not None:
+            state["mllm_width"] = torch.tensor(self.connector[0].in_features)
+        state.update({f"null.{key}": value for key, value in self._null().items()})
+        return state
+
+    def build_cached(self, vae: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        """The connector only (no encoder); the null condition comes from the cache."""
+        mllm_width = int(state["mllm_width"]) if "mllm_width" in state else None
+        if (mllm_width is None) != (self.mllm_factory is None):
+            raise ValueError(
+                f"The feature cache was made {'without' if mllm_width is None else 'with'} an MLLM but this "
+                f"RelationalConditioner has {'one' if self.mllm_factory is not None else 'none'}; re-run "
+                f"`bindweave data cache` with this model config."
+            )
+        self._build_connector(int(state["width"]), mllm_width)
+        self.set_null_features({key[5:]: value for key, value in state.items() if key.startswith("null.")})
+
     def spec(self) -> ConditionerSpec:
-        return ConditionerSpec(branches={self.branch: self.text_encoder.hidden_size})
+        return ConditionerSpec(branches={self.branch: self.width})
 
     @torch.no_grad()
     def encode(self, batch: dict) -> dict[str, torch.Tensor]:
