@@ -1,0 +1,251 @@
+"""BindWeavePipeline: a prompt and 1–4 reference images in, a video out, in one call.
+
+    pipe = BindWeavePipeline.from_checkpoint("outputs/tiny/checkpoints/last.ckpt")
+    video = pipe("the red circle moves left", references=["red_circle.png"], seed=0)
+    video.save("red.mp4")
+
+The pipeline wraps a built :class:`~bindweave.module.BindWeave` and its sampling settings; the
+sampling itself is :func:`bindweave.sampling.sample_videos`, the same code ``bindweave predict``
+runs. Memory options (see ``SamplingConfig``): ``offload_encoders`` keeps the frozen encoders on the
+CPU except while they run, ``vae_tiling``/``vae_slicing`` bound the decoder's activations, and
+``dtype="bfloat16"`` stores the DiT and connector in bf16 (the encoders keep their configured dtype).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import torch
+import yaml
+from PIL import Image
+
+from bindweave.module import BindWeave
+from bindweave.requests import load_reference
+from bindweave.sampling import SamplingConfig, frozen_encoders, references_uint8
+from bindweave.video_io import write_video
+from callbacks.video_writer import contact_sheet, png_bytes, write_atomic, write_outputs
+from encoders.base import FrozenEncoder, resolve_dtype
+
+
+@dataclass
+class GeneratedVideo:
+    """One generated video and what reproduces it.
+
+    Attributes:
+        frames: (F, H, W, 3) uint8.
+        references: (N, H, W, 3) uint8, the references as the model saw them (fitted to the size).
+        request: prompt, reference paths, seed and size (a line for a predict requests JSONL).
+        sampling: the sampling settings used.
+        seconds: wall time of the call.
+    """
+
+    frames: torch.Tensor
+    references: torch.Tensor
+    request: dict
+    sampling: SamplingConfig
+    seconds: float
+
+    def save(self, path: str | Path, fps: int = 16) -> Path:
+        """Write the video as an H.264 mp4 (atomically)."""
+        return write_video(path, self.frames, fps=fps)
+
+    def save_contact_sheet(self, path: str | Path, max_frames: int = 8) -> Path:
+        """Write references and evenly spaced frames side by side as a PNG (atomically)."""
+        return write_atomic(Path(path), png_bytes(contact_sheet(self.frames, self.references, max_frames)))
+
+    def save_all(self, output_dir: str | Path, name: str, fps: int = 16) -> Path:
+        """``<name>.mp4``, ``<name>.png`` and ``<name>.json``, as ``bindweave predict`` writes them."""
+        record = {"id": name, "request": self.request, "sampling": asdict(self.sampling), "seconds": self.seconds}
+        return write_outputs(Path(output_dir), name, self.frames, self.references, record, fps)
+
+
+class BindWeavePipeline:
+    """Generate subject-consistent videos with a trained BindWeave.
+
+    Args:
+        module: the model; built here if ``configure_model`` has not run.
+        sampling: sampling settings (default: a copy of the model's ``sampling``); any field can be
+            overridden per call.
+    """
+
+    def __init__(self, module: BindWeave, sampling: SamplingConfig | None = None) -> None:
+        if module.dit is None:
+            module.configure_model()
+        self.module = module.eval()
+        self.sampling = replace(sampling or module.sampling)
+
+    # -- loading -------------------------------------------------------------------------------
+
+    @classmethod
+    def from_checkpoint(
+        cls, checkpoint: str | Path, config: str | Path | dict | None = None, device: str | torch.device = "cpu",
+        dtype: str | torch.dtype | None = None, **sampling,
+    ) -> "BindWeavePipeline":
+        """Load a Lightning checkpoint written by ``bindweave fit``.
+
+        Args:
+            checkpoint: the ``.ckpt`` file.
+            config: the model config (a YAML file with a ``model:`` section, or that section as a
+                dict); default: the one stored in the checkpoint.
+            device: where the model runs.
+            dtype: dtype of the DiT and connector weights (e.g. ``"bfloat16"``); default: as trained.
+            **sampling: ``SamplingConfig`` fields overriding the model's (e.g. ``num_steps=30``).
+        """
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise ValueError(f"Checkpoint {str(path)!r} does not exist; pass the path of a .ckpt written by `bindweave fit`.")
+        module = _load_checkpoint(path, config)
+        return cls(module, replace(module.sampling, **sampling)).to(device, dtype)
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
+        model_overrides: dict | None = None, **sampling,
+    ) -> "BindWeavePipeline":
+        """Load a folder written by :func:`bindweave.export.save_pretrained` (safetensors + config).
+
+        Args:
+            directory: the export folder.
+            device: where the model runs.
+            dtype: dtype of the DiT and connector weights; default: as stored.
+            model_overrides: entries replacing those of its config's ``model:`` section (e.g.
+                encoder paths on this machine).
+            **sampling: ``SamplingConfig`` fields overriding the model's.
+        """
+        from bindweave.export import load_pretrained
+
+        module = load_pretrained(directory, model_overrides=model_overrides)
+        return cls(module, replace(module.sampling, **sampling)).to(device, dtype)
+
+    # -- placement -----------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        """The device the DiT runs on (encoders follow it while they run)."""
+        return self.module.dit.patch_embedding.weight.device
+
+    def to(self, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> "BindWeavePipeline":
+        """Move the model to ``device`` and cast the DiT and connector to ``dtype`` (frozen encoders
+        keep their configured dtype). With ``offload_encoders`` the encoders stay on the CPU."""
+        if isinstance(dtype, str):
+            dtype = resolve_dtype(dtype)
+        if dtype is not None:
+            self.module.to(dtype=dtype)
+        if device is not None:
+            device = torch.device(device)
+            if self.sampling.offload_encoders:
+                _move_trainable(self.module, device)
+            else:
+                self.module.to(device)
+        return self
+
+    # -- generation ----------------------------------------------------------------------------
+
+    def __call__(
+        self,
+        prompt: str,
+        references: list[str | Path | Image.Image] | str | Path | Image.Image = (),
+        seed: int = 0,
+        num_frames: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        progress: bool = True,
+        **sampling,
+    ) -> GeneratedVideo:
+        """Generate one video.
+
+        Args:
+            prompt: what happens in the video.
+            references: 0–4 reference images (paths or PIL images), fitted into the video size.
+            seed: noise seed; the same seed gives the same video on the same device.
+            num_frames: frames (1 + 4k); default ``sampling.num_frames``.
+            height: pixels, a multiple of the VAE stride × DiT patch; default ``sampling.height``.
+            width: pixels, likewise; default ``sampling.width``.
+            progress: show a progress bar over the denoising steps.
+            **sampling: ``SamplingConfig`` fields for this call (``num_steps``, ``guidance_scale``,
+                ``shift``, ``sampler``, memory options).
+        """
+        unknown = set(sampling) - {f.name for f in fields(SamplingConfig)}
+        if unknown:
+            raise TypeError(f"Unknown sampling option(s) {sorted(unknown)}; use fields of SamplingConfig.")
+        config = replace(self.sampling, **sampling)
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError("The prompt is empty; describe the video (e.g. 'the red circle moves left').")
+        num_frames = num_frames or config.num_frames
+        height, width = height or config.height, width or config.width
+        self.module._check_video(num_frames, height, width)
+        if isinstance(references, (str, Path, Image.Image)):
+            references = [references]
+        images = []
+        for i, reference in enumerate(references):
+            try:
+                images.append(load_reference(reference, height, width))  # (3, H, W)
+            except ValueError as error:
+                raise ValueError(f"Reference {i}: {error}") from None
+        refs = torch.stack(images) if images else torch.zeros(0, 3, height, width)
+        batch = {
+            "prompt": [prompt], "references": refs[None].to(self.device), "num_references": [len(images)],
+            "seed": [int(seed)], "num_frames": [num_frames], "height": [height], "width": [width],
+        }
+        start = time.perf_counter()
+        frames = self.module.generate(batch, config, progress=progress)[0]  # (F, H, W, 3)
+        request = {
+            "prompt": prompt,
+            "references": [str(Path(r).resolve()) if isinstance(r, (str, Path)) else "<PIL image>" for r in references],
+            "seed": int(seed), "num_frames": num_frames, "height": height, "width": width,
+        }
+        return GeneratedVideo(frames, references_uint8(batch["references"])[0], request, config,
+                              time.perf_counter() - start)
+
+
+def _move_trainable(module: torch.nn.Module, device: torch.device) -> None:
+    """Move every parameter and buffer outside the frozen encoders to ``device``."""
+    encoders = frozen_encoders(module)
+
+    def visit(m: torch.nn.Module) -> None:
+        if isinstance(m, FrozenEncoder):
+            return
+        m._apply(lambda t: t.to(device), recurse=False)
+        for child in m.children():
+            visit(child)
+
+    visit(module)
+    for encoder in encoders:
+        encoder.to("cpu")
+
+
+def _load_checkpoint(path: Path, config: str | Path | dict | None) -> BindWeave:
+    """A built BindWeave with the checkpoint's weights, from the checkpoint's config or ``config``."""
+    if config is None:
+        try:
+            return BindWeave.load_from_checkpoint(path, map_location="cpu")
+        except TypeError as error:
+            raise ValueError(
+                f"{path} holds no model config ({error}): it was saved from a model built in Python. Pass "
+                f"config= (the YAML it was trained with, e.g. configs/tiny.yaml)."
+            ) from None
+    from lightning.pytorch.cli import instantiate_module
+
+    source = config if isinstance(config, dict) else yaml.safe_load(Path(config).read_text())
+    model_config = source.get("model", source) if isinstance(source, dict) else None
+    if not isinstance(model_config, dict):
+        raise ValueError(f"Config {config!r} has no `model:` section.")
+    module = instantiate_module(BindWeave, model_config)
+    module.configure_model()
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    state = checkpoint.get("state_dict", checkpoint)
+    hint = (f"Checkpoint {str(path)!r} does not match the config {str(config) if not isinstance(config, dict) else 'given'}: "
+            f"{{}}. Use the config it was trained with, or leave config out to use the one stored in the checkpoint.")
+    try:
+        module.on_load_checkpoint({"state_dict": state})
+        frozen = tuple(module._frozen_prefixes())
+        result = module.load_state_dict(state, strict=False)
+    except (ValueError, RuntimeError) as error:
+        first = str(error).strip().splitlines()
+        raise ValueError(hint.format(" ".join(line.strip() for line in first[:3]))) from None
+    unexpected = [k for k in result.unexpected_keys if not k.startswith(frozen)]
+    if unexpected:
+        raise ValueError(hint.format(f"the model has no weights {unexpected[:5]}"))
+    return module
