@@ -1,0 +1,203 @@
+"""Exports (safetensors + config.yaml), the released BindWeave layout, and ``bindweave weights``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from diffusers import WanTransformer3DModel
+
+from bindweave.bindweave_official import load_release
+from bindweave.convert import bindweave_to_diffusers, diffusers_config_for
+from bindweave.export import export_checkpoint, load_pretrained, save_pretrained, trainable_state_dict
+from bindweave.loading import WeightsError, save_sharded
+from bindweave.wan_official import bindweave_to_wan, diffusers_vae_to_wan, open_clip_to_wan_clip, \
+    transformers_t5_to_wan, wan_config_for
+from bindweave.weights_cli import check_folder, format_report, main
+
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_config() -> dict:
+    """The ``model:`` section of configs/tiny.yaml: a model built from a config, as the CLI does."""
+    return yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())["model"]
+
+
+def build(config: dict):
+    """A BindWeave built from a config, with its hyperparameters set as LightningCLI sets them."""
+    from lightning.pytorch.cli import instantiate_module
+    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters_context
+
+    from bindweave.module import BindWeave
+
+    with _given_hyperparameters_context(hparams=config, instantiator="lightning.pytorch.cli.instantiate_module"):
+        module = instantiate_module(BindWeave, config)
+    module.configure_model()
+    return module
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_config):
+    """A built tiny BindWeave whose DiT and connector are 'trained' (random, non-zero)."""
+    module = build(tiny_config)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.1)
+    return module.eval()
+
+
+def dit_output(module) -> torch.Tensor:
+    torch.manual_seed(3)
+    dit = module.dit
+    x = torch.randn(1, dit.in_channels, 2, 4, 4)
+    context = {name: torch.randn(1, 5, b.context_dim) for name, b in dit.branches.items()}
+    with torch.no_grad():
+        return dit(x.to(dit.patch_embedding.weight.dtype), torch.tensor([500.0]), context).float()
+
+
+def test_save_and_load_pretrained(trained, tmp_path):
+    save_pretrained(trained, tmp_path, max_shard_bytes=40_000)
+    assert (tmp_path / "model.safetensors.index.json").is_file() and not list(tmp_path.glob("*.ckpt"))
+    config = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert config["model"]["dit"]["class_path"] == "bindweave.dit.WanDiT"
+    loaded = load_pretrained(tmp_path)
+    expected = trainable_state_dict(trained)
+    actual = trainable_state_dict(loaded)
+    assert set(actual) == set(expected) and any(k.startswith("conditioners.relational.connector") for k in actual)
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0)
+    torch.testing.assert_close(dit_output(loaded), dit_output(trained))
+    assert load_pretrained(tmp_path, dtype="bfloat16").dit.patch_embedding.weight.dtype == torch.bfloat16
+
+
+def test_save_pretrained_needs_a_config_for_python_built_models(tmp_path):
+    from helpers import tiny_module
+
+    with pytest.raises(ValueError, match="built in Python"):
+        save_pretrained(tiny_module(), tmp_path)
+
+
+def test_export_from_lightning_checkpoint_and_cli(trained, tiny_config, tmp_path):
+    checkpoint = {"state_dict": trainable_state_dict(trained),
+                  "hyper_parameters": {**tiny_config, "_instantiator": "lightning.pytorch.cli.instantiate_module"}}
+    torch.save(checkpoint, tmp_path / "last.ckpt")
+    main(["export", str(tmp_path / "last.ckpt"), str(tmp_path / "out")])
+    loaded = load_pretrained(tmp_path / "out")
+    torch.testing.assert_close(dit_output(loaded), dit_output(trained))
+    # A checkpoint with something other than weights in it is refused, not unpickled.
+    torch.save({**checkpoint, "callback": Path("/")}, tmp_path / "odd.ckpt")
+    with pytest.raises(WeightsError, match="weights_only=True"):
+        export_checkpoint(tmp_path / "odd.ckpt", tmp_path / "odd")
+
+
+def test_load_pretrained_is_strict(trained, tmp_path):
+    state = trainable_state_dict(trained)
+    save_pretrained(trained, tmp_path)
+    del state["conditioners.relational.connector.2.bias"]
+    save_sharded(state, tmp_path, "model")
+    with pytest.raises(WeightsError, match=r"missing \['conditioners.relational.connector.2.bias'\]"):
+        load_pretrained(tmp_path)
+    state = trainable_state_dict(trained)
+    state["dit.head.proj.weight"] = torch.zeros(3, 3)
+    save_sharded(state, tmp_path, "model")
+    with pytest.raises(WeightsError, match=r"model.safetensors: head.proj.weight|dit.head.proj.weight has shape \(3, 3\)"):
+        load_pretrained(tmp_path)
+
+
+def test_released_bindweave_layout_maps_to_dit_and_connector(trained, tiny_config, tmp_path):
+    """A tiny state dict with the release's key names (diffusers DiT + text_projector + norm_added_q)."""
+    dit, connector = trained.dit, trained.conditioners["relational"].connector
+    release = bindweave_to_diffusers(dit.state_dict())
+    release.update({f"blocks.{i}.attn2.norm_added_q.weight": torch.ones(dit.dim) for i in range(len(dit.blocks))})
+    release.update({"condition_embedder.text_projector.linear_1.weight": connector[0].weight,
+                    "condition_embedder.text_projector.linear_1.bias": connector[0].bias,
+                    "condition_embedder.text_projector.linear_2.weight": connector[2].weight,
+                    "condition_embedder.text_projector.linear_2.bias": connector[2].bias})
+    save_sharded(release, tmp_path, "diffusion_pytorch_model", max_shard_bytes=50_000)
+    target = build(tiny_config)
+    dit_report, connector_report = load_release(target, tmp_path)
+    assert len(connector_report.loaded) == 4 and len(dit_report.ignored) == len(dit.blocks) + 4
+    torch.testing.assert_close(target.conditioners["relational"].connector[2].weight, connector[2].weight)
+    reference = WanTransformer3DModel(**diffusers_config_for(dit)).eval()  # the release's own implementation
+    reference.load_state_dict({k: v for k, v in release.items() if "text_projector" not in k and "norm_added_q" not in k})
+    torch.manual_seed(0)
+    x, t = torch.randn(1, dit.in_channels, 2, 4, 4), torch.tensor([300.0])
+    text, image = torch.randn(1, 512, 32), torch.randn(1, 257, 32)
+    with torch.no_grad():
+        expected = reference(x, t, text, encoder_hidden_states_image=image, return_dict=False)[0]
+        torch.testing.assert_close(target.dit(x, t, {"text": text, "image": image}), expected, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# bindweave weights check
+# ---------------------------------------------------------------------------------------------
+
+
+def _official_folder(trained, folder: Path) -> Path:
+    """A tiny official Wan2.1 layout: DiT shards + config.json, the VAE/T5/CLIP .pth and the tokenizer."""
+    import open_clip  # noqa: F401
+    from open_clip.model import _build_vision_tower
+
+    from encoders import T5TextEncoder, WanVAE
+
+    dit = trained.dit
+    save_sharded(bindweave_to_wan(dit.state_dict()), folder, "diffusion_pytorch_model", max_shard_bytes=40_000)
+    (folder / "config.json").write_text(json.dumps(wan_config_for(dit)))
+    torch.save(diffusers_vae_to_wan(WanVAE.tiny().vae.state_dict()), folder / "Wan2.1_VAE.pth")
+    t5 = T5TextEncoder.tiny()
+    torch.save(transformers_t5_to_wan(t5.model.state_dict()), folder / "models_t5_umt5-xxl-enc-bf16.pth")
+    t5.tokenizer.save_pretrained(folder / "google" / "umt5-xxl")
+    visual = _build_vision_tower(16, {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8})
+    torch.save(open_clip_to_wan_clip(visual.state_dict()), folder / "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth")
+    return folder
+
+
+def test_check_official_folder(trained, tmp_path):
+    folder = _official_folder(trained, tmp_path / "Wan2.1-tiny")
+    report = check_folder(tmp_path)
+    kinds = {c.kind: c for c in report.components}
+    assert set(kinds) == {"dit", "vae", "t5", "clip"}, format_report(report)
+    assert all(not c.problems for c in report.components), format_report(report)
+    assert kinds["dit"].format == "wan" and kinds["dit"].details["in_channels"] == 12
+    assert kinds["dit"].details["shards"] > 1
+    needs = report.presets["wan2.1-i2v-14b"]
+    assert len(needs) == 1 and "dim 64, 2 layers (needs dim 5120, 40 layers)" in needs[0]  # tiny DiT, wrong size
+    assert "Qwen/Qwen2.5-VL-7B-Instruct" in report.presets["mllm/qwen2.5-vl-7b"][0]
+    # A missing shard and a missing tokenizer are named.
+    sorted(folder.glob("diffusion_pytorch_model-*.safetensors"))[0].unlink()
+    for file in (folder / "google" / "umt5-xxl").iterdir():
+        file.unlink()
+    text = format_report(check_folder(folder))
+    assert "diffusion_pytorch_model-00001-of-" in text and "missing" in text
+    assert "umt5-xxl: tokenizer folder missing" in text
+    assert "DiT (Wan-AI/Wan2.1-I2V-14B-480P" in text and "VAE" not in text.split("wan2.1-i2v-14b")[1].split("\n  w")[0]
+
+
+def test_check_diffusers_and_export_folders(trained, tmp_path):
+    diffusers_dir = tmp_path / "diffusers"
+    model = WanTransformer3DModel(**diffusers_config_for(trained.dit))
+    model.load_state_dict(bindweave_to_diffusers(trained.dit.state_dict()))
+    model.save_pretrained(diffusers_dir / "transformer")
+    trained.vae.vae.save_pretrained(diffusers_dir / "vae")
+    save_pretrained(trained, tmp_path / "export")
+    report = check_folder(tmp_path)
+    found = {(c.kind, c.format) for c in report.components}
+    assert {("dit", "diffusers"), ("vae", "diffusers"), ("export", "bindweave")} <= found, format_report(report)
+
+
+def test_weights_cli_as_a_user_runs_it(tmp_path, capsys):
+    result = subprocess.run([sys.executable, "-m", "bindweave.cli", "weights", "check", str(tmp_path), "--json"],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["components"] == []
+    with pytest.raises(SystemExit) as exit_:
+        main(["export", str(tmp_path / "no.ckpt"), str(tmp_path / "out")])
+    assert exit_.value.code == 1 and "no.ckpt" in capsys.readouterr().err
