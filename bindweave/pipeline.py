@@ -14,6 +14,7 @@ CPU except while they run, ``vae_tiling``/``vae_slicing`` bound the decoder's ac
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -220,7 +221,9 @@ def _load_checkpoint(path: Path, config: str | Path | dict | None) -> BindWeave:
     """A built BindWeave with the checkpoint's weights, from the checkpoint's config or ``config``."""
     if config is None:
         try:
-            return BindWeave.load_from_checkpoint(path, map_location="cpu")
+            with warnings.catch_warnings():  # frozen encoders are never in checkpoints, by design
+                warnings.filterwarnings("ignore", message="Found keys that are in the model state dict")
+                return BindWeave.load_from_checkpoint(path, map_location="cpu")
         except TypeError as error:
             raise ValueError(
                 f"{path} holds no model config ({error}): it was saved from a model built in Python. Pass "

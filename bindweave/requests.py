@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -212,7 +213,7 @@ class RequestDataset(Dataset):
         refs = torch.stack(references) if references else torch.zeros(0, 3, entry.height, entry.width)
         return {
             "id": entry.id, "prompt": entry.prompt, "references": refs,  # (n, 3, H, W) in [-1, 1]
-            "reference_paths": list(entry.references), "seed": entry.seed,
+            "reference_paths": list(entry.references), "seed": entry.seed, "where": entry.where,
             "num_frames": entry.num_frames, "height": entry.height, "width": entry.width,
         }
 
@@ -310,6 +311,8 @@ class RequestDataModule(L.LightningDataModule):
         return dataset
 
     def predict_dataloader(self) -> DataLoader:
+        # SizeBatchSampler yields every index: Lightning's drop_last caveat for custom samplers does not apply.
+        warnings.filterwarnings("ignore", message="You are using a custom batch sampler")
         self.dataset = self.build_dataset()
         return DataLoader(
             self.dataset,

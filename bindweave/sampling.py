@@ -13,8 +13,9 @@
 3. **Decoding.** The VAE decodes the video latent, optionally tiled or one video at a time.
 
 Noise is drawn per request from its own seed, so a request's video does not depend on what it was
-batched with. Memory options (``SamplingConfig.offload_encoders``, ``vae_tiling``, ``vae_slicing``)
-change peak memory, never the result (tiling aside, which blends overlapping tiles).
+batched with. Memory options change peak memory, not the video: ``offload_encoders`` gives identical
+frames, ``vae_slicing`` frames within 1/255 (a batch of one convolves with other rounding),
+``vae_tiling`` blends overlapping tiles, so pixels near tile seams differ slightly.
 """
 
 from __future__ import annotations
@@ -31,12 +32,16 @@ from tqdm.auto import tqdm
 
 from bindweave.flow import NUM_TRAIN_TIMESTEPS
 from conditioners.base import merge, stack_batches
+from conditioners.identity import IdentityConditioner
+from conditioners.multi_reference import MultiReferenceConditioner
 from encoders.base import FrozenEncoder
 
 if TYPE_CHECKING:
     from bindweave.module import BindWeave
 
 SAMPLERS = ("euler", "unipc")
+REFERENCE_CONDITIONERS = (IdentityConditioner, MultiReferenceConditioner)
+"""Conditioners that need at least one reference image per request."""
 
 
 @dataclass
@@ -56,7 +61,7 @@ class SamplingConfig:
             to the DiT's device only while it runs: the GPU holds the DiT alone while denoising.
         vae_tiling: decode in overlapping spatial tiles (diffusers' ``AutoencoderKLWan`` tiling;
             blends tile seams, so pixels differ slightly from untiled decoding).
-        vae_slicing: decode the videos of a batch one at a time.
+        vae_slicing: decode the videos of a batch one at a time (equal up to 1/255 rounding).
     """
 
     num_steps: int = 50
@@ -176,6 +181,13 @@ def sample_videos(
     width = request_size(batch, "width", config.width)
     module._check_video(num_frames, height, width)
     module._check_references(batch["references"], height, width)
+    if not min(int(n) for n in batch["num_references"]):
+        readers = [c for c in module.conditioners.values() if isinstance(c, REFERENCE_CONDITIONERS)]
+        if readers:
+            most = min([c.max_references for c in readers if isinstance(c, MultiReferenceConditioner)] or [4])
+            names = ", ".join(type(c).__name__ for c in readers)
+            raise ValueError(f"A request has no reference image, but this model conditions on them ({names}); "
+                             f"give 1 to {most} reference images.")
     dit, vae = module.dit, module.vae
     device = dit.patch_embedding.weight.device
     encoders = frozen_encoders(module)
@@ -320,7 +332,8 @@ def predict_batch(module: "BindWeave", batch: dict, batch_idx: int, config: Samp
                 pending = [[i] for i in indices] + pending
                 continue
             i = indices[0]
-            failed.append({"id": ids[i], "error": f"request {ids[i]!r}: {error}", "request": records[i]})
+            where = f" ({batch['where'][i]})" if "where" in batch else ""
+            failed.append({"id": ids[i], "error": f"request {ids[i]!r}{where}: {error}", "request": records[i]})
             continue
         seconds = (time.perf_counter() - start) / len(indices)
         for j, i in enumerate(indices):

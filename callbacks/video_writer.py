@@ -167,7 +167,7 @@ class VideoWriter(BasePredictionWriter):
         dit = getattr(pl_module, "dit", None)
         hparams = {k: v for k, v in dict(getattr(pl_module, "hparams", {})).items() if not k.startswith("_")}
         return {
-            "checkpoint": str(trainer.ckpt_path) if trainer.ckpt_path else None,
+            "checkpoint": str(Path(trainer.ckpt_path).resolve()) if trainer.ckpt_path else None,
             "model_config": hparams,
             "environment": {
                 "torch": torch.__version__, "lightning": lightning.__version__,
@@ -195,7 +195,7 @@ class VideoWriter(BasePredictionWriter):
             path = write_outputs(self.output_dir, sample_id, frames, references, record, self.fps, self.sheet_frames)
             self.rows.append({
                 "id": sample_id, "status": "done", "video": "x".join(str(s) for s in frames.shape[:3]),
-                "seconds": f"{seconds:.1f}" if seconds is not None else "", "output": str(path),
+                "seconds": f"{seconds:.1f}" if seconds is not None else "", "output": path.name,
             })
         for failure in prediction.get("failed", []):
             log.warning("Predict: %s", failure["error"])

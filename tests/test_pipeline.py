@@ -1,0 +1,190 @@
+"""BindWeavePipeline and the samplers: shapes, seeds, schedulers, memory options, loading, bad input."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+import yaml
+
+from bindweave.flow import euler_sigmas, euler_step
+from bindweave.pipeline import BindWeavePipeline
+from bindweave.sampling import make_scheduler, sample_videos
+from bindweave.video_io import read_video
+from tests.helpers import synthetic_batch, tiny_module
+from tests.pipeline_helpers import cli_module, draw_reference, tiny_model_config, write_checkpoint
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    module = cli_module(tiny_model_config(num_steps=2))
+    return {
+        "module": module,
+        "checkpoint": write_checkpoint(module, root / "tiny.ckpt"),
+        "red": draw_reference(root / "red.png", (220, 40, 40)),
+        "blue": draw_reference(root / "blue.png", (40, 80, 220), "square"),
+        "root": root,
+    }
+
+
+@pytest.fixture(scope="module")
+def pipe(files):
+    return BindWeavePipeline.from_checkpoint(files["checkpoint"])
+
+
+def test_call_returns_frames_and_is_reproducible_per_seed(pipe, files, tmp_path):
+    video = pipe("the red circle moves left", references=[files["red"], files["blue"]], seed=3, progress=False)
+    assert video.frames.shape == (5, 32, 32, 3) and video.frames.dtype == torch.uint8
+    assert video.references.shape == (2, 32, 32, 3)
+    # The RGBA reference was composited on white and fitted into the frame, red in the middle.
+    assert video.references[0, 0, 0].tolist() == [255, 255, 255] and video.references[0, 16, 16, 0] > 200
+    again = pipe("the red circle moves left", references=[files["red"], files["blue"]], seed=3, progress=False)
+    assert torch.equal(video.frames, again.frames)
+    other = pipe("the red circle moves left", references=[files["red"], files["blue"]], seed=4, progress=False)
+    assert not torch.equal(video.frames, other.frames)
+    assert video.request == {"prompt": "the red circle moves left", "references": [str(files["red"]), str(files["blue"])],
+                             "seed": 3, "num_frames": 5, "height": 32, "width": 32}
+    path = video.save(tmp_path / "out" / "red.mp4", fps=8)
+    assert read_video(path).shape == (5, 32, 32, 3) and not list(path.parent.glob(".*"))  # no temp files left
+    video.save_all(tmp_path / "all", "red")
+    assert sorted(p.name for p in (tmp_path / "all").iterdir()) == ["red.json", "red.mp4", "red.png"]
+
+
+def test_euler_through_diffusers_is_bit_identical_to_the_plain_euler_loop():
+    module = tiny_module(num_steps=3, guidance_scale=4.0)
+    torch.nn.init.normal_(module.dit.head.proj.weight, std=0.5)
+    batch = synthetic_batch(size=2, with_video=False)
+    latents = {}
+    decode = module.vae.decode
+    module.vae.decode = lambda x: (latents.setdefault("x", x.clone()), decode(x))[1]
+    sample_videos(module, batch, module.sampling)
+    # The loop this project had before the schedulers: flow.euler_sigmas + flow.euler_step.
+    s = module.sampling
+    features = module.encode_features(batch)
+    parts = [c.condition(batch, features[name]) for name, c in module.conditioners.items()]
+    from conditioners.base import merge, stack_batches
+
+    cond = stack_batches(merge(parts), module._null_conditions(batch, features, parts))
+    context, mask = module._context(cond)
+    context = module.dit.embed_context(context)
+    x = torch.stack([torch.randn(4, 2, 4, 4, generator=torch.Generator().manual_seed(seed)) for seed in batch["seed"]])
+    sigmas = euler_sigmas(s.num_steps, s.shift)
+    with torch.no_grad():
+        for i in range(s.num_steps):
+            dit_in, frame_mask = module.assemble_input(torch.cat([x, x]), cond)
+            v = module.dit(dit_in, (sigmas[i] * 1000).expand(4), context, mask, frame_mask, context_embedded=True)
+            v_c, v_u = v[:, :, :2].float().chunk(2)
+            x = euler_step(x, v_u + s.guidance_scale * (v_c - v_u), sigmas[i], sigmas[i + 1])
+    assert torch.equal(latents["x"], x)
+
+
+@pytest.mark.parametrize("sampler", ["euler", "unipc"])
+def test_samplers_land_on_the_data_under_the_exact_velocity(sampler):
+    """For a single data point x0 the exact flow velocity is (x − x0)/σ; any correct sampler ends at x0."""
+    x0 = torch.randn(1, 4, 2, 4, 4)
+    scheduler = make_scheduler(sampler, num_steps=6, shift=3.0)
+    sigmas = scheduler.sigmas
+    assert sigmas[0] > 0.99 and sigmas[-1] == 0
+    x = torch.randn_like(x0)
+    for i, t in enumerate(scheduler.timesteps):
+        x = scheduler.step((x - x0) / sigmas[i], t, x, return_dict=False)[0]
+    torch.testing.assert_close(x, x0, atol=1e-3, rtol=0)
+    with pytest.raises(ValueError, match="Unknown sampler 'ddim'"):
+        make_scheduler("ddim", 4, 3.0)
+
+
+def test_unipc_sampler_and_memory_options(files):
+    module = files["module"]
+    batch = synthetic_batch(size=2, with_video=False)
+    config = replace(module.sampling, num_steps=2)
+    base = sample_videos(module, batch, config)
+    one = synthetic_batch(size=1, with_video=False)
+    unipc = sample_videos(module, one, replace(config, sampler="unipc"))
+    assert unipc.shape == base[:1].shape and not torch.equal(unipc, sample_videos(module, one, config))
+    # Offloading (trivially, on a CPU) changes memory, not the result; slicing decodes videos one by
+    # one, whose convolutions may round differently from the batched ones: 1/255 at most.
+    assert torch.equal(sample_videos(module, batch, replace(config, offload_encoders=True)), base)
+    sliced = sample_videos(module, batch, replace(config, vae_slicing=True))
+    assert (sliced.int() - base.int()).abs().max() <= 1
+    # Tiling with tiles smaller than the frame: a tiled decode happens, pixels stay close, state is restored.
+    inner = module.vae.vae
+    calls = []
+    tiled_decode = inner.tiled_decode
+    inner.tiled_decode = lambda *a, **k: (calls.append(1), tiled_decode(*a, **k))[1]
+    inner.tile_sample_min_height = inner.tile_sample_min_width = 16
+    inner.tile_sample_stride_height = inner.tile_sample_stride_width = 8
+    try:
+        tiled = sample_videos(module, batch, replace(config, vae_tiling=True))
+    finally:
+        del inner.tiled_decode
+    assert calls and not inner.use_tiling
+    assert (tiled.float() - base.float()).abs().mean() < 20
+    # bf16 DiT weights: runs, and stays close to fp32.
+    half = cli_module(tiny_model_config()).to(torch.bfloat16)
+    assert half.dit.patch_embedding.weight.dtype == torch.bfloat16
+    assert next(half.vae.parameters()).dtype == torch.float32  # frozen encoders keep their dtype
+    assert (sample_videos(half, batch, config).float() - base.float()).abs().mean() < 8
+
+
+def test_encoders_run_once_per_call_whatever_the_steps(pipe, files):
+    calls, dit_calls = [], []
+    relational, identity = pipe.module.conditioners["relational"], pipe.module.conditioners["identity"]
+    handles = [encoder.register_forward_hook(lambda *_: calls.append(1))
+               for encoder in (relational.text_encoder, relational.mllm, identity.image_encoder)]
+    handles.append(pipe.module.dit.register_forward_hook(lambda *_: dit_calls.append(1)))
+    try:
+        pipe("warm up: computes and keeps the null prompt's features", references=files["red"], progress=False)
+        for steps in (2, 5):
+            calls.clear(), dit_calls.clear()
+            pipe("the red circle moves left", references=[files["red"]], num_steps=steps, progress=False)
+            assert len(calls) == 3 and len(dit_calls) == steps  # T5, MLLM, CLIP once; one DiT call per step
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def test_from_pretrained_loads_an_export(files, pipe, tmp_path):
+    from bindweave.export import save_pretrained
+
+    save_pretrained(files["module"], tmp_path / "export")
+    loaded = BindWeavePipeline.from_pretrained(tmp_path / "export", num_steps=2)
+    a = loaded("the blue square moves up", references=[files["blue"]], seed=1, progress=False)
+    b = pipe("the blue square moves up", references=[files["blue"]], seed=1, progress=False)
+    assert torch.equal(a.frames, b.frames)
+
+
+def test_bad_input_is_a_clear_error(pipe, files, tmp_path):
+    with pytest.raises(ValueError, match="prompt is empty"):
+        pipe("  ", references=[files["red"]])
+    with pytest.raises(ValueError, match="Reference 1: reference image '.*nope.png' does not exist"):
+        pipe("x", references=[files["red"], tmp_path / "nope.png"])
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="cannot be read as an image.*PNG or JPEG"):
+        pipe("x", references=[tmp_path / "broken.png"])
+    with pytest.raises(ValueError, match="no reference image.*IdentityConditioner.*give 1 to 4"):
+        pipe("x", progress=False)
+    with pytest.raises(ValueError, match="at most 4; pass fewer references"):
+        pipe("x", references=[files["red"]] * 5, progress=False)
+    with pytest.raises(ValueError, match="multiple of 16.*Use 32"):
+        pipe("x", references=[files["red"]], height=40)
+    with pytest.raises(ValueError, match="1 \\+ 4k.*Use 5 or 9"):
+        pipe("x", references=[files["red"]], num_frames=6)
+    with pytest.raises(TypeError, match="num_stepz"):
+        pipe("x", num_stepz=3)
+    with pytest.raises(ValueError, match="does not exist"):
+        BindWeavePipeline.from_checkpoint(tmp_path / "missing.ckpt")
+    # A checkpoint against another model's config: the mismatch and the fix, not a stack of shapes.
+    config = tiny_model_config()
+    config["dit"]["init_args"]["dim"] = 32
+    config["dit"]["init_args"]["ffn_dim"] = 64
+    (tmp_path / "other.yaml").write_text(yaml.safe_dump({"model": config}))
+    with pytest.raises(ValueError, match="does not match the config .*other.yaml.*config it was trained with"):
+        BindWeavePipeline.from_checkpoint(files["checkpoint"], config=tmp_path / "other.yaml")
+    # A checkpoint without a config (a model built in Python) asks for one.
+    python_built = tiny_module()
+    torch.save({"state_dict": python_built.state_dict(), "hyper_parameters": dict(python_built.hparams),
+                "pytorch-lightning_version": "2.6.0"}, tmp_path / "bare.ckpt")
+    with pytest.raises(ValueError, match="holds no model config.*Pass config="):
+        BindWeavePipeline.from_checkpoint(tmp_path / "bare.ckpt")
+    # ... and loads with the matching config.
+    assert BindWeavePipeline.from_checkpoint(files["checkpoint"], config={"model": tiny_model_config()}).module.dit.dim == 64

@@ -1,0 +1,149 @@
+"""`bindweave predict` over a JSONL of requests: files written, done ids skipped, bad requests survived."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from bindweave.cli import run_cli
+from bindweave.pipeline import BindWeavePipeline
+from bindweave.requests import RequestDataset, SizeBatchSampler, collate_requests, default_id, read_requests
+from bindweave.sampling import predict_batch
+from bindweave.video_io import read_video
+from tests.pipeline_helpers import TINY, cli_module, draw_reference, tiny_model_config, write_checkpoint
+
+
+@pytest.fixture(scope="module")
+def module():
+    return cli_module(tiny_model_config(num_steps=2))
+
+
+def write_jsonl(path, lines):
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    return path
+
+
+def test_predict_writes_mp4_png_json_skips_done_and_survives_bad_requests(module, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    checkpoint = write_checkpoint(module, tmp_path / "tiny.ckpt")
+    draw_reference(tmp_path / "red.png", (220, 40, 40))
+    draw_reference(tmp_path / "blue.png", (40, 80, 220), "square")
+    write_jsonl(tmp_path / "requests.jsonl", [
+        {"id": "red", "prompt": "the red circle moves left", "references": ["red.png"]},
+        {"id": "pair", "prompt": "the red circle and the blue square", "references": ["red.png", "blue.png"], "seed": 7},
+        {"id": "late", "prompt": "the blue square moves up", "references": ["later.png"]},
+        {"id": "empty", "prompt": " ", "references": ["red.png"]},
+        "{this is not json",
+        {"id": "odd", "prompt": "wrong size", "references": ["red.png"], "height": 40, "width": 40},
+    ])
+    (tmp_path / "predict.yaml").write_text(yaml.safe_dump({"data": {
+        "class_path": "bindweave.requests.RequestDataModule",
+        "init_args": {"requests": str(tmp_path / "requests.jsonl"), "batch_size": 2}}}))
+    args = ["predict", "-c", str(TINY), "-c", "predict.yaml", "--ckpt_path", str(checkpoint),
+            "--model.sampling.num_steps", "2", "--trainer.enable_progress_bar", "false"]
+    run_cli(args)
+    out = tmp_path / "outputs" / "tiny" / "videos"
+    assert sorted(p.name for p in out.iterdir()) == sorted([
+        "red.mp4", "red.png", "red.json", "pair.mp4", "pair.png", "pair.json", "summary.md",
+        "late.error.json", "empty.error.json", "line-5.error.json", "odd.error.json"])
+    assert read_video(out / "pair.mp4").shape == (5, 32, 32, 3)
+    record = json.loads((out / "pair.json").read_text())
+    assert record["request"] == {"id": "pair", "prompt": "the red circle and the blue square",
+                                 "references": [str(tmp_path / "red.png"), str(tmp_path / "blue.png")],
+                                 "seed": 7, "num_frames": 5, "height": 32, "width": 32}
+    assert record["sampling"]["num_steps"] == 2 and record["checkpoint"] == str(checkpoint)
+    assert record["model_config"]["dit"]["init_args"]["dim"] == 64
+    # Contact sheet: 2 references then 5 frames, 32-pixel tiles, 8-pixel gaps (16 before the frames).
+    sheet = np.asarray(Image.open(out / "pair.png"))
+    assert sheet.shape == (48, 7 * 32 + 8 * 8 + 8, 3)
+    assert sheet[24, 8 + 16].tolist() == [220, 40, 40] and sheet[24, 48 + 16].tolist()[2] > 200
+    errors = {p.name.split(".")[0]: json.loads(p.read_text())["error"] for p in out.glob("*.error.json")}
+    assert "later.png' does not exist; fix the path" in errors["late"] and "line 3" in errors["late"]
+    assert "prompt is empty" in errors["empty"] and "not valid JSON" in errors["line-5"]
+    assert "request 'odd' (line 6 of requests.jsonl): height=40" in errors["odd"] and "Use 32" in errors["odd"]
+    summary = capsys.readouterr().out
+    assert "Predict summary (2 done, 4 failed)" in summary and "| late" in summary
+
+    # Rerun after fixing one request: only that one runs; finished ones are skipped, not rewritten.
+    stamp = (out / "red.mp4").stat().st_mtime_ns
+    draw_reference(tmp_path / "later.png", (40, 80, 220), "square")
+    run_cli(args)
+    assert (out / "red.mp4").stat().st_mtime_ns == stamp
+    assert (out / "late.mp4").exists() and not (out / "late.error.json").exists()
+    summary = capsys.readouterr().out
+    assert "Predict summary (1 done, 3 failed, 2 skipped)" in summary
+
+
+def test_a_bad_request_does_not_take_its_batch_mates_down(module, tmp_path):
+    draw_reference(tmp_path / "red.png", (220, 40, 40))
+    write_jsonl(tmp_path / "r.jsonl", [
+        {"id": "good", "prompt": "the red circle moves left", "references": ["red.png"], "seed": 5},
+        {"id": "five", "prompt": "too many", "references": ["red.png"] * 5},
+    ])
+    dataset = RequestDataset(tmp_path / "r.jsonl", 5, 32, 32)
+    batch = collate_requests([dataset[0], dataset[1]])
+    assert batch["num_references"] == [1, 5] and not batch["failed"]  # the model, not the data, rejects it
+    out = predict_batch(module, batch, 0, module.sampling)
+    assert out["id"] == ["good"] and out["video"].shape == (1, 5, 32, 32, 3)
+    assert [f["id"] for f in out["failed"]] == ["five"] and "at most 4" in out["failed"][0]["error"]
+    # The survivor is the video its record reproduces, alone or through the pipeline.
+    alone = predict_batch(module, collate_requests([dataset[0]]), 0, module.sampling)
+    assert torch.equal(out["video"][0], alone["video"][0])
+    request = out["request"][0]
+    video = BindWeavePipeline(module)(request["prompt"], request["references"], seed=request["seed"],
+                                      num_frames=request["num_frames"], height=request["height"],
+                                      width=request["width"], progress=False)
+    assert torch.equal(video.frames, out["video"][0])
+
+
+def test_requests_file_is_checked_line_by_line(tmp_path):
+    write_jsonl(tmp_path / "r.jsonl", [
+        "# comments and blank lines are skipped",
+        "",
+        {"prompt": "A Red  Circle!", "references": "a.png"},
+        {"prompt": "x", "refs": ["a.png"]},
+        {"id": "dup", "prompt": "x"},
+        {"id": "dup", "prompt": "y"},
+        {"id": "../escape", "prompt": "x"},
+        {"prompt": "x", "num_frames": 8},
+        {"prompt": "x", "seed": -1},
+        {"prompt": "big", "height": 64, "width": 64},
+        {"prompt": "small"},
+    ])
+    entries = read_requests(tmp_path / "r.jsonl", 5, 32, 32, max_references=4)
+    first = entries[0]
+    assert first.id.startswith("a-red-circle-") and first.references == [str(tmp_path / "a.png")]
+    assert (first.seed, first.num_frames, first.height, first.width) == (0, 5, 32, 32)
+    assert first.id == default_id({"prompt": "A Red  Circle!", "references": ["a.png"], "seed": 0,
+                                   "num_frames": 5, "height": 32, "width": 32})  # stable across files and lines
+    errors = [e["error"] for e in entries if isinstance(e, dict)]
+    assert "unknown key(s) ['refs']" in errors[0] and "line 4" in errors[0]
+    assert "already used by line 5" in errors[1]
+    assert "cannot name a file" in errors[2]
+    assert "1 + 4k" in errors[3] and "Use 5 or 9" in errors[3]
+    assert "non-negative integer" in errors[4]
+    # Requests are batched by size only.
+    dataset = RequestDataset(tmp_path / "r.jsonl", 5, 32, 32)
+    sizes = [dataset.size_key(i) for i in range(len(dataset))]
+    batches = list(SizeBatchSampler(dataset, batch_size=8))
+    assert all(len({sizes[i] for i in b}) == 1 for b in batches)
+    assert sorted(i for b in batches for i in b) == list(range(len(dataset)))
+    with pytest.raises(ValueError, match="does not exist"):
+        read_requests(tmp_path / "nope.jsonl", 5, 32, 32)
+
+
+def test_request_datamodule_takes_sizes_from_the_model(module, tmp_path):
+    from types import SimpleNamespace
+
+    from bindweave.requests import RequestDataModule
+
+    write_jsonl(tmp_path / "r.jsonl", [{"id": "a", "prompt": "x"}])
+    data = RequestDataModule(str(tmp_path / "r.jsonl"), output_dir=str(tmp_path))
+    data.trainer = SimpleNamespace(lightning_module=module, callbacks=[])
+    dataset = data.build_dataset()
+    assert (dataset.entries[0].num_frames, dataset.entries[0].height) == (5, 32)
+    (tmp_path / "a.mp4").write_bytes(b"x"), (tmp_path / "a.json").write_text("{}")
+    assert len(data.build_dataset()) == 0 and data.skipped == ["a"]
