@@ -135,8 +135,8 @@ def load_pretrained(directory: str | Path, dtype: str | None = None, model_overr
     from lightning.pytorch.cli import instantiate_module
     from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters_context
 
+    from bindweave.loading import resolve_dtype
     from bindweave.module import BindWeave
-    from encoders.base import resolve_dtype
 
     directory = Path(directory)
     config = read_config(directory)

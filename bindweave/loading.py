@@ -58,6 +58,19 @@ class LoadReport:
     ignored: list[str] = field(default_factory=list)
 
 
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
+    """A dtype from its YAML name (``float32``, ``bfloat16``, ``float16``). Kept here, not imported
+    from ``encoders``, so loading a DiT needs neither transformers nor diffusers."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in _DTYPES:
+        raise ValueError(f"Unknown dtype {name!r}: use one of {sorted(_DTYPES)}.")
+    return _DTYPES[name]
+
+
 def _shape(shape: Iterable[int]) -> str:
     return "(" + ", ".join(str(s) for s in shape) + ")"
 
@@ -697,8 +710,6 @@ class PretrainedWanDiT(WanDiT):
         freq_dim: int = 256,
         eps: float = 1e-6,
     ) -> None:
-        from encoders.base import resolve_dtype
-
         device = torch.get_default_device()
         with torch.device("meta"):
             super().__init__(in_channels, out_channels, dim, ffn_dim, num_heads, num_layers, branches, patch_size,

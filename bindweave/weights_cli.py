@@ -160,8 +160,10 @@ def _scan(folder: Path, report: FolderReport) -> None:
 
         component = Component("export", "bindweave", str(folder))
         try:
-            model = read_config(folder)
-            component.details["dit"] = model["dit"]["init_args"]
+            dit = read_config(folder)["dit"]["init_args"]
+            component.details.update(in_channels=dit.get("in_channels"), dim=dit.get("dim"),
+                                     num_layers=dit.get("num_layers"),
+                                     branches=[b["name"] for b in dit.get("branches", [])])
             checkpoint = _open(folder, component, prefix="model")
             if checkpoint is not None:
                 component.details["size_gb"] = round(checkpoint.nbytes / 1e9, 2)
@@ -247,12 +249,11 @@ def evaluate_presets(report: FolderReport) -> None:
     """For each DiT preset (with the paper's relational MLLM) say what is still missing."""
     from bindweave.dit import PRESETS
 
-    exports = report.usable("export")
     for preset in PRESETS:
         needs = []
-        dits = report.usable("dit")
+        dits = report.usable("dit") + report.usable("export")
         fitting = [c for c in dits if _dit_fits(c, preset) is None]
-        if not fitting and not exports:
+        if not fitting:
             reasons = "; ".join(f"{c.path}: {_dit_fits(c, preset)}" for c in dits)
             needs.append(f"DiT ({DOWNLOADS[preset]}): official {OFFICIAL_FILES['dit']}, or diffusers "
                          f"{DIFFUSERS_FILES['dit']}" + (f" [found: {reasons}]" if reasons else ""))
