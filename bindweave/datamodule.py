@@ -364,6 +364,9 @@ class ShardStream(IterableDataset):
         if self.finite:
             for batch in self._batched(self._stage_samples(0, rng)):
                 yield self._finish(batch, 0)
+            for report in self._reports:  # after the last batch: nothing carries them to the monitor
+                log.warning("skipped sample %s of shard %s: %s: %s", report["key"], report["shard"], report["reason"],
+                            report["message"])
             return
         streams: dict[int, Iterator[dict]] = {}
         position = worker
@@ -555,13 +558,16 @@ class WebDataModule(L.LightningDataModule):
         if stage == "fit":
             workers = max(1, self.num_workers) * world
             for sets, spec in zip(self._train_sets, self.curriculum.stages):
-                for shards, pattern in zip(sets, spec.urls):
+                # Pooled sets are split together; weighted ones each on their own.
+                split = [(sum(sets, []), spec.urls)] if spec.weights is None else list(zip(sets, spec.urls))
+                for shards, pattern in split:
                     if len(shards) < workers:
                         raise ValueError(
                             f"Stage {spec.name!r}: {pattern!r} has {len(shards)} shard(s) for {world} rank(s) x "
                             f"{max(1, self.num_workers)} worker(s): every worker needs a shard of its own. Pack smaller "
                             f"shards (bindweave data pack --samples_per_shard) or use fewer workers."
                         )
+                for shards, pattern in zip(sets, spec.urls):
                     self._check_valid(shards, f"stage {spec.name!r} shards {pattern!r}", self.eval_decoder)
             if self.trainer is not None and not any(isinstance(c, DataMonitor) for c in self.trainer.callbacks):
                 self.trainer.callbacks.append(DataMonitor())

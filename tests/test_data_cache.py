@@ -1,0 +1,80 @@
+"""The feature cache: cached training gives the loss of online encoding on the same samples and
+seed, with no encoder built; ``bindweave data cache`` then ``fit`` from the cache through the CLI."""
+
+import pytest
+import torch
+
+from bindweave.cli import run_cli
+from bindweave.curriculum import Curriculum, Stage
+from bindweave.data_cli import main, pack
+from bindweave.datamodule import SampleDecoder, ShardStream, StreamLoader, to_model_batch
+from bindweave.feature_cache import LatentSpace, cache_shards
+from bindweave.shards import expand_urls
+from encoders.base import FrozenEncoder
+from tests.data_helpers import TINY, TINY_CACHED, TINY_SHARDS, make_clips
+from tests.helpers import tiny_module
+
+DECODER = dict(num_frames=5, fps=8, buckets=[(32, 48)])
+
+
+def one_batch(shards, cached: bool) -> dict:
+    decoder = SampleDecoder(**DECODER, cached=cached)
+    stream = ShardStream([[shards]], [None], Curriculum([Stage(urls=shards)]), decoder, batch_size=3, finite=True)
+    return to_model_batch(next(iter(StreamLoader(stream))))
+
+
+def seeded_loss(module, batch, drops=None) -> torch.Tensor:
+    with torch.random.fork_rng():
+        torch.manual_seed(1234)
+        return module.flow_loss(batch, drops)
+
+
+def test_cached_features_give_the_online_loss_without_any_encoder(tmp_path):
+    manifest = make_clips(tmp_path / "clips", count=3)  # 1, 2 and 3 references
+    pack(str(manifest), str(tmp_path / "raw"), num_frames=5, fps=8, progress=False)
+    raw_shards = expand_urls(str(tmp_path / "raw" / "shard-*.tar"))
+
+    online = tiny_module()
+    # Non-zero output head and connector, so every condition moves the loss.
+    torch.nn.init.normal_(online.dit.head.proj.weight, std=0.5)
+    torch.nn.init.normal_(online.conditioners["relational"].connector[2].weight, std=0.5)
+    summary = cache_shards(online, raw_shards, tmp_path / "cache", SampleDecoder(**DECODER))
+    assert summary.samples == 3 and not summary.rejected
+
+    cached = tiny_module(feature_cache=str(tmp_path / "cache"))
+    assert isinstance(cached.vae, LatentSpace) and not any(isinstance(m, FrozenEncoder) for m in cached.modules())
+    missing, _ = cached.load_state_dict(online.state_dict(), strict=False)
+    assert not missing  # the trainable weights are the same
+    assert sum(p.numel() for p in cached.parameters()) < sum(p.numel() for p in online.parameters())
+
+    raw_batch = one_batch(raw_shards, cached=False)
+    cached_batch = one_batch(expand_urls(str(tmp_path / "cache" / "shard-*.tar")), cached=True)
+    assert cached_batch["id"] == raw_batch["id"] and cached_batch["num_references"] == raw_batch["num_references"] == [1, 2, 3]
+    assert "video" not in cached_batch and cached_batch["references"].stride() == (0,) * 5  # a placeholder
+    for drops in (None, [[True, False, False], None, None]):  # the second drops sample 0's prompt (null condition)
+        online_loss, cached_loss = seeded_loss(online, raw_batch, drops), seeded_loss(cached, cached_batch, drops)
+        torch.testing.assert_close(cached_loss, online_loss, rtol=1e-5, atol=1e-6)
+    assert seeded_loss(online, raw_batch) != seeded_loss(online, raw_batch, [[True, False, False], None, None])
+
+    # A cached model says what to do when fed raw pixels (its encoders were never loaded).
+    with pytest.raises(ValueError, match="feature_cache"):
+        cached.flow_loss(raw_batch)
+
+
+def test_cache_cli_then_fit_from_the_cache_through_the_cli(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    manifest = make_clips(tmp_path / "clips", count=4)
+    pack(str(manifest), str(tmp_path / "raw"), num_frames=5, fps=8, samples_per_shard=2, progress=False)
+    args = ["cache", "-c", TINY, "-c", TINY_SHARDS, "--urls", str(tmp_path / "raw" / "shard-*.tar"),
+            "--output", str(tmp_path / "cache"), "--no_progress"]
+    main(args)
+    assert "Cached 4 samples into 2 shard(s)" in capsys.readouterr().out
+    main(args)  # an interrupted or repeated run skips what is done
+    out = capsys.readouterr().out
+    assert "Cached 0 samples into 0 shard(s)" in out and "(2 already there)" in out
+
+    cli = run_cli(["fit", "-c", TINY, "-c", TINY_SHARDS, "-c", TINY_CACHED, "--model.feature_cache", str(tmp_path / "cache"),
+                   "--data.init_args.urls", str(tmp_path / "cache" / "shard-*.tar"), "--trainer.max_steps", "3",
+                   "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false"])
+    assert cli.trainer.global_step == 3 and torch.isfinite(cli.trainer.callback_metrics["train/loss"])
+    assert not any(isinstance(m, FrozenEncoder) for m in cli.model.modules())
