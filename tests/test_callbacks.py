@@ -1,0 +1,80 @@
+"""Sampling and metric callbacks: they log on a tiny fit, measure what they say, stay on rank zero."""
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from bindweave.cli import run_cli
+from callbacks import CLIPTextImageModel, IdentitySimilarity, MotionMagnitude, PromptVideoSimilarity, SamplingCallback
+from tests.helpers import synthetic_batch
+from tests.pipeline_helpers import ROOT, TINY, cli_module, tiny_model_config
+
+
+def test_sampling_and_metric_callbacks_log_on_a_tiny_fit(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = run_cli(["fit", "-c", str(TINY), "-c", str(ROOT / "configs" / "monitor.yaml"),
+                   "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
+                   "--trainer.num_sanity_val_steps", "0", "--model.sampling.num_steps", "2",
+                   "--trainer.enable_progress_bar", "false"])
+    log_dir = Path(cli.trainer.log_dir)
+    step0 = log_dir / "samples" / "step-0000000"
+    assert sorted(p.suffix for p in step0.iterdir()) == [".json", ".json", ".mp4", ".mp4", ".png", ".png"]
+    events = EventAccumulator(str(log_dir), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    gifs = [t for t in events.Tags()["images"] if not t.endswith("/sheet")]
+    assert len(gifs) == 2 and events.Images(gifs[0])[0].encoded_image_string.startswith(b"GIF89a")
+    metrics = cli.trainer.callback_metrics
+    assert 0.5 < metrics["val/identity_similarity"] <= 1.0 + 1e-5
+    assert -1.0 <= metrics["val/prompt_similarity"] <= 1.0
+    assert metrics["val/motion"] >= 0.0
+    assert {"val/identity_similarity", "val/prompt_similarity", "val/motion"} <= set(events.Tags()["scalars"])
+
+
+def test_motion_magnitude_follows_the_speed():
+    def moving_square(speed: int) -> torch.Tensor:
+        frames = torch.full((1, 5, 64, 64, 3), 128, dtype=torch.uint8)
+        for t in range(5):
+            frames[0, t, 24:40, 10 + speed * t : 26 + speed * t] = 250
+        return frames
+
+    values = []
+    for speed in (0, 1, 3):
+        metric = MotionMagnitude()
+        metric.update(moving_square(speed))
+        values.append(metric.compute().item())
+    assert values[0] < 1e-3 < values[1] < values[2]
+
+
+def test_similarity_metrics():
+    identity = IdentitySimilarity()
+    features = torch.randn(2, 3, 8)
+    references = torch.cat([features[:, :1], torch.randn(2, 1, 8)], dim=1)  # second reference is padding
+    identity.update(features[:, :1].expand(2, 4, 8), references, torch.tensor([[True, False], [True, False]]))
+    torch.testing.assert_close(identity.compute(), torch.tensor(1.0))
+    prompt = PromptVideoSimilarity()
+    clip = CLIPTextImageModel.tiny()
+    frames = clip.encode_images(torch.rand(6, 3, 32, 32) * 2 - 1).view(2, 3, -1)
+    prompt.update(frames, clip.encode_text(["a red circle", "a blue square"]))
+    assert -1 <= prompt.compute() <= 1
+
+
+def test_sampling_callback_runs_on_rank_zero_only_and_leaves_the_rng_alone(tmp_path):
+    module = cli_module(tiny_model_config(num_steps=2))
+    batch = synthetic_batch(size=1, with_video=False)
+    callback = SamplingCallback(every_n_steps=5, output_dir=str(tmp_path))
+    callback.batch = batch  # fixed requests
+    trainer = SimpleNamespace(global_step=5, is_global_zero=False, strategy=None, loggers=[], log_dir=str(tmp_path))
+    calls = []
+    generate = module.generate
+    module.generate = lambda *a, **k: (calls.append(1), generate(*a, **k))[1]
+    callback.on_train_batch_end(trainer, module, None, None, 0)
+    assert not calls and not list(tmp_path.iterdir())  # another rank: nothing generated or written
+    trainer.is_global_zero, trainer.global_step = True, 10
+    state = torch.get_rng_state()
+    callback.on_train_batch_end(trainer, module, None, None, 0)
+    callback.on_train_batch_end(trainer, module, None, None, 1)  # same step again (gradient accumulation)
+    assert len(calls) == 1 and torch.equal(torch.get_rng_state(), state)
+    assert sorted(p.name for p in (tmp_path / "step-0000010").iterdir()) == [
+        "synthetic-0-000000.json", "synthetic-0-000000.mp4", "synthetic-0-000000.png"]
