@@ -1,0 +1,171 @@
+"""End-to-end sampling time of one video, split between encoders, DiT steps and VAE decode.
+
+The Wan2.1-1.3B-shaped BindWeave (36-channel DiT, 30 blocks) at 480x832, 81 frames, 4 references,
+50 flow steps with batched CFG, with full-size random-weight encoders built from their real
+architectures (Qwen2.5-VL-7B, umt5-xxl encoder, CLIP ViT-H/14 vision tower, Wan VAE) — so the
+split is what a user with the real weights sees. Timing uses CUDA events around each phase of
+``bindweave.sampling.sample_videos`` (the encoders' ``encode_features``, the DiT calls, the VAE
+decode); the target of issue #6 is encoders + VAE under 10% of the total.
+
+Usage:
+    python benchmarks/sampling.py            # GPU: writes results/sampling-<card>.json
+    python benchmarks/sampling.py --smoke    # CPU, tiny parts, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from bindweave.dit import CrossAttentionBranch, WanDiT, wan_dit_preset
+from bindweave.module import BindWeave
+from bindweave.sampling import SamplingConfig, sample_videos
+from conditioners import IdentityConditioner, MultiReferenceConditioner, RelationalConditioner
+from encoders import CLIPVisionEncoder, MLLMEncoder, T5TextEncoder, WanVAE
+from encoders.clip import TINY_CLIP_CONFIG
+from encoders.mllm import TINY_MLLM_CONFIG
+from encoders.text import TINY_T5_CONFIG
+from encoders.vae import TINY_VAE_CONFIG
+
+RESULTS = Path(__file__).parent / "results"
+
+# Real architectures, random weights (configs as the released checkpoints ship them).
+QWEN25_VL_7B = {
+    "model_type": "qwen2_5_vl",
+    "text_config": {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+                    "num_attention_heads": 28, "num_key_value_heads": 4,
+                    "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}},
+    "vision_config": {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "patch_size": 14,
+                      "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112,
+                      "fullatt_block_indexes": [7, 15, 23, 31], "out_hidden_size": 3584},
+}
+UMT5_XXL = {"model_type": "umt5", "d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 24, "num_heads": 64,
+            "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128, "dropout_rate": 0.0,
+            "feed_forward_proj": "gated-gelu", "vocab_size": 256384}
+CLIP_VIT_H = {"embed_dim": 1024, "vision_cfg": {"image_size": 224, "layers": 32, "width": 1280, "head_width": 80,
+                                                 "patch_size": 14}}
+WAN_VAE = {"base_dim": 96, "z_dim": 16, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 2,
+           "temperal_downsample": [False, True, True]}
+
+
+def build(smoke: bool) -> tuple[BindWeave, SamplingConfig, dict]:
+    if smoke:
+        dit = partial(WanDiT, in_channels=12, out_channels=4, dim=32, ffn_dim=64, num_heads=2, num_layers=2,
+                      freq_dim=32, branches=[CrossAttentionBranch("text", 32), CrossAttentionBranch("image", 32, "norm_mlp")])
+        parts = dict(mllm=TINY_MLLM_CONFIG, t5=TINY_T5_CONFIG, clip=TINY_CLIP_CONFIG, vae=TINY_VAE_CONFIG, dtype="float32",
+                     image_size=56, max_length=32)
+        sampling = SamplingConfig(num_steps=3, num_frames=5, height=32, width=32)
+    else:
+        dit = partial(wan_dit_preset, "wan2.1-i2v-1.3b")
+        parts = dict(mllm=QWEN25_VL_7B, t5=UMT5_XXL, clip=CLIP_VIT_H, vae=WAN_VAE, dtype="bfloat16", image_size=448,
+                     max_length=512)
+        sampling = SamplingConfig(num_steps=50, guidance_scale=5.0, shift=3.0, num_frames=81, height=480, width=832)
+    dtype = parts["dtype"]
+    module = BindWeave(
+        dit=dit,
+        vae=partial(WanVAE, tiny_config=parts["vae"], dtype="float32" if smoke else "bfloat16"),
+        relational=RelationalConditioner(
+            text_encoder=partial(T5TextEncoder, tiny_config=parts["t5"], max_length=parts["max_length"], dtype=dtype),
+            mllm=partial(MLLMEncoder, tiny_config=parts["mllm"], image_size=parts["image_size"], dtype=dtype),
+        ),
+        identity=IdentityConditioner(image_encoder=partial(CLIPVisionEncoder, tiny_config=parts["clip"], dtype=dtype)),
+        multi_reference=MultiReferenceConditioner(max_references=4),
+        sampling=sampling,
+    )
+    return module, sampling, parts
+
+
+@contextmanager
+def timed(device: torch.device, into: dict, key: str):
+    """Accumulate the wall time of the block (synchronised on CUDA) under ``into[key]``."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    yield
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    into[key] = into.get(key, 0.0) + time.perf_counter() - start
+
+
+def run(smoke: bool) -> dict:
+    device = torch.device("cpu" if smoke else "cuda")
+    torch.manual_seed(0)
+    with torch.device(device):
+        module, sampling, parts = build(smoke)
+        module.configure_model()
+    module.to(device)
+    if not smoke:
+        module.dit.to(torch.bfloat16)
+    b, n, h, w = 1, 4, sampling.height, sampling.width
+    batch = {
+        "prompt": ["the woman in the first picture walks her dog from the second picture along the beach at sunset"],
+        "references": torch.rand(b, n, 3, h, w, device=device) * 2 - 1,
+        "num_references": [n],
+        "seed": [0],
+    }
+    times: dict[str, float] = {}
+    # Wrap the three phases; everything else (scheduler, assembly, CFG arithmetic) counts as "other".
+    encode, dit_forward, decode = module.encode_features, module.dit.forward, module.vae.decode
+
+    def encode_timed(*a, **k):
+        with timed(device, times, "encoders"):
+            return encode(*a, **k)
+
+    def dit_timed(*a, **k):
+        with timed(device, times, "dit"):
+            return dit_forward(*a, **k)
+
+    def decode_timed(*a, **k):
+        with timed(device, times, "vae_decode"):
+            return decode(*a, **k)
+
+    module.encode_features, module.dit.forward, module.vae.decode = encode_timed, dit_timed, decode_timed
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    with timed(device, times, "total"):
+        video = sample_videos(module, batch, sampling)
+    # The MultiReference conditioner encodes references through the VAE inside encode_features.
+    times["other"] = times["total"] - times["encoders"] - times["dit"] - times["vae_decode"]
+    result = {
+        "card": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "smoke": smoke,
+        "shape": {"frames": sampling.num_frames, "height": h, "width": w, "references": n, "steps": sampling.num_steps,
+                  "guidance_scale": sampling.guidance_scale},
+        "seconds": {k: round(v, 3) for k, v in times.items()},
+        "share": {k: round(v / times["total"], 4) for k, v in times.items() if k != "total"},
+        "encoders_plus_vae_share": round((times["encoders"] + times["vae_decode"]) / times["total"], 4),
+        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
+        "video_shape": list(video.shape),
+    }
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny parts on the CPU (seconds)")
+    args = parser.parse_args()
+    if not args.smoke and not torch.cuda.is_available():
+        parser.error("no CUDA device: use --smoke for the CPU run")
+    result = run(args.smoke)
+    print(f"{'phase':<12} {'seconds':>9} {'share':>7}")
+    for key, seconds in result["seconds"].items():
+        share = result["share"].get(key, 1.0)
+        print(f"{key:<12} {seconds:>9.2f} {share:>7.1%}")
+    print(f"encoders + VAE decode: {result['encoders_plus_vae_share']:.1%} of the total (target < 10%)")
+    if not args.smoke:
+        RESULTS.mkdir(exist_ok=True)
+        path = RESULTS / f"sampling-{result['card'].replace(' ', '-')}.json"
+        path.write_text(json.dumps(result, indent=2))
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
