@@ -201,3 +201,63 @@ def test_weights_cli_as_a_user_runs_it(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["export", str(tmp_path / "no.ckpt"), str(tmp_path / "out")])
     assert exit_.value.code == 1 and "no.ckpt" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end: a config naming an official Wan2.1 folder builds the model from those files
+# ---------------------------------------------------------------------------------------------
+
+
+def test_config_with_official_weights_builds_and_trains(trained, tmp_path):
+    """configs/weights/*.yaml at tiny sizes: PretrainedWanDiT + Wan's .pth VAE/T5/CLIP from one folder."""
+    import lightning as L
+
+    from bindweave.cli import BindWeaveCLI
+    from bindweave.module import BindWeave
+    from encoders.vae import TINY_VAE_CONFIG
+    from helpers import synthetic_batch
+
+    folder = _official_folder(trained, tmp_path / "Wan2.1-tiny")
+    clip_dir = tmp_path / "clip-config"
+    clip_dir.mkdir()
+    (clip_dir / "open_clip_config.json").write_text(json.dumps({"model_cfg": {
+        "embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8}}}))
+    weights = yaml.safe_load((ROOT / "configs" / "weights" / "wan2.1-i2v-14b-official.yaml").read_text())
+    text = yaml.safe_dump(weights).replace("/path/to/Wan2.1-I2V-14B-480P", str(folder))
+    weights = yaml.safe_load(text)
+    model = weights["model"]
+    model["dit"]["init_args"].update(dtype="float32", **{k: v for k, v in trained.hparams["dit"]["init_args"].items()})
+    model["vae"]["init_args"].update(latents_mean=TINY_VAE_CONFIG["latents_mean"], latents_std=TINY_VAE_CONFIG["latents_std"])
+    model["relational"]["init_args"]["text_encoder"]["init_args"].update(max_length=32, dtype="float32")
+    model["identity"]["init_args"]["image_encoder"]["init_args"].update(model_name=f"local-dir:{clip_dir}", dtype="float32")
+    (tmp_path / "weights.yaml").write_text(yaml.safe_dump(weights))
+    cli = BindWeaveCLI(BindWeave, L.LightningDataModule, subclass_mode_data=True, run=False,
+                       args=["-c", str(ROOT / "configs" / "tiny.yaml"), "-c", str(tmp_path / "weights.yaml")])
+    module = cli.model
+    module.configure_model()
+    for key, value in trained.dit.state_dict().items():
+        torch.testing.assert_close(module.dit.state_dict()[key], value, rtol=0, atol=0)
+    assert module.vae.vae.config.z_dim == 4
+    loss = module.flow_loss(synthetic_batch(2))
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert module.dit.patch_embedding.weight.grad is not None
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs" / "weights").glob("*.yaml")))
+def test_weights_configs_layer_on_the_paper_config(name):
+    import lightning as L
+
+    from bindweave.cli import BindWeaveCLI
+    from bindweave.module import BindWeave
+
+    cli = BindWeaveCLI(BindWeave, L.LightningDataModule, subclass_mode_data=True, run=False, args=[
+        "-c", str(ROOT / "configs" / "bindweave-wan2.1-i2v-14b.yaml"), "-c", str(ROOT / "configs" / "weights" / name),
+        "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.precision=32"])  # parsed; nothing is loaded
+    config = cli.config
+    model = config.model
+    assert model.dit.class_path == "bindweave.loading.PretrainedWanDiT"
+    assert model.dit.init_args.pretrained_path.startswith("/path/to/Wan2.1-")
+    encoders = [model.vae, model.relational.init_args.text_encoder, model.identity.init_args.image_encoder]
+    assert all(e.init_args.tiny_config is None and e.init_args.pretrained_path.startswith("/path/to/") for e in encoders)
+    assert model.relational.init_args.mllm.init_args.pretrained_path == "/path/to/Qwen2.5-VL-7B-Instruct"
