@@ -195,7 +195,7 @@ class VideoWriter(BasePredictionWriter):
             path = write_outputs(self.output_dir, sample_id, frames, references, record, self.fps, self.sheet_frames)
             self.rows.append({
                 "id": sample_id, "status": "done", "video": "x".join(str(s) for s in frames.shape[:3]),
-                "seconds": f"{seconds:.1f}" if seconds is not None else "", "output": path.name,
+                "seconds": f"{seconds:.2f}" if seconds is not None else "", "output": path.name,
             })
         for failure in prediction.get("failed", []):
             log.warning("Predict: %s", failure["error"])

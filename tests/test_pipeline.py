@@ -188,3 +188,21 @@ def test_bad_input_is_a_clear_error(pipe, files, tmp_path):
         BindWeavePipeline.from_checkpoint(tmp_path / "bare.ckpt")
     # ... and loads with the matching config.
     assert BindWeavePipeline.from_checkpoint(files["checkpoint"], config={"model": tiny_model_config()}).module.dit.dim == 64
+
+
+def test_readme_generation_example_runs(files, tmp_path, monkeypatch):
+    import json
+    import re
+
+    from tests.pipeline_helpers import ROOT
+
+    readme = (ROOT / "README.md").read_text().split("## Generate a video", 1)[1].split("\n## ", 1)[0]
+    line = re.search(r"```json\n(.*?)\n```", readme, re.S).group(1)
+    example = [json.loads(x) for x in (ROOT / "examples" / "requests.jsonl").read_text().splitlines()]
+    assert json.loads(line) in example  # the request shown is the one shipped
+    (tmp_path / "outputs" / "tiny" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "outputs" / "tiny" / "checkpoints" / "last.ckpt").write_bytes(files["checkpoint"].read_bytes())
+    (tmp_path / "examples").symlink_to(ROOT / "examples")
+    monkeypatch.chdir(tmp_path)
+    exec(re.search(r"```python\n(.*?)```", readme, re.S).group(1), {})
+    assert read_video(tmp_path / "red-left.mp4").shape == (5, 32, 32, 3) and (tmp_path / "red-left.png").exists()
