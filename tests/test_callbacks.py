@@ -8,7 +8,6 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from bindweave.cli import run_cli
 from callbacks import CLIPTextImageModel, IdentitySimilarity, MotionMagnitude, PromptVideoSimilarity, SamplingCallback
-from tests.helpers import synthetic_batch
 from tests.pipeline_helpers import ROOT, TINY, cli_module, tiny_model_config
 
 
@@ -62,9 +61,8 @@ def test_similarity_metrics():
 
 def test_sampling_callback_runs_on_rank_zero_only_and_leaves_the_rng_alone(tmp_path):
     module = cli_module(tiny_model_config(num_steps=2))
-    batch = synthetic_batch(size=1, with_video=False)
-    callback = SamplingCallback(every_n_steps=5, output_dir=str(tmp_path))
-    callback.batch = batch  # fixed requests
+    callback = SamplingCallback(every_n_steps=5, requests=str(ROOT / "examples" / "requests.jsonl"),
+                                output_dir=str(tmp_path))
     trainer = SimpleNamespace(global_step=5, is_global_zero=False, strategy=None, loggers=[], log_dir=str(tmp_path))
     calls = []
     generate = module.generate
@@ -77,4 +75,4 @@ def test_sampling_callback_runs_on_rank_zero_only_and_leaves_the_rng_alone(tmp_p
     callback.on_train_batch_end(trainer, module, None, None, 1)  # same step again (gradient accumulation)
     assert len(calls) == 1 and torch.equal(torch.get_rng_state(), state)
     assert sorted(p.name for p in (tmp_path / "step-0000010").iterdir()) == [
-        "synthetic-0-000000.json", "synthetic-0-000000.mp4", "synthetic-0-000000.png"]
+        "red-blue.json", "red-blue.mp4", "red-blue.png", "red-left.json", "red-left.mp4", "red-left.png"]
