@@ -1,4 +1,4 @@
-"""``bindweave data pack|inspect|cache``: build, look at and feature-cache training shards.
+"""``bindweave data pack|inspect|cache|sprites``: build, look at and feature-cache training shards.
 
 ```bash
 bindweave data pack --input clips.jsonl --output data/train --num_frames 81 --fps 16
@@ -399,6 +399,10 @@ def build_parser() -> ArgumentParser:
     c.add_argument("--part", type=str, default="0/1", help="i/n: take shards i, i+n, ... (n processes in parallel)")
     c.add_argument("--progress", action=ActionYesNo, default=True, help="show a progress bar")
     commands.add_subcommand("cache", c, help="write cached encoder features of shards")
+
+    from bindweave.sprites import sprites_parser  # procedural demo data (docs/sprites.md)
+
+    commands.add_subcommand("sprites", sprites_parser(), help="generate procedural sprite samples (docs/sprites.md)")
     return parser
 
 
@@ -420,6 +424,10 @@ def run(args) -> None:
         summary = pack(sub.input, sub.output, sub.prefix, sub.samples_per_shard, sub.max_shard_bytes, sub.num_frames,
                        sub.fps, sub.max_references, sub.workers, sub.overwrite, sub.progress)
         print(format_pack_summary(summary))
+    elif args.command == "sprites":
+        from bindweave.sprites import run_sprites
+
+        run_sprites(sub)
     elif args.command == "inspect":
         stats = inspect(sub.urls, check=sub.check, limit=sub.limit)
         print(json.dumps(stats, indent=2) if sub.json else format_inspect(stats))
