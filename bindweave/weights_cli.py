@@ -35,8 +35,8 @@ DIFFUSERS_FILES = {
     "t5": "text_encoder/ (config.json + model*.safetensors [+ .index.json]) + tokenizer/",
     "clip": "image_encoder/ (config.json + model.safetensors)",
 }
-MLLM_FILES = ("config.json + model*.safetensors [+ model.safetensors.index.json] + preprocessor_config.json + "
-              "tokenizer.json + tokenizer_config.json (+ chat_template.json)")
+MLLM_FILES = ("config.json + model*.safetensors [+ model.safetensors.index.json] + preprocessor_config.json "
+              "(transformers 5: processor_config.json) + tokenizer.json + tokenizer_config.json (+ chat_template.json)")
 DOWNLOADS = {
     "wan2.1-i2v-14b": "Wan-AI/Wan2.1-I2V-14B-480P (or -720P), or the same repo with -Diffusers",
     "wan2.1-t2v-14b": "Wan-AI/Wan2.1-T2V-14B (or -Diffusers)",
@@ -192,14 +192,16 @@ def _scan(folder: Path, report: FolderReport) -> None:
             component = Component("clip", "open_clip", str(folder / name))
             _open(folder / name, component)
             found.append(component)
-    # A transformers VLM (the relational MLLM).
+    # A transformers VLM (the relational MLLM): a config with a vision and a text part.
     model_type = config.get("model_type", "")
-    if model_type in ("qwen2_5_vl", "qwen2_vl") or "VL" in "".join(config.get("architectures", [])):
+    if "vision_config" in config and ("text_config" in config or "hidden_size" in config):
         component = Component("mllm", "transformers", str(folder), {"model_type": model_type})
         text = config.get("text_config", config)
         component.details["hidden_size"] = text.get("hidden_size", config.get("hidden_size"))
         _open(folder, component, prefix="model")
-        missing = [n for n in ("preprocessor_config.json", "tokenizer_config.json") if not (folder / n).is_file()]
+        missing = [" or ".join(names) for names in (("preprocessor_config.json", "processor_config.json"),
+                                                     ("tokenizer_config.json",))
+                   if not any((folder / n).is_file() for n in names)]
         if missing:
             component.problems.append(f"{folder}: processor files missing: {', '.join(missing)}.")
         found.append(component)

@@ -188,9 +188,13 @@ def test_check_diffusers_and_export_folders(trained, tmp_path):
     model.save_pretrained(diffusers_dir / "transformer")
     trained.vae.vae.save_pretrained(diffusers_dir / "vae")
     save_pretrained(trained, tmp_path / "export")
+    mllm = trained.conditioners["relational"].mllm
+    mllm.model.save_pretrained(tmp_path / "Qwen2.5-VL-tiny")
+    mllm.processor.save_pretrained(tmp_path / "Qwen2.5-VL-tiny")
     report = check_folder(tmp_path)
-    found = {(c.kind, c.format) for c in report.components}
-    assert {("dit", "diffusers"), ("vae", "diffusers"), ("export", "bindweave")} <= found, format_report(report)
+    found = {(c.kind, c.format) for c in report.components if not c.problems}
+    assert {("dit", "diffusers"), ("vae", "diffusers"), ("export", "bindweave"), ("mllm", "transformers")} <= found, \
+        format_report(report)
 
 
 def test_weights_cli_as_a_user_runs_it(tmp_path, capsys):
