@@ -28,6 +28,7 @@ from functools import partial
 from typing import Callable, Iterator
 
 import lightning as L
+import numpy as np
 import torch
 import webdataset as wds
 from lightning.pytorch.callbacks import Callback
@@ -35,7 +36,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image, ImageEnhance
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from bindweave.batch import check_num_frames, collate, fit_reference, to_rgb
+from bindweave.batch import check_num_frames, collate, to_rgb
 from bindweave.curriculum import Curriculum, Stage
 from bindweave.feature_cache import collate_features, read_features
 from bindweave.shards import MAX_REFERENCES, REASONS, BrokenSample, expand_urls, parse_sample, read_image
@@ -79,10 +80,10 @@ class ReferenceAugmentation:
             image = enhancer(image).enhance(1.0 + rng.uniform(-self.color, self.color))
         w, h = image.size
         shift = (round(rng.uniform(-self.translate, self.translate) * w), round(rng.uniform(-self.translate, self.translate) * h))
-        image = image.rotate(rng.uniform(-self.rotation, self.rotation), Image.Resampling.BICUBIC, translate=shift, fillcolor=WHITE)
+        image = image.rotate(rng.uniform(-self.rotation, self.rotation), Image.Resampling.BILINEAR, translate=shift, fillcolor=WHITE)
         scale = rng.uniform(*self.scale)
         if abs(scale - 1.0) > 1e-3:
-            resized = image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BICUBIC)
+            resized = image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BILINEAR)
             canvas = Image.new("RGB", (w, h), WHITE)
             canvas.paste(resized, ((w - resized.width) // 2, (h - resized.height) // 2))
             image = canvas
@@ -164,8 +165,7 @@ class SampleDecoder:
             image = Image.composite(image, Image.new("RGB", image.size, WHITE), alpha)
         if self.augmentation is not None:
             image = self.augmentation(image, rng)
-        pixels, _ = fit_reference(image, *size)  # (3, H, W) in [-1, 1]
-        return ((pixels + 1.0) * 127.5).round_().to(torch.uint8)
+        return fit_reference_uint8(image, *size)  # (3, H, W)
 
     def _cached(self, record: dict, data: bytes, out: dict) -> dict:
         try:
@@ -177,6 +177,16 @@ class SampleDecoder:
             height=int(record["height"]), width=int(record["width"]), video_latents=latents, features=features,
         )
         return out
+
+
+def fit_reference_uint8(image: Image.Image, height: int, width: int) -> torch.Tensor:
+    """``bindweave.batch.fit_reference`` in uint8 (3, H, W): the same resize and placement on white,
+    without the float round trip (the loader converts on the device); tests check they agree."""
+    scale = min(height / image.height, width / image.width)
+    new_w, new_h = max(1, round(image.width * scale)), max(1, round(image.height * scale))
+    canvas = Image.new("RGB", (width, height), WHITE)
+    canvas.paste(image.resize((new_w, new_h), Image.Resampling.BICUBIC), ((width - new_w) // 2, (height - new_h) // 2))
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(canvas).transpose(2, 0, 1)))  # (3, H, W)
 
 
 def collate_cached(samples: list[dict]) -> dict:
