@@ -39,6 +39,7 @@ def run_cli(args: list[str] | None = None) -> BindWeaveCLI:
 
 TOOLS = {
     "data": "bindweave.data_cli",
+    "eval": "bindweave.eval_cli",
     "weights": "bindweave.weights_cli",
 }
 """Subcommands outside LightningCLI: name -> module with ``main(argv)``."""

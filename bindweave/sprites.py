@@ -348,37 +348,62 @@ def _start_cells(motion: str) -> list[tuple[str, str]]:
     return [(r, c) for r in rows for c in columns]
 
 
+def path_cells(row: str, column: str, motion: str) -> tuple[set, set]:
+    """(cells a subject passes through, cells it stays in for a while: start, end, jump top)."""
+    rows, columns = list(ROWS), list(COLUMNS)
+    start = (row, column)
+    if motion in ("right", "left"):
+        end = (row, columns[2 if motion == "right" else 0])
+        return {(row, c) for c in columns}, {start, end}
+    if motion in ("up", "down"):
+        end = (rows[0 if motion == "up" else 2], column)
+        return {(r, column) for r in rows}, {start, end}
+    if motion == "jumps":
+        top = (rows[rows.index(row) - 1], column)
+        return {start, top}, {start, top}
+    return {start}, {start}
+
+
 def random_scene(rng: random.Random, split: str, num_frames: int, height: int, width: int, sprite_scale: float,
                  max_subjects: int = 4, relation_probability: float = 0.3) -> Scene:
-    """A random scene of 1..max_subjects subjects of distinct appearances of ``split``."""
+    """A random scene of 1..max_subjects subjects of distinct appearances of ``split``.
+
+    No subject stays (starts, ends, jumps) where another one passes, so subjects only meet in
+    passing, and in the one planned crossing of a depth relation (a subject crossing a still one)."""
     count = rng.randint(1, max_subjects)
     appearances: list[Appearance] = []
     while len(appearances) < count:
         a = random_appearance(rng, split)
         if a not in appearances:
             appearances.append(a)
-    subjects: list[Subject] = []
-    used: set[tuple[str, str]] = set()
-    crossing = count >= 2 and rng.random() < relation_probability
-    if crossing:  # subject a crosses subject b, which stays still at the centre of a row
+    plan: dict[int, tuple] = {}
+    if count >= 2 and rng.random() < relation_probability:  # subject a crosses subject b, still in the middle of a row
         a, b = rng.sample(range(count), 2)
         row, motion = rng.choice(list(ROWS)), rng.choice(["right", "left"])
         plan = {b: (row, "centre", "still", None),
                 a: (row, "left" if motion == "right" else "right", motion, (rng.choice(["behind", "in front of"]), b))}
-        used = {(row, c) for c in COLUMNS}  # nobody else starts in the crossing row
+    placed: list[tuple[set, set]] = [path_cells(*p[:3]) for p in plan.values()]
+    kept: dict[int, Subject] = {}
     for i in range(count):
-        if crossing and i in plan:
+        if i in plan:
             row, column, motion, relation = plan[i]
         else:
             relation = None
-            while True:
+            for _ in range(100):
                 motion = rng.choice(MOTIONS)
-                cells = [c for c in _start_cells(motion) if c not in used]
-                if cells:
-                    row, column = rng.choice(cells)
+                row, column = rng.choice(_start_cells(motion))
+                path, dwell = path_cells(row, column, motion)
+                if all(not (dwell & other_path) and not (path & other_dwell) for other_path, other_dwell in placed):
                     break
-        used.add((row, column))
-        subjects.append(Subject(appearances[i], row, column, motion, 0.0, relation))
+            else:
+                continue  # no room left on the grid: one subject fewer
+            placed.append((path, dwell))
+        kept[i] = Subject(appearances[i], row, column, motion, 0.0, relation)
+    index = {old: new for new, old in enumerate(kept)}
+    subjects = list(kept.values())
+    for s in subjects:
+        if s.relation is not None:
+            s.relation = (s.relation[0], index[s.relation[1]])
     _apply_relations(subjects)
     return Scene(rng.choice(sorted(BACKGROUNDS)), subjects, num_frames, height, width, sprite_scale)
 
