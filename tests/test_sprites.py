@@ -1,0 +1,197 @@
+"""The procedural sprites task (issue #8): generator, shards, ground-truth metrics and configs."""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bindweave import evaluate as E
+from bindweave import sprites as S
+
+CONFIG = S.SpritesConfig()
+FLIP = {"right": "left", "left": "right", "up": "down", "down": "up", "jumps": "still", "still": "jumps"}
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    """A small test split written through the CLI (``bindweave data sprites``)."""
+    from bindweave.data_cli import main
+
+    out = tmp_path_factory.mktemp("sprites") / "test"
+    main(["sprites", "--out", str(out), "--split", "test", "--num-samples", "6", "--seed", "3",
+          "--samples-per-shard", "3", "--relation-probability", "1.0"])
+    return out
+
+
+def test_samples_are_a_pure_function_of_split_seed_and_index():
+    a = S.make_sample("train", 7, 5, CONFIG)
+    b = S.make_sample("train", 7, 5, CONFIG)
+    assert a[0] == b[0] and a[2] == b[2]
+    assert np.array_equal(a[3], b[3]) and all(np.array_equal(x, y) for x, y in zip(a[4], b[4]))
+    assert {k: v for k, v in a[1].items() if k != "mp4"} == {k: v for k, v in b[1].items() if k != "mp4"}
+    others = [S.make_sample("train", 8, 5, CONFIG)[2]["prompt"], S.make_sample("train", 7, 6, CONFIG)[2]["prompt"]]
+    assert a[2]["prompt"] not in others
+
+
+def test_splits_have_disjoint_appearances():
+    by_split: dict[str, set] = {name: set() for name in S.SPLITS}
+    for appearance in S.all_appearances():
+        by_split[appearance.split()].add(appearance)
+    assert sum(map(len, by_split.values())) == len(S.all_appearances()) > 8000
+    assert min(len(v) for v in by_split.values()) > 500  # hundreds of unseen appearances to test on
+    for split in S.SPLITS:
+        for index in range(6):
+            record = S.make_sample(split, 0, index, CONFIG)[2]
+            assert record["split"] == split
+            assert all(S.Appearance(**s["appearance"]).split() == split for s in record["sprites"]["subjects"])
+
+
+def test_prompt_and_references_determine_every_frame():
+    """The video re-renders from the prompt alone plus the appearances (what the references show),
+    from the JSON record, and from the lossless mp4."""
+    relations = 0
+    for index in range(12):
+        key, files, record, video, references = S.make_sample("val", 1, index, S.SpritesConfig(relation_probability=0.5))
+        appearances = [S.Appearance(**s["appearance"]) for s in record["sprites"]["subjects"]]
+        scene = S.scene_from_prompt(record["prompt"], appearances, CONFIG.num_frames, CONFIG.height, CONFIG.width,
+                                    CONFIG.sprite_scale)
+        assert np.array_equal(S.render(scene), video)
+        assert np.array_equal(S.render_record(record), video)
+        assert np.array_equal(S.decode_video(files["mp4"]), video)
+        assert 1 <= len(references) == record["num_references"] <= 4
+        assert (references[0] == 255).all(axis=-1).mean() > 0.1  # the subject alone, on white
+        assert record["prompt"].startswith(f"On a {record['sprites']['background']} background")
+        relations += any(s["relation"] for s in record["sprites"]["subjects"])
+        # The boxes of the record are where the renderer put each subject.
+        owner = S.render(scene, with_owner=True)[1]
+        for i, track in enumerate(record["sprites"]["boxes"]):
+            x0, y0, x1, y1 = track[0]
+            ys, xs = np.nonzero(owner[0] == i)
+            if len(xs):
+                assert x0 <= xs.min() and xs.max() < x1 and y0 <= ys.min() and ys.max() < y1
+    assert relations > 0
+    with pytest.raises(ValueError):
+        S.scene_from_prompt("a red circle moves left", appearances, 17, 64, 64, 0.3)
+
+
+def test_shards_are_read_by_the_project_datamodule(shards):
+    from bindweave.datamodule import WebDataModule
+
+    data = WebDataModule(urls=str(shards / "shard-*.tar"), val_urls=str(shards / "shard-*.tar"), num_frames=17, fps=8,
+                         buckets=[(64, 64)], augmentation=None, batch_size=3, num_workers=0)
+    data.setup("validate")
+    batches = list(data.val_dataloader())
+    assert sum(len(b["id"]) for b in batches) == 6
+    records = {r["id"]: r for r in map(json.loads, (shards / "requests.jsonl").read_text().splitlines())}
+    for batch in batches:
+        for i, sample_id in enumerate(batch["id"]):
+            truth = E.read_ground_truth(str(shards / "shard-*.tar"))[sample_id]["record"]
+            assert torch.equal(batch["frames"][i], torch.from_numpy(S.render_record(truth)))
+            assert batch["prompt"][i] == records[sample_id]["prompt"] == truth["prompt"]
+            assert batch["num_references"][i] == len(records[sample_id]["references"])
+    assert all((shards / p).exists() for r in records.values() for p in r["references"])
+
+
+def _scene_variants(record: dict) -> dict[str, np.ndarray]:
+    scene = S.scene_from_json(record)
+    video = S.render(scene)
+    noisy = np.clip(video.astype(np.int64) + np.random.default_rng(0).normal(0, 40, video.shape), 0, 255).astype(np.uint8)
+    wrong_motion = copy.deepcopy(scene)
+    for s in wrong_motion.subjects:
+        s.motion, s.relation = FLIP[s.motion], None
+    wrong_subject = copy.deepcopy(scene)
+    rng = random.Random(record["id"])
+    for s in wrong_subject.subjects:
+        s.appearance = S.random_appearance(rng, "train")
+    return {"truth": video, "noisy": noisy, "wrong_motion": S.render(wrong_motion), "wrong_subject": S.render(wrong_subject)}
+
+
+def test_metrics_rank_truth_corruption_wrong_motion_and_wrong_subject(shards):
+    truth = E.read_ground_truth(str(shards / "shard-*.tar"))
+    scores: dict[str, list[dict]] = {}
+    for item in list(truth.values())[:3]:
+        for name, video in _scene_variants(item["record"]).items():
+            scores.setdefault(name, []).append(E.evaluate_sample(video, item["record"], item["references"]))
+    mean = {name: E.summarise(dict(enumerate(runs))) for name, runs in scores.items()}
+    t, noisy, motion, subject = mean["truth"], mean["noisy"], mean["wrong_motion"], mean["wrong_subject"]
+    assert t["psnr"] == E.PSNR_CAP and t["ssim"] > 0.999 and t["subject_mse"] == 0 and t["background_mse"] == 0
+    assert t["motion_accuracy"] == 1.0 and t["relation_accuracy"] == 1.0 and t["position_error"] < 0.02
+    assert t["identity"] > 0.9
+    assert noisy["psnr"] < 25 and noisy["ssim"] < 0.5 and noisy["subject_mse"] > 0.01
+    assert motion["motion_accuracy"] <= 0.5 and motion["position_error"] > 0.1 and motion["subject_mse"] > 0.1
+    assert subject["identity"] < 0.5 and subject["subject_mse"] > 0.1
+    assert t["relation_accuracy"] > motion["relation_accuracy"]  # the relation samples lose their crossing
+
+
+def test_eval_cli_writes_a_table_and_json(shards, tmp_path, capsys):
+    from bindweave.eval_cli import main
+
+    truth = E.read_ground_truth(str(shards / "shard-*.tar"))
+    first, second = list(truth)[:2]
+    E.save_video(tmp_path / "gt" / f"{first}.mp4", S.render_record(truth[first]["record"]))
+    E.save_video(tmp_path / "gt" / f"{second}.mp4", _scene_variants(truth[second]["record"])["wrong_motion"])
+    runs = main(["--data", str(shards / "shard-*.tar"), "--run", f"mine={tmp_path / 'gt'}", "--out",
+                 str(tmp_path / "r.json"), "--table", str(tmp_path / "r.md"), "--limit", "2"])
+    table = capsys.readouterr().out
+    assert "| mine | 2 |" in table and "motion acc" in table
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["mine"]["samples"][first]["psnr"] == E.PSNR_CAP
+    assert saved["mine"]["samples"][second]["motion_accuracy"] < 1.0
+    assert runs["mine"]["summary"]["samples"] == 2 and (tmp_path / "r.md").read_text().startswith("| run")
+    with pytest.raises(SystemExit):
+        main(["--data", str(shards / "shard-*.tar"), "--run", f"x={tmp_path / 'missing'}"])
+    with pytest.raises(SystemExit):
+        main(["--data", str(shards / "shard-*.tar"), "--run", f"empty={tmp_path}"])  # no <id>.mp4 there
+
+
+TINY = [  # the sprites config at test size: byte tokenizers, a 1-layer DiT
+    "--model.relational.init_args.text_encoder.init_args.tiny_tokenizer", "bytes",
+    "--model.relational.init_args.mllm.init_args.tiny_tokenizer", "bytes",
+    "--model.dit.init_args.dim", "32", "--model.dit.init_args.ffn_dim", "64", "--model.dit.init_args.num_heads", "2",
+    "--model.dit.init_args.num_layers", "1", "--model.dit.init_args.freq_dim", "32",
+    "--trainer.accelerator", "cpu", "--trainer.precision", "32-true", "--trainer.logger", "false",
+    "--trainer.enable_progress_bar", "false", "--data.init_args.batch_size", "2", "--data.init_args.num_workers", "0",
+    "--data.init_args.pin_memory", "false",
+]
+
+
+def test_sprites_config_fits_on_sprites_shards(shards, tmp_path, monkeypatch):
+    from bindweave.cli import run_cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", ["bindweave"])
+    urls = str(shards / "shard-*.tar")
+    cli = run_cli(["fit", "-c", str(ROOT / "configs/sprites.yaml"), *TINY, "--trainer.max_steps", "2",
+                   "--trainer.limit_val_batches", "0", "--data.init_args.urls", urls, "--data.init_args.val_urls", urls])
+    assert cli.trainer.global_step == 2 and Path("outputs/sprites/checkpoints/last.ckpt").exists()
+    assert set(cli.model.conditioners) == {"relational", "identity", "multi_reference"}
+
+
+@pytest.mark.parametrize("variant", ["noref", "t5-only", "t5-mllm", "no-clip", "no-slots"])
+def test_ablation_configs_build(variant, shards, monkeypatch):
+    import lightning as L
+
+    from bindweave.cli import BindWeaveCLI
+    from bindweave.module import BindWeave
+
+    monkeypatch.setattr("sys.argv", ["bindweave"])
+    tiny = list(TINY)
+    if variant in ("noref", "t5-only"):  # no MLLM to shrink
+        at = tiny.index("--model.relational.init_args.mllm.init_args.tiny_tokenizer")
+        del tiny[at : at + 2]
+    cli = BindWeaveCLI(BindWeave, L.LightningDataModule, subclass_mode_data=True, run=False, save_config_callback=None,
+                       args=["-c", str(ROOT / "configs/sprites.yaml"), "-c", str(ROOT / f"configs/sprites/{variant}.yaml"),
+                             *tiny, "--data.init_args.urls", str(shards / "shard-*.tar")])
+    cli.model.configure_model()  # checks every branch and the input channels
+    names = set(cli.model.conditioners)
+    assert ("identity" in names) == (variant in ("t5-only", "no-slots"))
+    assert ("multi_reference" in names) == (variant in ("t5-only", "no-clip"))
+    assert (cli.model.conditioners["relational"].mllm is None) == (variant in ("noref", "t5-only"))
+    assert cli.trainer.default_root_dir.endswith(f"sprites-{variant}")
