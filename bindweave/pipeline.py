@@ -117,7 +117,9 @@ class BindWeavePipeline:
         """
         from bindweave.export import load_pretrained
 
-        module = load_pretrained(directory, model_overrides=model_overrides)
+        # A dtype name loads the DiT weights straight into that dtype (no fp32 copy on the way).
+        module = load_pretrained(directory, dtype=dtype if isinstance(dtype, str) else None,
+                                 model_overrides=model_overrides)
         return cls(module, replace(module.sampling, **sampling)).to(device, dtype)
 
     # -- placement -----------------------------------------------------------------------------
