@@ -212,7 +212,8 @@ def main() -> None:
             run = run_child(method, args.preset, args.dtype, folder, args.timeout)
             if "peak_rss_gb" in run:
                 run["peak_over_disk"] = round(run["peak_rss_gb"] * GB / disk, 3)
-                run["peak_minus_baseline_over_disk"] = round((run["peak_rss_gb"] - run["baseline_rss_gb"]) * GB / disk, 3)
+                above_baseline = run["peak_rss_gb"] - run["baseline_rss_gb"]
+                run["peak_minus_baseline_over_disk"] = round(above_baseline * GB / disk, 3)
                 if run.get("after_meta_build_rss_gb"):
                     run["peak_minus_built_over_disk"] = round(
                         (run["peak_rss_gb"] - run["after_meta_build_rss_gb"]) * GB / disk, 3)

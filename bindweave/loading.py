@@ -260,7 +260,9 @@ class Checkpoint:
         """Total size of the tensors as stored."""
         return sum(math.prod(e.shape) * e.dtype.itemsize for e in self.entries.values())
 
-    def read(self, key: str, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> torch.Tensor:
+    def read(
+        self, key: str, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+    ) -> torch.Tensor:
         """Read one tensor, cast to ``dtype`` and moved to ``device`` (default: as stored, CPU)."""
         entry = self.entries[key]
         if entry.tensor is not None:
@@ -392,7 +394,8 @@ def load_into(
                                                                f"{_shape(checkpoint.shape(k))}" for k in unexpected])):
             if items:
                 lines.append(f"{len(items)} {title}:")
-                lines += [f"  {item}" for item in items[:12]] + ([f"  ... and {len(items) - 12} more"] if len(items) > 12 else [])
+                lines += [f"  {item}" for item in items[:12]]
+                lines += [f"  ... and {len(items) - 12} more"] if len(items) > 12 else []
         if hint:
             lines.append(hint)
         raise WeightsError("\n".join(lines))
@@ -537,7 +540,8 @@ def dit_key_map(
         elif checkpoint_format in ("diffusers", "bindweave_release"):
             target = _diffusers_key(key, text_branch, image_branch)
         else:
-            raise ValueError(f"Unknown DiT checkpoint_format {checkpoint_format!r}; use one of {DIT_FORMATS} or 'auto'.")
+            raise ValueError(
+                f"Unknown DiT checkpoint_format {checkpoint_format!r}; use one of {DIT_FORMATS} or 'auto'.")
         if target is not None:
             sources[target] = key
     return sources, ignored

@@ -382,7 +382,8 @@ _VAE_FIXED = [
 
 def _vae_layout(keys) -> int:
     """Residual blocks per encoder stage (the index of the first Resample in ``encoder.downsamples``)."""
-    resamples = sorted({int(m.group(1)) for k in keys if (m := re.match(r"encoder\.downsamples\.(\d+)\.resample\.", k))})
+    pattern = re.compile(r"encoder\.downsamples\.(\d+)\.resample\.")
+    resamples = sorted({int(m.group(1)) for k in keys if (m := pattern.match(k))})
     if not resamples:
         raise ValueError("Not a Wan VAE checkpoint: no encoder.downsamples.*.resample keys.")
     if any(re.match(r"(en|de)coder\.(down|up)samples\.\d+\.to_qkv", k) for k in keys):

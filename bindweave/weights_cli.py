@@ -101,7 +101,7 @@ def _dit(folder: Path, fmt_hint: str, files: str) -> Component | None:
     try:
         component.format = detect_dit_format(checkpoint.keys())
         if component.format == "bindweave_release":
-            component.details["connector"] = "condition_embedder.text_projector (load with bindweave_official.load_release)"
+            component.details["connector"] = "text_projector (bindweave_official.load_release)"
         args = dit_arguments_from_checkpoint(checkpoint)
     except (WeightsError, KeyError) as e:
         component.problems.append(f"{folder}: not a Wan2.1 DiT ({e}).")
@@ -238,7 +238,8 @@ def _dit_fits(component: Component, preset: str) -> str | None:
     want = PRESETS[preset]
     d = component.details
     if d.get("dim") != want["dim"] or d.get("num_layers") != want["num_layers"]:
-        return f"dim {d.get('dim')}, {d.get('num_layers')} layers (needs dim {want['dim']}, {want['num_layers']} layers)"
+        return (f"dim {d.get('dim')}, {d.get('num_layers')} layers "
+                f"(needs dim {want['dim']}, {want['num_layers']} layers)")
     image = "image" in d.get("branches", [])
     if want["in_channels"] == 36 and not image and d.get("in_channels") == 16:
         return "a T2V DiT: loads only with allow_new_conditions: true (new channels and image branch zero-initialised)"
@@ -264,7 +265,8 @@ def evaluate_presets(report: FolderReport) -> None:
                 needs.append(f"{kind.upper()}: official {OFFICIAL_FILES[kind]}, or diffusers {DIFFUSERS_FILES[kind]}")
         if any(b.name == "image" for b in PRESETS[preset]["branches"]) and not report.usable("clip"):
             needs.append(f"CLIP: official {OFFICIAL_FILES['clip']}, or diffusers {DIFFUSERS_FILES['clip']}, or "
-                         f"open_clip's CLIP-ViT-H-14-frozen-xlm-roberta-large-laion5B-s13B-b90k/open_clip_pytorch_model.bin")
+                         f"open_clip's CLIP-ViT-H-14-frozen-xlm-roberta-large-laion5B-s13B-b90k/"
+                         f"open_clip_pytorch_model.bin")
         report.presets[preset] = needs
     for name, (model_type, hidden, repo) in MLLM_PRESETS.items():
         ok = [c for c in report.usable("mllm") if c.details.get("model_type") == model_type

@@ -144,7 +144,8 @@ def load_clip_tower(visual: VisionTransformer, path: str, checkpoint_format: str
         sources = {t: stripped + prefix + t for t in targets}
         ignored = [k for k in keys if prefix and not k.startswith(stripped + prefix)]
     else:
-        raise ValueError(f"Unknown CLIP checkpoint_format {checkpoint_format!r}: use auto, open_clip, wan or transformers.")
+        raise ValueError(
+            f"Unknown CLIP checkpoint_format {checkpoint_format!r}: use auto, open_clip, wan or transformers.")
     load_into(visual, checkpoint, sources, dtype=dtype, allow_missing=allow_missing, ignored=ignored, adapt=adapt,
               hint="Check model_name (the tower's architecture) against the checkpoint.")
     if visual.proj is not None and visual.proj.is_meta:

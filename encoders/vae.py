@@ -36,7 +36,12 @@ def load_wan_vae(path: str, dtype: torch.dtype, latents_mean: list[float] | None
     are given; other sizes need them.
     """
     from bindweave.loading import Checkpoint, WeightsError, assert_materialized, load_into
-    from bindweave.wan_official import WAN21_LATENTS_MEAN, WAN21_LATENTS_STD, vae_config_from_wan, wan_vae_to_diffusers_key
+    from bindweave.wan_official import (
+        WAN21_LATENTS_MEAN,
+        WAN21_LATENTS_STD,
+        vae_config_from_wan,
+        wan_vae_to_diffusers_key,
+    )
 
     checkpoint = Checkpoint.open(path)
     shapes = {k: checkpoint.shape(k) for k in checkpoint.keys()}
@@ -51,7 +56,8 @@ def load_wan_vae(path: str, dtype: torch.dtype, latents_mean: list[float] | None
     if latents_mean is None and latents_std is None and z_dim == 16:
         latents_mean, latents_std = WAN21_LATENTS_MEAN, WAN21_LATENTS_STD
     if latents_mean is None or latents_std is None:
-        raise ValueError(f"{path} has {z_dim} latent channels: give latents_mean and latents_std ({z_dim} values each).")
+        raise ValueError(
+            f"{path} has {z_dim} latent channels: give latents_mean and latents_std ({z_dim} values each).")
     with torch.device("meta"):
         vae = AutoencoderKLWan(**config, latents_mean=list(latents_mean), latents_std=list(latents_std))
     num_res_blocks = config["num_res_blocks"]

@@ -143,7 +143,6 @@ def test_released_bindweave_layout_maps_to_dit_and_connector(trained, tiny_confi
 
 def _official_folder(trained, folder: Path) -> Path:
     """A tiny official Wan2.1 layout: DiT shards + config.json, the VAE/T5/CLIP .pth and the tokenizer."""
-    import open_clip  # noqa: F401
     from open_clip.model import _build_vision_tower
 
     from encoders import T5TextEncoder, WanVAE
