@@ -90,9 +90,10 @@ def test_shards_are_read_by_the_project_datamodule(shards):
     batches = list(data.val_dataloader())
     assert sum(len(b["id"]) for b in batches) == 6
     records = {r["id"]: r for r in map(json.loads, (shards / "requests.jsonl").read_text().splitlines())}
+    ground_truth = E.read_ground_truth(str(shards / "shard-*.tar"))
     for batch in batches:
         for i, sample_id in enumerate(batch["id"]):
-            truth = E.read_ground_truth(str(shards / "shard-*.tar"))[sample_id]["record"]
+            truth = ground_truth[sample_id]["record"]
             assert torch.equal(batch["frames"][i], torch.from_numpy(S.render_record(truth)))
             assert batch["prompt"][i] == records[sample_id]["prompt"] == truth["prompt"]
             assert batch["num_references"][i] == len(records[sample_id]["references"])
