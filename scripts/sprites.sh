@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The sprites recipe in one command (docs/sprites.md): generate the data, train the full model and
+# The sprites recipe in one command (docs/sprites.md): generate the data, train the VAE, train the full model and
 # each ablation (one GPU each, one after another), sample the test split, score every run and
 # write the table to docs/results.md.
 #   scripts/sprites.sh                      # everything
@@ -21,9 +21,14 @@ for split in train val test; do
   fi
 done
 
+# A VAE that reconstructs sprites (a random one cannot decode what the DiT learns).
+if [ ! -f "$DATA/vae/config.json" ]; then
+  python -m bindweave.sprites_vae --data "$DATA/train/shard-*.tar" --out "$DATA/vae" --steps "${VAE_STEPS:-3000}"
+fi
+
 runs=()
 for variant in $VARIANTS; do
-  configs=(-c configs/sprites.yaml)
+  configs=(-c configs/sprites.yaml -c configs/sprites/trained-vae.yaml --model.vae.init_args.pretrained_path "$DATA/vae")
   root=outputs/sprites
   if [ "$variant" != full ]; then
     configs+=(-c "configs/sprites/$variant.yaml")
