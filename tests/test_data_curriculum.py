@@ -66,7 +66,7 @@ def test_fit_checkpoint_and_resume_mid_stage_through_the_cli(two_sets, tmp_path,
     monkeypatch.chdir(tmp_path)  # tiny.yaml writes under ./outputs/tiny
     curriculum = tmp_path / "curriculum.yaml"
     curriculum.write_text(yaml.safe_dump({"data": {"init_args": {
-        "urls": None, "samples_per_epoch": 4,  # epochs of 2 steps: the loader restarts at each epoch
+        "urls": None, "batch_size": 1, "samples_per_epoch": 2,  # 2-step epochs: the loader restarts
         "curriculum": [{"name": "curated", "urls": [two_sets["a"][0], two_sets["a"][1]], "steps": 3},
                        {"name": "full", "urls": two_sets["b"]}],
     }}}))
