@@ -579,11 +579,11 @@ class WebDataModule(L.LightningDataModule):
                         )
                 for shards, pattern in zip(sets, spec.urls):
                     self._check_valid(shards, f"stage {spec.name!r} shards {pattern!r}", self.eval_decoder)
-            if self.trainer is not None and not any(isinstance(c, DataMonitor) for c in self.trainer.callbacks):
-                self.trainer.callbacks.append(DataMonitor())
             rank_zero_info("Data curriculum:\n" + self.curriculum.describe())
         if stage in ("fit", "validate", "test") and self._val_shards is not None:
             self._check_valid(self._val_shards, f"validation shards {self.val_urls!r}", self.eval_decoder)
+        if self.trainer is not None and not any(isinstance(c, DataMonitor) for c in self.trainer.callbacks):
+            self.trainer.callbacks.append(DataMonitor())
 
     # -- loaders --
 
