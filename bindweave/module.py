@@ -160,7 +160,8 @@ class BindWeave(L.LightningModule):
     def _apply_parallelism(self) -> None:
         """Activation checkpointing, compile and (under ModelParallelStrategy) FSDP2, in that order."""
         from bindweave.parallel import apply_activation_checkpointing, apply_compile
-        from bindweave.sharding import frozen_encoders, shard_model
+        from bindweave.sharding import shard_model
+        from encoders.base import frozen_encoders
 
         p = self.parallelism
         apply_activation_checkpointing(self.dit, p.activation_checkpointing)

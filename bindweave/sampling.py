@@ -34,7 +34,7 @@ from bindweave.flow import NUM_TRAIN_TIMESTEPS
 from conditioners.base import merge, stack_batches
 from conditioners.identity import IdentityConditioner
 from conditioners.multi_reference import MultiReferenceConditioner
-from encoders.base import FrozenEncoder
+from encoders.base import FrozenEncoder, frozen_encoders
 
 if TYPE_CHECKING:
     from bindweave.module import BindWeave
@@ -111,21 +111,6 @@ def make_scheduler(sampler: str, num_steps: int, shift: float, device: torch.dev
 # ----------------------------------------------------------------------------------------------
 # Memory: encoder offloading
 # ----------------------------------------------------------------------------------------------
-
-
-def frozen_encoders(module: torch.nn.Module) -> list[FrozenEncoder]:
-    """The frozen encoders of a model (outermost ones), the VAE included."""
-    found: list[FrozenEncoder] = []
-
-    def walk(parent: torch.nn.Module) -> None:
-        for child in parent.children():
-            if isinstance(child, FrozenEncoder):
-                found.append(child)
-            else:
-                walk(child)
-
-    walk(module)
-    return found
 
 
 @contextlib.contextmanager

@@ -58,18 +58,3 @@ def shard_model(
             for method in ("encode", "encode_images", "decode"):
                 if callable(getattr(encoder, method, None)):
                     register_fsdp_forward_method(encoder, method)
-
-
-def frozen_encoders(module: nn.Module) -> list[nn.Module]:
-    """The outermost :class:`FrozenEncoder` submodules of ``module``."""
-    found: list[nn.Module] = []
-
-    def visit(m: nn.Module) -> None:
-        for child in m.children():
-            if isinstance(child, FrozenEncoder):
-                found.append(child)
-            else:
-                visit(child)
-
-    visit(module)
-    return found

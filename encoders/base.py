@@ -72,3 +72,18 @@ class FrozenEncoder(nn.Module):
     def tiny(cls) -> "FrozenEncoder":
         """A small random-weight instance for tests; every concrete subclass implements it."""
         raise NotImplementedError(f"{cls.__name__} must implement tiny() for the contract tests.")
+
+
+def frozen_encoders(module: nn.Module) -> list[FrozenEncoder]:
+    """The outermost :class:`FrozenEncoder` submodules of ``module`` (the VAE included)."""
+    found: list[FrozenEncoder] = []
+
+    def walk(parent: nn.Module) -> None:
+        for child in parent.children():
+            if isinstance(child, FrozenEncoder):
+                found.append(child)
+            else:
+                walk(child)
+
+    walk(module)
+    return found
