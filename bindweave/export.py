@@ -84,13 +84,21 @@ def export_checkpoint(checkpoint_path: str | Path, directory: str | Path,
                       max_shard_bytes: int = 5 * 1024**3) -> Path:
     """Turn a Lightning ``.ckpt`` written by ``bindweave fit`` into an export folder.
 
+    A sharded checkpoint folder (FSDP2 / ``ModelParallelStrategy``) is consolidated first
+    (:func:`read_sharded_checkpoint`), whatever world size wrote it.
+
     The checkpoint is read with ``torch.load(weights_only=True)`` (no pickle code runs); its
     hyperparameters are the config and its ``state_dict`` the trainable weights (frozen encoders are
     never in BindWeave checkpoints).
     """
     path = Path(checkpoint_path)
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        if path.is_dir():
+            checkpoint = read_sharded_checkpoint(path)
+        else:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except WeightsError:
+        raise
     except Exception as e:  # noqa: BLE001
         raise WeightsError(f"{path}: cannot be read as a Lightning checkpoint with weights_only=True ({e}).") from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
@@ -103,6 +111,28 @@ def export_checkpoint(checkpoint_path: str | Path, directory: str | Path,
     save_sharded(state, directory, WEIGHTS_NAME, max_shard_bytes, {"bindweave": FORMAT})
     (directory / CONFIG_NAME).write_text(yaml.safe_dump(content, sort_keys=False))
     return directory
+
+
+def read_sharded_checkpoint(directory: str | Path) -> dict:
+    """Consolidate a sharded (``torch.distributed.checkpoint``) Lightning checkpoint folder into one
+    dict with ``state_dict`` (trainable weights only) and ``hyper_parameters``, on the CPU, in one
+    process. The frozen encoders' shards, kept in sharded checkpoints, are dropped."""
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    directory = Path(directory)
+    meta_file = directory / "meta.pt"
+    if not meta_file.is_file():
+        raise WeightsError(f"{directory}: not a sharded Lightning checkpoint (no meta.pt).")
+    meta = torch.load(meta_file, map_location="cpu", weights_only=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        consolidated = Path(tmp) / "consolidated.pt"
+        dcp_to_torch_save(directory, consolidated)
+        state = torch.load(consolidated, map_location="cpu", weights_only=True)["state_dict"]
+    frozen = tuple(meta.get("frozen_prefixes", ()))
+    meta["state_dict"] = {k: v for k, v in state.items() if not k.startswith(frozen)} if frozen else state
+    return meta
 
 
 def read_config(directory: str | Path) -> dict:

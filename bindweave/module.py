@@ -336,10 +336,11 @@ class BindWeave(L.LightningModule):
         Sharded (distributed) checkpoints keep them: torch.distributed.checkpoint loads into the
         model's full state dict and has no partial load through Lightning; each rank stores only
         its shard of them."""
+        prefixes = tuple(self._frozen_prefixes())
         strategy = self._trainer.strategy if self._trainer is not None else None
         if getattr(strategy, "_save_distributed_checkpoint", False):
+            checkpoint["frozen_prefixes"] = list(prefixes)  # lets an export drop them (bindweave.export)
             return
-        prefixes = tuple(self._frozen_prefixes())
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith(prefixes)]:
             del state[key]

@@ -230,3 +230,12 @@ def test_sharded_checkpoint_resumes_at_another_world_size(tmp_path):
     assert after["step"] == 1
     for key, value in before["dit"].items():
         torch.testing.assert_close(after["dit"][key], value, msg=key)
+    # The sharded folder consolidates, in one process, to the trainable weights only (for export).
+    from bindweave.export import read_sharded_checkpoint
+
+    consolidated = read_sharded_checkpoint(os.path.join(ckpt_dir, "last.ckpt"))
+    state = consolidated["state_dict"]
+    assert not any(k.startswith("vae.") or ".text_encoder." in k or ".mllm." in k for k in state)
+    assert any(".connector." in k for k in state)
+    for key, value in before["dit"].items():
+        torch.testing.assert_close(state[f"dit.{key}"], value, msg=key)
