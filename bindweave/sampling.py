@@ -62,6 +62,10 @@ class SamplingConfig:
         vae_tiling: decode in overlapping spatial tiles (diffusers' ``AutoencoderKLWan`` tiling;
             blends tile seams, so pixels differ slightly from untiled decoding).
         vae_slicing: decode the videos of a batch one at a time (equal up to 1/255 rounding).
+        parallel: with several processes (torch.distributed initialised, every rank given the same
+            requests), how DiT calls are split over the default group: ``cfg`` runs the
+            conditional and unconditional halves on different ranks, ``sequence`` splits the video
+            tokens (Ulysses); ``none`` runs everything on every rank.
     """
 
     num_steps: int = 50
@@ -74,6 +78,22 @@ class SamplingConfig:
     offload_encoders: bool = False
     vae_tiling: bool = False
     vae_slicing: bool = False
+    parallel: Literal["none", "cfg", "sequence"] = "none"
+
+
+def _dit_call(dit, config: SamplingConfig):
+    """The DiT call of the sampling loop, split over ranks as ``config.parallel`` asks."""
+    if config.parallel == "none":
+        return dit
+    import torch.distributed as dist
+
+    from bindweave.sequence_parallel import batch_parallel_forward, sequence_parallel_forward
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError(f"parallel={config.parallel!r} needs torch.distributed initialised (e.g. under torchrun).")
+    group = dist.group.WORLD
+    forward = batch_parallel_forward if config.parallel == "cfg" else sequence_parallel_forward
+    return lambda *args, **kwargs: forward(dit, group, *args, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,11 +219,12 @@ def sample_videos(
     x = initial_noise(seeds, latent_shape, device)  # (B, z, T, h, w) fp32
     dtype = dit.patch_embedding.weight.dtype
     scheduler = make_scheduler(config.sampler, config.num_steps, config.shift, device)
+    dit_call = _dit_call(dit, config)
     for t in tqdm(scheduler.timesteps, desc=description, disable=not progress, leave=False):
         model_x = torch.cat([x, x]) if guided else x  # (2B or B, z, T, h, w)
         dit_in, frame_mask = module.assemble_input(model_x.to(dtype), cond)  # (2B or B, C_in, T+N, h, w)
         timestep = t.to(torch.float32).expand(model_x.shape[0])  # (2B or B,)
-        velocity = dit(dit_in, timestep, context, context_mask, frame_mask, context_embedded=True)
+        velocity = dit_call(dit_in, timestep, context, context_mask, frame_mask, context_embedded=True)
         velocity = velocity[:, :, : latent_shape[1]].float()  # (2B or B, z, T, h, w)
         if guided:
             conditional, unconditional = velocity.chunk(2)

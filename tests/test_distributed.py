@@ -148,6 +148,18 @@ def _sp_worker(rank: int, world: int, port: int, path: str) -> None:
     results["sp_out"], results["sp_grad"] = out.detach(), x.grad.detach()
     with torch.no_grad():
         results["cfg_out"] = batch_parallel_forward(dit, group, x, t, ctx, frame_mask=frame_mask)
+    # Whole sampling runs: every rank gets the same requests and the same videos.
+    from dataclasses import replace
+
+    from bindweave.sampling import sample_videos
+    from tests.helpers import synthetic_batch, tiny_module
+
+    torch.manual_seed(123)
+    module = tiny_module(num_steps=2)
+    torch.nn.init.normal_(module.dit.head.proj.weight, std=0.5)  # outputs depend on the DiT
+    batch = synthetic_batch(size=1, with_video=False)
+    for mode in ("cfg", "sequence"):
+        results[f"video_{mode}"] = sample_videos(module, batch, replace(module.sampling, parallel=mode))
     if rank == 0:
         torch.save(results, path)
     dist.destroy_process_group()
@@ -176,6 +188,17 @@ def test_sequence_and_cfg_parallel_equal_one_process(tmp_path):
     torch.testing.assert_close(result["sp_out"], expected.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(result["sp_grad"], x.grad, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(result["cfg_out"], expected.detach(), rtol=1e-5, atol=1e-5)
+    from tests.helpers import synthetic_batch, tiny_module
+    from bindweave.sampling import sample_videos
+
+    torch.manual_seed(123)
+    module = tiny_module(num_steps=2)
+    torch.nn.init.normal_(module.dit.head.proj.weight, std=0.5)
+    single = sample_videos(module, synthetic_batch(size=1, with_video=False), module.sampling)
+    torch.nn.init.normal_(module.dit.head.proj.weight, std=0.5)  # other weights: another video
+    assert (sample_videos(module, synthetic_batch(size=1, with_video=False), module.sampling).int() - single.int()).abs().max() > 1
+    for mode in ("cfg", "sequence"):
+        assert (result[f"video_{mode}"].int() - single.int()).abs().max() <= 1, mode
 
 
 def _checkpoint_worker(rank: int, world: int, port: int, ckpt_dir: str, out: str, resume: bool) -> None:
