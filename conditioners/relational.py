@@ -50,6 +50,8 @@ class RelationalConditioner(Conditioner):
         mllm: factory of the MLLM encoder; None switches the MLLM path off.
         branch: DiT cross-attention branch fed.
         null_prompt: prompt of the null condition.
+        release_connector_path: the released BindWeave DiT checkpoint (file or sharded folder) to
+            initialise the connector from (its ``text_projector``), instead of zeros.
         dropout: see :class:`Conditioner`.
         guided: see :class:`Conditioner`.
     """
@@ -60,10 +62,14 @@ class RelationalConditioner(Conditioner):
         mllm: Callable[[], MLLMEncoder] | None = None,
         branch: str = "text",
         null_prompt: str = "",
+        release_connector_path: str | None = None,
         dropout: float = 0.1,
         guided: bool = True,
     ) -> None:
         super().__init__(dropout=dropout, guided=guided)
+        if release_connector_path is not None and mllm is None:
+            raise ValueError("release_connector_path needs an `mllm`: the connector projects MLLM hidden states.")
+        self.release_connector_path = release_connector_path
         self.text_encoder_factory = text_encoder
         self.mllm_factory = mllm
         self.branch = branch
@@ -88,6 +94,10 @@ class RelationalConditioner(Conditioner):
             self.connector = nn.Sequential(nn.Linear(mllm_width, width), nn.GELU(approximate="tanh"), nn.Linear(width, width))
             nn.init.zeros_(self.connector[2].weight)
             nn.init.zeros_(self.connector[2].bias)
+            if self.release_connector_path is not None:
+                from bindweave.bindweave_official import load_release_connector
+
+                load_release_connector(self.connector, self.release_connector_path)
 
     def cached_state(self) -> dict[str, torch.Tensor]:
         """The T5 (and MLLM) widths and the null condition's features."""

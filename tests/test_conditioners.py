@@ -117,3 +117,34 @@ def test_multi_reference_rejects_too_many_references():
     c.build(WanVAE.tiny())
     with pytest.raises(ValueError, match="at most 1"):
         c(synthetic_batch(size=2))
+
+
+def test_relational_connector_from_the_released_checkpoint(tmp_path):
+    from safetensors.torch import save_file
+
+    from encoders import MLLMEncoder
+    from bindweave.loading import WeightsError
+
+    reference = RelationalConditioner.tiny()
+    reference.build(WanVAE.tiny())
+    width, hidden = reference.text_encoder.hidden_size, reference.mllm.hidden_size
+    weights = {
+        "condition_embedder.text_projector.linear_1.weight": torch.randn(width, hidden),
+        "condition_embedder.text_projector.linear_1.bias": torch.randn(width),
+        "condition_embedder.text_projector.linear_2.weight": torch.randn(width, width),
+        "condition_embedder.text_projector.linear_2.bias": torch.randn(width),
+        "blocks.0.attn1.to_q.weight": torch.zeros(2, 2),  # the rest of the DiT, ignored here
+    }
+    save_file(weights, tmp_path / "release.safetensors")
+    c = RelationalConditioner(text_encoder=T5TextEncoder.tiny, mllm=MLLMEncoder.tiny,
+                              release_connector_path=str(tmp_path / "release.safetensors"))
+    c.build(WanVAE.tiny())
+    torch.testing.assert_close(c.connector[0].weight, weights["condition_embedder.text_projector.linear_1.weight"])
+    torch.testing.assert_close(c.connector[2].bias, weights["condition_embedder.text_projector.linear_2.bias"])
+    save_file({"blocks.0.attn1.to_q.weight": torch.zeros(2, 2)}, tmp_path / "plain.safetensors")
+    wrong = RelationalConditioner(text_encoder=T5TextEncoder.tiny, mllm=MLLMEncoder.tiny,
+                                  release_connector_path=str(tmp_path / "plain.safetensors"))
+    with pytest.raises(WeightsError, match="text_projector"):
+        wrong.build(WanVAE.tiny())
+    with pytest.raises(ValueError, match="needs an `mllm`"):
+        RelationalConditioner(text_encoder=T5TextEncoder.tiny, release_connector_path="x")
