@@ -60,6 +60,17 @@ class FrozenEncoder(nn.Module):
         """Frozen encoders stay in eval mode whatever Lightning asks (no dropout, fixed norms)."""
         return super().train(False)
 
+    def check_source(self, pretrained_path: str | None, tiny_config: dict | None, pretrained_what: str) -> None:
+        """Raise unless exactly one of ``pretrained_path`` / ``tiny_config`` is given.
+
+        ``pretrained_what`` says what the path should point at (e.g. "a local VLM folder")."""
+        if (pretrained_path is None) == (tiny_config is None):
+            raise ValueError(
+                f"{type(self).__name__} needs exactly one of `pretrained_path` ({pretrained_what}) or "
+                f"`tiny_config` (random weights); got pretrained_path={pretrained_path!r} and "
+                f"tiny_config={'set' if tiny_config is not None else None}."
+            )
+
     @property
     def device(self) -> torch.device:
         for tensor in self.parameters():

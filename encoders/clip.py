@@ -191,13 +191,7 @@ class CLIPVisionEncoder(FrozenEncoder):
         dtype: str = "bfloat16",
     ) -> None:
         super().__init__(dtype)
-        if (pretrained_path is None) == (tiny_config is None):
-            raise ValueError(
-                "CLIPVisionEncoder needs exactly one of `pretrained_path` (a local open_clip "
-                "checkpoint file) or `tiny_config` (random weights); got "
-                f"pretrained_path={pretrained_path!r} and "
-                f"tiny_config={'set' if tiny_config is not None else None}."
-            )
+        self.check_source(pretrained_path, tiny_config, "a local open_clip checkpoint file")
         from_transformers = pretrained_path is not None and (
             checkpoint_format == "transformers" or (checkpoint_format == "auto" and Path(pretrained_path).is_dir()))
         if tiny_config is not None:

@@ -102,12 +102,7 @@ class MLLMEncoder(FrozenEncoder):
         dtype: str = "bfloat16",
     ) -> None:
         super().__init__(dtype)
-        if (pretrained_path is None) == (tiny_config is None):
-            raise ValueError(
-                "MLLMEncoder needs exactly one of `pretrained_path` (a local VLM folder) or "
-                f"`tiny_config` (random weights); got pretrained_path={pretrained_path!r} and "
-                f"tiny_config={'set' if tiny_config is not None else None}."
-            )
+        self.check_source(pretrained_path, tiny_config, "a local VLM folder")
         if image_size <= 0:
             raise ValueError(f"image_size must be positive, got {image_size}.")
         if max_length is not None and max_length <= 0:

@@ -93,12 +93,7 @@ class T5TextEncoder(FrozenEncoder):
         dtype: str = "bfloat16",
     ) -> None:
         super().__init__(dtype)
-        if (pretrained_path is None) == (tiny_config is None):
-            raise ValueError(
-                "T5TextEncoder needs exactly one of `pretrained_path` (a local encoder folder) or "
-                f"`tiny_config` (random weights); got pretrained_path={pretrained_path!r} and "
-                f"tiny_config={'set' if tiny_config is not None else None}."
-            )
+        self.check_source(pretrained_path, tiny_config, "a local encoder folder")
         if max_length <= 0:
             raise ValueError(f"max_length must be positive, got {max_length}.")
         self.max_length = max_length

@@ -102,12 +102,7 @@ class WanVAE(FrozenEncoder):
         dtype: str = "float32",
     ) -> None:
         super().__init__(dtype)
-        if (pretrained_path is None) == (tiny_config is None):
-            raise ValueError(
-                "WanVAE needs exactly one of `pretrained_path` (a local diffusers VAE folder) or "
-                f"`tiny_config` (random weights); got pretrained_path={pretrained_path!r} and "
-                f"tiny_config={'set' if tiny_config is not None else None}."
-            )
+        self.check_source(pretrained_path, tiny_config, "a local diffusers VAE folder")
         if pretrained_path is not None and Path(pretrained_path).is_file():
             self.vae = load_wan_vae(pretrained_path, self.dtype, latents_mean, latents_std)
         elif pretrained_path is not None:
