@@ -25,7 +25,6 @@ from bindweave.flow import RectifiedFlow
 from bindweave.sampling import SamplingConfig, predict_batch, sample_videos
 from conditioners.base import Conditioner, Conditioning, merge
 from encoders.base import FrozenEncoder
-from encoders.vae import WanVAE
 
 
 # Frozen encoder weights are deliberately absent from checkpoints; on_load_checkpoint checks that
@@ -66,7 +65,8 @@ class BindWeave(L.LightningModule):
 
     Args:
         dit: factory of the diffusion transformer (trainable).
-        vae: factory of the frozen video VAE (encodes videos and references, decodes samples).
+        vae: factory of the frozen video VAE (encodes videos and references, decodes samples):
+            ``encoders.WanVAE`` or anything with its interface (e.g. the fixed ``encoders.PatchVAE``).
         relational: the prompt condition (paper: MLLM + T5, ``RelationalConditioner``); None to omit.
         identity: the reference-appearance condition (paper: CLIP tokens, ``IdentityConditioner``).
         multi_reference: the reference-latent slots (paper: ``MultiReferenceConditioner``).
@@ -91,7 +91,7 @@ class BindWeave(L.LightningModule):
     def __init__(
         self,
         dit: Callable[[], WanDiT],
-        vae: Callable[[], WanVAE],
+        vae: Callable[[], FrozenEncoder],
         relational: Conditioner | None = None,
         identity: Conditioner | None = None,
         multi_reference: Conditioner | None = None,
@@ -125,7 +125,7 @@ class BindWeave(L.LightningModule):
         self.parallelism = parallelism
         self.feature_cache = feature_cache
         self.dit: WanDiT | None = None
-        self.vae: WanVAE | None = None
+        self.vae: FrozenEncoder | None = None
         # Checkpoints hold trainable weights only; frozen encoders come from their own files.
         self.strict_loading = False
 

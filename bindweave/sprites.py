@@ -29,8 +29,11 @@ import hashlib
 import io
 import json
 import math
+import multiprocessing
 import random
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import av
@@ -545,27 +548,38 @@ def make_sample(split: str, seed: int, index: int, config: SpritesConfig) -> tup
     return key, files, record, video, references
 
 
+def _sample_files(split: str, seed: int, config: SpritesConfig, index: int) -> tuple[str, dict[str, bytes], dict]:
+    """``make_sample`` without the arrays (what a worker process sends back)."""
+    key, files, record, _, _ = make_sample(split, seed, index, config)
+    return key, files, record
+
+
 def generate(out: str | Path, split: str, num_samples: int, seed: int = 0, config: SpritesConfig | None = None,
-             samples_per_shard: int = 256, requests: bool = True, overwrite: bool = False) -> dict:
+             samples_per_shard: int = 256, requests: bool = True, overwrite: bool = False, workers: int = 1) -> dict:
     """Write ``num_samples`` samples of ``split`` as shards ``<out>/shard-*.tar`` (the project's format),
     plus, with ``requests``, ``<out>/requests.jsonl`` and ``<out>/references/`` (predict requests of
-    the same samples: prompt, references, size, seed). Returns the summary (also ``<out>/sprites.json``)."""
+    the same samples: prompt, references, size, seed). ``workers`` processes render in parallel; the
+    output does not depend on their number. Returns the summary (also ``<out>/sprites.json``)."""
     config = config or SpritesConfig()
     config.check()
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
     out = Path(out)
     lines, appearances, counts = [], set(), {m: 0 for m in MOTIONS}
-    with ShardWriter(out, max_samples=samples_per_shard, overwrite=overwrite) as writer:
-        for index in range(num_samples):
-            key, files, record, _, references = make_sample(split, seed, index, config)
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}.")
+    render_one = partial(_sample_files, split, seed, config)
+    pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
+    samples = pool.imap(render_one, range(num_samples), chunksize=16) if pool else map(render_one, range(num_samples))
+    with pool or nullcontext(), ShardWriter(out, max_samples=samples_per_shard, overwrite=overwrite) as writer:
+        for index, (key, files, record) in enumerate(samples):
             writer.write(key, files)
             for s in record["sprites"]["subjects"]:
                 appearances.add(Appearance(**s["appearance"]).key())
                 counts[s["motion"]] += 1
             if requests:
                 paths = []
-                for i in range(len(references)):
+                for i in range(len(record["sprites"]["references"])):
                     path = Path("references") / f"{key}.ref{i}.png"
                     (out / path).parent.mkdir(parents=True, exist_ok=True)
                     (out / path).write_bytes(files[f"ref{i}.png"])
@@ -613,6 +627,7 @@ def sprites_parser():
                    help="samples per shard")
     p.add_argument("--requests", action=ActionYesNo, default=True, help="also write requests.jsonl + references/")
     p.add_argument("--overwrite", action=ActionYesNo, default=False, help="replace an existing shard set")
+    p.add_argument("--workers", type=int, default=1, help="processes rendering in parallel (same output for any number)")
     return p
 
 
@@ -622,7 +637,7 @@ def run_sprites(args) -> dict:
                            sprite_scale=args.sprite_scale, reference_size=args.reference_size,
                            max_subjects=args.max_subjects, relation_probability=args.relation_probability)
     summary = generate(args.out, args.split, args.num_samples, args.seed, config, args.samples_per_shard,
-                       requests=args.requests, overwrite=args.overwrite)
+                       requests=args.requests, overwrite=args.overwrite, workers=args.workers)
     print(f"Wrote {summary['samples']} {summary['split']} samples ({summary['appearances']} appearances; motions "
           f"{summary['motions']}) to {len(summary['shards'])} shard(s) in {summary['output']}.")
     return summary

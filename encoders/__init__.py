@@ -1,8 +1,9 @@
-"""Frozen pretrained backbones: relational MLLM, T5 text encoder, CLIP image encoder, Wan VAE."""
+"""Frozen pretrained backbones: relational MLLM, T5 text encoder, CLIP image encoder, Wan VAE (or a fixed patch VAE)."""
 
 from encoders.base import FrozenEncoder, Tokens, resolve_dtype
 from encoders.clip import CLIPVisionEncoder
 from encoders.mllm import MLLMEncoder
+from encoders.patch_vae import PatchVAE
 from encoders.text import T5TextEncoder
 from encoders.tokenizer import byte_level_tokenizer, qwen2_tokenizer
 from encoders.vae import WanVAE
@@ -11,6 +12,7 @@ __all__ = [
     "CLIPVisionEncoder",
     "FrozenEncoder",
     "MLLMEncoder",
+    "PatchVAE",
     "T5TextEncoder",
     "Tokens",
     "WanVAE",

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The sprites recipe in one command (docs/sprites.md): generate the data, train the VAE, train the full model and
-# each ablation (one GPU each, one after another), sample the test split, score every run and
-# write the table to docs/results.md.
-#   scripts/sprites.sh                      # everything
-#   VARIANTS="full noref" scripts/sprites.sh  # a subset (full = configs/sprites.yaml alone)
-#   STEPS=200 TEST=32 scripts/sprites.sh    # a quick run
+# The sprites recipe in one command (docs/sprites.md): generate the data, train the full model and
+# each ablation, sample the test split, score every run and write the table to docs/results.md.
+#   scripts/sprites.sh                         # everything, variants one after another
+#   PARALLEL=1 WORKERS=2 scripts/sprites.sh    # all variants at once on one GPU (small models leave it idle)
+#   VARIANTS="full noref" scripts/sprites.sh   # a subset (full = configs/sprites.yaml alone)
+#   STEPS=200 TEST=32 scripts/sprites.sh       # a quick run
+# BINDWEAVE overrides the command (default: the installed `bindweave`).
 set -euo pipefail
 DATA=${DATA:-data/sprites}
 TRAIN=${TRAIN:-20000}
@@ -12,37 +13,52 @@ VAL=${VAL:-256}
 TEST=${TEST:-256}
 SEED=${SEED:-0}
 STEPS=${STEPS:-}
+WORKERS=${WORKERS:-}
+PARALLEL=${PARALLEL:-0}
 VARIANTS=${VARIANTS:-"full noref t5-only t5-mllm no-clip no-slots"}
+BINDWEAVE=${BINDWEAVE:-bindweave}
 
 for split in train val test; do
   count=$(eval echo \${${split^^}})
   if [ ! -f "$DATA/$split/sprites.json" ]; then
-    bindweave data sprites --out "$DATA/$split" --split "$split" --num-samples "$count" --seed "$SEED"
+    $BINDWEAVE data sprites --out "$DATA/$split" --split "$split" --num-samples "$count" --seed "$SEED"
   fi
 done
 
-# A VAE that reconstructs sprites (a random one cannot decode what the DiT learns).
-if [ ! -f "$DATA/vae/config.json" ]; then
-  python -m bindweave.sprites_vae --data "$DATA/train/shard-*.tar" --out "$DATA/vae" --steps "${VAE_STEPS:-3000}"
-fi
+root_of() { if [ "$1" = full ]; then echo outputs/sprites; else echo "outputs/sprites-$1"; fi; }
+
+run_variant() {  # train, then sample the test split
+  local variant=$1 root
+  root=$(root_of "$variant")
+  local configs=(-c configs/sprites.yaml)
+  [ "$variant" != full ] && configs+=(-c "configs/sprites/$variant.yaml")
+  local extra=(--data.init_args.urls "$DATA/train/shard-*.tar" --data.init_args.val_urls "$DATA/val/shard-*.tar")
+  [ -n "$STEPS" ] && extra+=(--trainer.max_steps "$STEPS")
+  [ -n "$WORKERS" ] && extra+=(--data.init_args.num_workers "$WORKERS")
+  $BINDWEAVE fit "${configs[@]}" "${extra[@]}"
+  $BINDWEAVE predict "${configs[@]}" -c configs/predict.yaml --data.init_args.requests "$DATA/test/requests.jsonl" \
+    --ckpt_path "$root/checkpoints/last.ckpt"
+}
 
 runs=()
-for variant in $VARIANTS; do
-  configs=(-c configs/sprites.yaml -c configs/sprites/trained-vae.yaml --model.vae.init_args.pretrained_path "$DATA/vae")
-  root=outputs/sprites
-  if [ "$variant" != full ]; then
-    configs+=(-c "configs/sprites/$variant.yaml")
-    root=outputs/sprites-$variant
-  fi
-  extra=(--data.init_args.urls "$DATA/train/shard-*.tar" --data.init_args.val_urls "$DATA/val/shard-*.tar")
-  [ -n "$STEPS" ] && extra+=(--trainer.max_steps "$STEPS")
-  bindweave fit "${configs[@]}" "${extra[@]}"
-  bindweave predict "${configs[@]}" -c configs/predict.yaml --data.init_args.requests "$DATA/test/requests.jsonl" \
-    --ckpt_path "$root/checkpoints/last.ckpt"
-  runs+=(--run "$variant=$root/videos")
-done
+mkdir -p outputs/sprites-logs
+if [ "$PARALLEL" = 1 ]; then
+  pids=()
+  for variant in $VARIANTS; do
+    run_variant "$variant" > "outputs/sprites-logs/$variant.log" 2>&1 &
+    pids+=($!)
+  done
+  failed=0
+  for i in "${!pids[@]}"; do
+    wait "${pids[$i]}" || { failed=1; echo "variant $(echo $VARIANTS | cut -d' ' -f$((i + 1))) failed: see outputs/sprites-logs/" >&2; }
+  done
+  [ "$failed" = 0 ] || exit 1
+else
+  for variant in $VARIANTS; do run_variant "$variant"; done
+fi
+for variant in $VARIANTS; do runs+=(--run "$variant=$(root_of "$variant")/videos"); done
 
-bindweave eval --data "$DATA/test/shard-*.tar" --ground_truth "${runs[@]}" \
+$BINDWEAVE eval --data "$DATA/test/shard-*.tar" --ground_truth "${runs[@]}" \
   --out outputs/sprites-eval.json --table outputs/sprites-eval.md
 {
   echo "# Sprites results"

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import transformers
 
 import encoders
-from encoders import CLIPVisionEncoder, FrozenEncoder, MLLMEncoder, T5TextEncoder, WanVAE
+from encoders import CLIPVisionEncoder, FrozenEncoder, MLLMEncoder, PatchVAE, T5TextEncoder, WanVAE
 from encoders.clip import TINY_CLIP_CONFIG
 from encoders.tokenizer import QWEN2_VL_SPECIAL_TOKENS, byte_level_tokenizer, qwen2_tokenizer
 
@@ -27,6 +27,8 @@ def _concrete_subclasses(cls: type) -> list[type]:
 
 
 ENCODERS = _concrete_subclasses(FrozenEncoder)
+# Pretrained backbones (weights from a local path or a tiny random config); PatchVAE is fixed, weightless.
+PRETRAINED = [cls for cls in ENCODERS if cls is not PatchVAE]
 
 
 @pytest.fixture(scope="module")
@@ -55,12 +57,12 @@ def _images(batch: int, refs: int, size: int = 40) -> torch.Tensor:
 
 
 def test_every_encoder_is_discovered():
-    assert {MLLMEncoder, T5TextEncoder, CLIPVisionEncoder, WanVAE} <= set(ENCODERS)
+    assert {MLLMEncoder, T5TextEncoder, CLIPVisionEncoder, WanVAE, PatchVAE} <= set(ENCODERS)
     for cls in ENCODERS:
         assert getattr(encoders, cls.__name__) is cls, f"{cls.__name__} is not re-exported by encoders"
 
 
-@pytest.mark.parametrize("cls", ENCODERS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", PRETRAINED, ids=lambda c: c.__name__)
 def test_contract(cls):
     encoder = cls.tiny()
     assert isinstance(encoder, FrozenEncoder)
@@ -74,7 +76,7 @@ def test_contract(cls):
     assert not any(m.training for m in encoder.modules())
 
 
-@pytest.mark.parametrize("cls", ENCODERS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", PRETRAINED, ids=lambda c: c.__name__)
 def test_needs_exactly_one_source(cls):
     with pytest.raises(ValueError, match="exactly one"):
         cls()
@@ -82,7 +84,7 @@ def test_needs_exactly_one_source(cls):
         cls(pretrained_path="/nowhere", tiny_config={})
 
 
-@pytest.mark.parametrize("cls", ENCODERS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", PRETRAINED, ids=lambda c: c.__name__)
 def test_dtype_cast(cls):
     encoder = cls.tiny()
     encoder.dtype = torch.bfloat16
@@ -394,3 +396,62 @@ def test_vae_tiling_and_sampling():
     assert sampled.vae.use_tiling
     video = torch.rand(1, 3, 1, 16, 16) * 2 - 1
     assert not torch.equal(sampled.encode(video), sampled.encode(video))
+
+
+# ---------------------------------------------------------------------------------------------
+# PatchVAE (fixed, lossless)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spatial,temporal,frames", [(2, 4, 9), (4, 4, 17), (8, 2, 5), (1, 1, 3)])
+def test_patch_vae_is_lossless_with_wan_frame_arithmetic(spatial, temporal, frames):
+    vae = PatchVAE(spatial=spatial, temporal=temporal, scale=0.5, shift=0.1)
+    video = torch.rand(2, 3, frames, 8 * spatial, 4 * spatial) * 2 - 1  # (B, 3, F, H, W)
+    latents = vae.encode(video)
+    assert latents.shape == (2, 3 * temporal * spatial**2, 1 + (frames - 1) // temporal, 8, 4)
+    torch.testing.assert_close(vae.decode(latents), video, rtol=0, atol=1e-6)
+    # Latent frame 0 is the first frame alone; later ones hold `temporal` frames each.
+    torch.testing.assert_close(latents[:, :, :1], vae.encode_images(video[:, :, 0]))
+    changed = video.clone()
+    changed[:, :, 1] = 0.0
+    differs = (vae.encode(changed) != latents).any(dim=(0, 1, 3, 4))  # per latent frame
+    if frames > 1:
+        assert differs.tolist() == [False, True] + [False] * (latents.shape[2] - 2)
+    assert (latents * 0.5 + 0.1).std() > 0.5  # latents = (pixels - shift) / scale
+
+
+def test_patch_vae_decodes_the_mean_of_the_first_frame_copies():
+    vae = PatchVAE(spatial=2, temporal=4)
+    latents = vae.encode(torch.zeros(1, 3, 5, 4, 4))
+    latents[:, :, 0] = torch.linspace(-0.5, 0.5, latents.shape[1])[:, None, None]  # copies disagree
+    first = vae.decode(latents)[:, :, 0]
+    per_copy = latents[:, :, 0].view(1, 3, 4, 2, 2, 2, 2).mean(2)  # (B, c, s1, s2, h, w)
+    torch.testing.assert_close(first, per_copy.permute(0, 1, 4, 2, 5, 3).reshape(1, 3, 4, 4))
+
+
+def test_patch_vae_is_frozen_and_follows_the_module():
+    vae = PatchVAE.tiny()
+    assert not list(vae.parameters()) and vae.device == torch.device("cpu")
+    vae.train()
+    assert not vae.training
+    assert vae.encode(torch.zeros(1, 3, 5, 4, 4)).dtype == torch.float32
+    assert PatchVAE(dtype="bfloat16").encode(torch.zeros(1, 3, 1, 4, 4)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    "shape,message",
+    [((1, 3, 6, 8, 8), "1 \\+ 4k frames.*use 5 or 9"), ((1, 3, 5, 6, 8), "multiple of 4.*4x8"),
+     ((1, 5, 8, 8), "5-D")],
+)
+def test_patch_vae_rejects_bad_video(shape, message):
+    with pytest.raises(ValueError, match=message):
+        PatchVAE(spatial=4).encode(torch.zeros(shape))
+
+
+def test_patch_vae_rejects_bad_arguments_and_latents():
+    with pytest.raises(ValueError, match="spatial and temporal"):
+        PatchVAE(spatial=0)
+    with pytest.raises(ValueError, match="scale"):
+        PatchVAE(scale=0.0)
+    with pytest.raises(ValueError, match=r"\(B, 48, f, h, w\)"):
+        PatchVAE.tiny().decode(torch.zeros(1, 16, 2, 4, 4))

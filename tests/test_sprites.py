@@ -40,6 +40,23 @@ def test_samples_are_a_pure_function_of_split_seed_and_index():
     assert a[2]["prompt"] not in others
 
 
+def test_parallel_generation_writes_the_same_samples(tmp_path):
+    def contents(folder: Path) -> tuple[list, str]:
+        import webdataset as wds
+
+        samples = wds.DataPipeline(wds.SimpleShardList(sorted(map(str, folder.glob("shard-*.tar")))),
+                                   wds.tarfile_to_samples())
+        return [{k: v for k, v in sample.items() if k != "__url__"} for sample in samples], \
+            (folder / "requests.jsonl").read_text()
+
+    serial = S.generate(tmp_path / "serial", "val", 7, seed=2, samples_per_shard=3)
+    parallel = S.generate(tmp_path / "parallel", "val", 7, seed=2, samples_per_shard=3, workers=3)
+    assert contents(tmp_path / "serial") == contents(tmp_path / "parallel")
+    assert len(serial["shards"]) == len(parallel["shards"]) == 3 and serial["motions"] == parallel["motions"]
+    with pytest.raises(ValueError, match="workers"):
+        S.generate(tmp_path / "none", "val", 1, workers=0)
+
+
 def test_splits_have_disjoint_appearances():
     by_split: dict[str, set] = {name: set() for name in S.SPLITS}
     for appearance in S.all_appearances():
