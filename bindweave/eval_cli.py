@@ -27,6 +27,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--ground_truth", "--ground-truth", action=ActionYesNo, default=False,
                    help="add a row for the ground truth itself (the perfect score)")
     p.add_argument("--limit", type=int | None, default=None, help="score only the first N samples")
+    p.add_argument("--workers", type=int, default=1, help="processes scoring in parallel (same numbers)")
     p.add_argument("--out", type=str | None, default=None, help="JSON file of all results")
     p.add_argument("--table", type=str | None, default=None, help="Markdown file of the table")
     return p
@@ -48,9 +49,9 @@ def main(argv: list[str] | None = None) -> dict:
         truth = read_ground_truth(args.data)
         runs = {}
         if args.ground_truth:
-            runs["ground truth"] = evaluate_run(None, truth, args.limit)
+            runs["ground truth"] = evaluate_run(None, truth, args.limit, args.workers)
         for name, folder in runs_args.items():
-            runs[name] = evaluate_run(folder, truth, args.limit)
+            runs[name] = evaluate_run(folder, truth, args.limit, args.workers)
     except ValueError as error:
         print(f"bindweave eval: error: {error}", file=sys.stderr)
         raise SystemExit(1) from error

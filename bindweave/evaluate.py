@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import cv2
@@ -260,21 +262,39 @@ def summarise(results: dict[str, dict]) -> dict:
     return summary
 
 
-def evaluate_run(videos: str | Path | None, truth: dict[str, dict], limit: int | None = None) -> dict:
+def _score_one(videos: str | Path | None, job: tuple[str, dict]) -> tuple[str, dict | None]:
+    """Scores of one sample (None: its video is missing)."""
+    sample_id, item = job
+    record = item["record"]
+    if videos is None:
+        video = S.render_record(record)
+    else:
+        path = Path(videos) / f"{sample_id}.mp4"
+        if not path.exists():
+            return sample_id, None
+        video = load_video(path, record["num_frames"], record["height"], record["width"])
+    return sample_id, evaluate_sample(video, record, item["references"])
+
+
+def _single_threaded() -> None:
+    torch.set_num_threads(1)
+
+
+def evaluate_run(videos: str | Path | None, truth: dict[str, dict], limit: int | None = None, workers: int = 1) -> dict:
     """Score the videos ``<videos>/<id>.mp4`` of a run against the ground truth (``videos`` None:
-    the ground truth itself, the perfect score). Missing videos are listed, not scored."""
-    results, missing = {}, []
-    for sample_id, item in list(truth.items())[:limit]:
-        record = item["record"]
-        if videos is None:
-            video = S.render_record(record)
-        else:
-            path = Path(videos) / f"{sample_id}.mp4"
-            if not path.exists():
-                missing.append(sample_id)
-                continue
-            video = load_video(path, record["num_frames"], record["height"], record["width"])
-        results[sample_id] = evaluate_sample(video, record, item["references"])
+    the ground truth itself, the perfect score). Missing videos are listed, not scored. ``workers``
+    processes score in parallel (same numbers)."""
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}.")
+    jobs = list(truth.items())[:limit]
+    score = partial(_score_one, videos)
+    if workers > 1:
+        with multiprocessing.get_context("fork").Pool(workers, initializer=_single_threaded) as pool:
+            scored = pool.map(score, jobs, chunksize=4)
+    else:
+        scored = list(map(score, jobs))
+    results = {sample_id: r for sample_id, r in scored if r is not None}
+    missing = [sample_id for sample_id, r in scored if r is None]
     if not results:
         raise ValueError(f"No video of the {len(truth)} ground-truth samples found in {videos} (expected <id>.mp4, "
                          f"e.g. {next(iter(truth))}.mp4).")

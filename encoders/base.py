@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -37,9 +38,20 @@ class FrozenEncoder(nn.Module):
             kept whatever precision the trainer casts the rest of the model to.
     """
 
+    #: Device on which random (``tiny_config``) weights are drawn. The CPU by default, so that one
+    #: seed gives the same frozen encoders whether a run builds them on a GPU (Lightning's init
+    #: context) or on a CPU: a model trained on a GPU then samples with the same random encoders on
+    #: a CPU. None draws them on the current default device (benchmarks, where only speed matters).
+    random_init_device: str | None = "cpu"
+
     def __init__(self, dtype: str = "bfloat16") -> None:
         super().__init__()
         self.dtype = resolve_dtype(dtype)
+
+    @classmethod
+    def random_init(cls) -> AbstractContextManager:
+        """Context in which to build random-weight (``tiny_config``) networks; see ``random_init_device``."""
+        return torch.device(cls.random_init_device) if cls.random_init_device else nullcontext()
 
     def freeze(self) -> "FrozenEncoder":
         """Cast to the configured dtype, disable gradients and switch to eval mode."""

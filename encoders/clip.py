@@ -208,7 +208,7 @@ class CLIPVisionEncoder(FrozenEncoder):
                     f"Unknown open_clip model {model_name!r}: use a name from open_clip.list_models() "
                     "or 'local-dir:/path' to a folder with open_clip_config.json."
                 )
-        with torch.device("meta" if pretrained_path is not None else torch.get_default_device()):
+        with torch.device("meta") if pretrained_path is not None else self.random_init():
             visual = _build_vision_tower(
                 model_cfg["embed_dim"],
                 model_cfg["vision_cfg"],

@@ -119,7 +119,8 @@ class MLLMEncoder(FrozenEncoder):
         else:
             self.processor = _tiny_processor(tiny_config, tiny_tokenizer)
             config = _tiny_model_config(tiny_config, self.processor.tokenizer)
-            model = build_from_config(model_class, config)
+            with self.random_init():
+                model = build_from_config(model_class, config)
         self.model = model.base_model  # drop the LM head: only hidden states are needed
         self.processor.tokenizer.padding_side = "right"
         self.freeze()

@@ -123,7 +123,8 @@ class T5TextEncoder(FrozenEncoder):
                 decoder_start_token_id=self.tokenizer.pad_token_id,
             )
             config = transformers.AutoConfig.for_model(model_type, **kwargs)
-            self.model = build_from_config(model_class, config)
+            with self.random_init():
+                self.model = build_from_config(model_class, config)
         self.freeze()
 
     @property

@@ -108,7 +108,8 @@ class WanVAE(FrozenEncoder):
         elif pretrained_path is not None:
             self.vae = AutoencoderKLWan.from_pretrained(pretrained_path, torch_dtype=self.dtype)
         else:
-            self.vae = AutoencoderKLWan(**copy.deepcopy(tiny_config))
+            with self.random_init():
+                self.vae = AutoencoderKLWan(**copy.deepcopy(tiny_config))
         config = self.vae.config
         for name in ("latents_mean", "latents_std"):
             if len(config[name]) != config.z_dim:

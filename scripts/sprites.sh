@@ -13,15 +13,19 @@ VAL=${VAL:-256}
 TEST=${TEST:-256}
 SEED=${SEED:-0}
 STEPS=${STEPS:-}
+MAX_TIME=${MAX_TIME:-}   # e.g. 00:00:05:30: stop each training there (the step count is in its log)
 WORKERS=${WORKERS:-}
 PARALLEL=${PARALLEL:-0}
 VARIANTS=${VARIANTS:-"full noref t5-only t5-mllm no-clip no-slots"}
+PREDICT_BATCH=${PREDICT_BATCH:-8}
+CPUS=$(nproc)
 BINDWEAVE=${BINDWEAVE:-bindweave}
 
 for split in train val test; do
   count=$(eval echo \${${split^^}})
   if [ ! -f "$DATA/$split/sprites.json" ]; then
-    $BINDWEAVE data sprites --out "$DATA/$split" --split "$split" --num-samples "$count" --seed "$SEED"
+    $BINDWEAVE data sprites --out "$DATA/$split" --split "$split" --num-samples "$count" --seed "$SEED" \
+      --workers "$CPUS"
   fi
 done
 
@@ -34,10 +38,11 @@ run_variant() {  # train, then sample the test split
   [ "$variant" != full ] && configs+=(-c "configs/sprites/$variant.yaml")
   local extra=(--data.init_args.urls "$DATA/train/shard-*.tar" --data.init_args.val_urls "$DATA/val/shard-*.tar")
   [ -n "$STEPS" ] && extra+=(--trainer.max_steps "$STEPS")
+  [ -n "$MAX_TIME" ] && extra+=(--trainer.max_time "$MAX_TIME")
   [ -n "$WORKERS" ] && extra+=(--data.init_args.num_workers "$WORKERS")
   $BINDWEAVE fit "${configs[@]}" "${extra[@]}"
   $BINDWEAVE predict "${configs[@]}" -c configs/predict.yaml --data.init_args.requests "$DATA/test/requests.jsonl" \
-    --ckpt_path "$root/checkpoints/last.ckpt"
+    --data.init_args.batch_size "$PREDICT_BATCH" --ckpt_path "$root/checkpoints/last.ckpt"
 }
 
 runs=()
@@ -58,7 +63,7 @@ else
 fi
 for variant in $VARIANTS; do runs+=(--run "$variant=$(root_of "$variant")/videos"); done
 
-$BINDWEAVE eval --data "$DATA/test/shard-*.tar" --ground_truth "${runs[@]}" \
+$BINDWEAVE eval --data "$DATA/test/shard-*.tar" --ground_truth "${runs[@]}" --workers "$CPUS" \
   --out outputs/sprites-eval.json --table outputs/sprites-eval.md
 {
   echo "# Sprites results"

@@ -85,6 +85,21 @@ def test_needs_exactly_one_source(cls):
 
 
 @pytest.mark.parametrize("cls", PRETRAINED, ids=lambda c: c.__name__)
+def test_random_weights_do_not_depend_on_the_default_device(cls):
+    """A model trained on a GPU (Lightning builds it under torch.device("cuda")) must find the same
+    random frozen encoders when it samples on a CPU: they are drawn on the CPU whatever the default."""
+    torch.manual_seed(0)
+    plain = dict(cls.tiny().named_parameters())
+    torch.manual_seed(0)
+    with torch.device("meta"):  # stands in for a GPU default device
+        other = dict(cls.tiny().named_parameters())
+    assert plain.keys() == other.keys()
+    for name, weight in other.items():
+        assert weight.device.type == "cpu", name
+        torch.testing.assert_close(weight, plain[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("cls", PRETRAINED, ids=lambda c: c.__name__)
 def test_dtype_cast(cls):
     encoder = cls.tiny()
     encoder.dtype = torch.bfloat16

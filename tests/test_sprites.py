@@ -163,6 +163,8 @@ def test_eval_cli_writes_a_table_and_json(shards, tmp_path, capsys):
     assert saved["mine"]["samples"][first]["psnr"] == E.PSNR_CAP
     assert saved["mine"]["samples"][second]["motion_accuracy"] < 1.0
     assert runs["mine"]["summary"]["samples"] == 2 and (tmp_path / "r.md").read_text().startswith("| run")
+    parallel = main(["--data", str(shards / "shard-*.tar"), "--run", f"mine={tmp_path / 'gt'}", "--workers", "2"])
+    assert parallel["mine"]["samples"] == runs["mine"]["samples"] and len(parallel["mine"]["missing"]) == 4
     with pytest.raises(SystemExit):
         main(["--data", str(shards / "shard-*.tar"), "--run", f"x={tmp_path / 'missing'}"])
     with pytest.raises(SystemExit):
