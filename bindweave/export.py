@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from encoders.base import resolve_dtype
+
 from bindweave.loading import Checkpoint, WeightsError, load_into, save_sharded
 
 CONFIG_NAME = "config.yaml"
@@ -81,7 +83,7 @@ def save_pretrained(module, directory: str | Path, config: dict | None = None,
 
 
 def export_checkpoint(checkpoint_path: str | Path, directory: str | Path,
-                      max_shard_bytes: int = 5 * 1024**3) -> Path:
+                      max_shard_bytes: int = 5 * 1024**3, dtype: str | None = None) -> Path:
     """Turn a Lightning ``.ckpt`` written by ``bindweave fit`` into an export folder.
 
     A sharded checkpoint folder (FSDP2 / ``ModelParallelStrategy``) is consolidated first
@@ -89,7 +91,8 @@ def export_checkpoint(checkpoint_path: str | Path, directory: str | Path,
 
     The checkpoint is read with ``torch.load(weights_only=True)`` (no pickle code runs); its
     hyperparameters are the config and its ``state_dict`` the trainable weights (frozen encoders are
-    never in BindWeave checkpoints).
+    never in BindWeave checkpoints). ``dtype`` ("bfloat16", "float16", "float32") casts the
+    floating-point weights (default: as trained).
     """
     path = Path(checkpoint_path)
     try:
@@ -107,6 +110,9 @@ def export_checkpoint(checkpoint_path: str | Path, directory: str | Path,
     state = checkpoint["state_dict"]
     if not any(k.startswith("dit.") for k in state):
         raise WeightsError(f"{path}: the checkpoint holds no DiT weights (dit.*).")
+    if dtype is not None:
+        cast = resolve_dtype(dtype)
+        state = {k: v.to(cast) if v.is_floating_point() else v for k, v in state.items()}
     directory = Path(directory)
     save_sharded(state, directory, WEIGHTS_NAME, max_shard_bytes, {"bindweave": FORMAT})
     (directory / CONFIG_NAME).write_text(yaml.safe_dump(content, sort_keys=False))

@@ -323,6 +323,8 @@ def main(argv: list[str] | None = None) -> None:
     export.add_argument("checkpoint")
     export.add_argument("output")
     export.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors file (GB)")
+    export.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                        help="cast the weights (default: as trained)")
     args = parser.parse_args(argv)
     try:
         if args.command == "check":
@@ -331,7 +333,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             from bindweave.export import export_checkpoint
 
-            out = export_checkpoint(args.checkpoint, args.output, int(args.max_shard_gb * 1024**3))
+            out = export_checkpoint(args.checkpoint, args.output, int(args.max_shard_gb * 1024**3), args.dtype)
             print(f"exported {args.checkpoint} -> {out} (load with bindweave.export.load_pretrained)")
     except (WeightsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
