@@ -9,7 +9,10 @@ Tools that are not training loops have their own subcommand modules (``TOOLS``),
 
 from __future__ import annotations
 
+import faulthandler
 import importlib
+import os
+import signal
 import sys
 
 import lightning as L
@@ -46,7 +49,16 @@ TOOLS = {
 
 
 def main() -> None:
-    """Entry point of the ``bindweave`` console script."""
+    """Entry point of the ``bindweave`` console script.
+
+    For a job that seems stuck: ``kill -USR1 <pid>`` prints every thread's Python stack to stderr
+    and lets the run go on; the environment variable ``BINDWEAVE_DUMP_STACKS_EVERY=<seconds>`` prints
+    them periodically."""
+    if hasattr(signal, "SIGUSR1"):
+        faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)
+    every = os.environ.get("BINDWEAVE_DUMP_STACKS_EVERY")
+    if every:
+        faulthandler.dump_traceback_later(float(every), repeat=True)
     if len(sys.argv) > 1 and sys.argv[1] in TOOLS:
         importlib.import_module(TOOLS[sys.argv[1]]).main(sys.argv[2:])
         return

@@ -16,6 +16,7 @@ STEPS=${STEPS:-}
 MAX_TIME=${MAX_TIME:-}   # e.g. 00:00:05:30: stop each training there (the step count is in its log)
 WORKERS=${WORKERS:-}
 PARALLEL=${PARALLEL:-0}
+CSV_LOG=${CSV_LOG:-0}    # 1: log to <run>/lightning_logs/*/metrics.csv (flushed every 20 steps) instead of TensorBoard
 VARIANTS=${VARIANTS:-"full noref t5-only t5-mllm no-clip no-slots"}
 PREDICT_BATCH=${PREDICT_BATCH:-8}
 CPUS=$(nproc)
@@ -38,6 +39,8 @@ run_variant() {  # train, then sample the test split
   [ "$variant" != full ] && configs+=(-c "configs/sprites/$variant.yaml")
   local extra=(--data.init_args.urls "$DATA/train/shard-*.tar" --data.init_args.val_urls "$DATA/val/shard-*.tar")
   [ -n "$STEPS" ] && extra+=(--trainer.max_steps "$STEPS")
+  [ "$CSV_LOG" = 1 ] && extra+=(--trainer.logger lightning.pytorch.loggers.CSVLogger
+    --trainer.logger.init_args.save_dir "$root" --trainer.logger.init_args.flush_logs_every_n_steps 20)
   [ -n "$MAX_TIME" ] && extra+=(--trainer.max_time "$MAX_TIME")
   [ -n "$WORKERS" ] && extra+=(--data.init_args.num_workers "$WORKERS")
   $BINDWEAVE fit "${configs[@]}" "${extra[@]}"
