@@ -20,6 +20,7 @@ CSV_LOG=${CSV_LOG:-0}    # 1: log to <run>/lightning_logs/*/metrics.csv (flushed
 VARIANTS=${VARIANTS:-"full noref t5-only t5-mllm no-clip no-slots"}
 PREDICT_BATCH=${PREDICT_BATCH:-8}
 CPUS=$(nproc)
+FIT_ARGS=${FIT_ARGS:-}   # more `bindweave fit` arguments, e.g. "--data.init_args.pin_memory false"
 BINDWEAVE=${BINDWEAVE:-bindweave}
 
 for split in train val test; do
@@ -43,7 +44,8 @@ run_variant() {  # train, then sample the test split
     --trainer.logger.init_args.save_dir "$root" --trainer.logger.init_args.flush_logs_every_n_steps 20)
   [ -n "$MAX_TIME" ] && extra+=(--trainer.max_time "$MAX_TIME")
   [ -n "$WORKERS" ] && extra+=(--data.init_args.num_workers "$WORKERS")
-  $BINDWEAVE fit "${configs[@]}" "${extra[@]}"
+  # shellcheck disable=SC2086  # FIT_ARGS is split into words on purpose
+  $BINDWEAVE fit "${configs[@]}" "${extra[@]}" $FIT_ARGS
   $BINDWEAVE predict "${configs[@]}" -c configs/predict.yaml --data.init_args.requests "$DATA/test/requests.jsonl" \
     --data.init_args.batch_size "$PREDICT_BATCH" --ckpt_path "$root/checkpoints/last.ckpt"
 }
