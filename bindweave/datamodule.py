@@ -25,7 +25,7 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Literal
 
 import lightning as L
 import numpy as np
@@ -486,6 +486,11 @@ class WebDataModule(L.LightningDataModule):
         check_samples: at start-up, decode up to this many samples of each shard set until one is
             valid (a set with none is an error); 0 skips the check.
         max_consecutive_broken: this many broken samples in a row stop the run.
+        worker_start_method: how worker processes start: ``fork`` (fast, the platform default on
+            Linux), ``spawn`` or ``forkserver`` (fresh interpreters, no state inherited). Forked
+            workers inherit the parent's threads and locks; on one H100 host (torch 2.11) they hung
+            before their first batch once CUDA was initialised: use ``spawn`` there. None: the
+            platform default.
     """
 
     def __init__(
@@ -510,6 +515,7 @@ class WebDataModule(L.LightningDataModule):
         seed: int = 0,
         check_samples: int = 64,
         max_consecutive_broken: int = 1000,
+        worker_start_method: Literal["fork", "spawn", "forkserver"] | None = None,
     ) -> None:
         super().__init__()
         if (urls is None) == (curriculum is None):
@@ -521,6 +527,7 @@ class WebDataModule(L.LightningDataModule):
         self.samples_per_epoch, self.num_workers, self.shuffle_buffer = samples_per_epoch, num_workers, shuffle_buffer
         self.pin_memory, self.seed, self.check_samples = pin_memory, seed, check_samples
         self.max_consecutive_broken = max_consecutive_broken
+        self.worker_start_method = worker_start_method
         common = dict(num_frames=num_frames, fps=fps, buckets=buckets, max_references=max_references,
                       use_masks=use_masks, threads=decode_threads, cached=cached)
         self.train_decoder = SampleDecoder(random_crop=random_crop, augmentation=None if cached else augmentation, **common)
@@ -605,7 +612,11 @@ class WebDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> StreamLoader:
-        return StreamLoader(self.train_stream(), self._state, num_workers=self.num_workers, pin_memory=self.pin_memory)
+        return StreamLoader(self.train_stream(), self._state, **self._loader_options(self.num_workers))
+
+    def _loader_options(self, workers: int) -> dict:
+        context = self.worker_start_method if workers > 0 else None
+        return dict(num_workers=workers, pin_memory=self.pin_memory, multiprocessing_context=context)
 
     def val_dataloader(self) -> StreamLoader | list:
         if self.val_urls is None:
@@ -616,7 +627,7 @@ class WebDataModule(L.LightningDataModule):
             [[self._val_shards]], [None], Curriculum([Stage(urls=self._val_shards)]), self.eval_decoder, self.batch_size,
             rank, world, finite=True, seed=self.seed, max_consecutive_broken=self.max_consecutive_broken,
         )
-        return StreamLoader(stream, num_workers=min(self.num_workers, len(self._val_shards)), pin_memory=self.pin_memory)
+        return StreamLoader(stream, **self._loader_options(min(self.num_workers, len(self._val_shards))))
 
     def test_dataloader(self) -> StreamLoader | list:
         return self.val_dataloader()
