@@ -53,6 +53,7 @@ def export_config(hparams: dict) -> dict:
             f"config. Pass config= (the `model:` section of a BindWeave config) to save_pretrained."
         )
     config["dit"] = _plain_dit_entry(config["dit"])
+    config.pop("init_weights", None)  # the export holds the weights
     return {"format": FORMAT, "model": config}
 
 
@@ -150,6 +151,28 @@ def read_config(directory: str | Path) -> dict:
     if not isinstance(content, dict) or content.get("format") != FORMAT or "model" not in content:
         raise WeightsError(f"{path}: not a BindWeave export config (expected format: {FORMAT} and a model: section).")
     return content["model"]
+
+
+def load_trainable_weights(module, directory: str | Path) -> None:
+    """Copy an export's weights into a built model's trainable weights (DiT, connector, ...), strict:
+    every trainable weight must be in the export with its shape, and nothing else may be (what
+    ``BindWeave(init_weights=...)`` runs in ``configure_model``)."""
+    directory = Path(directory)
+    checkpoint = Checkpoint.open(directory, prefix=WEIGHTS_NAME)
+    state = trainable_state_dict(module)
+    missing, unexpected = sorted(set(state) - set(checkpoint.keys())), sorted(set(checkpoint.keys()) - set(state))
+    if missing or unexpected:
+        raise WeightsError(
+            f"{directory}: these weights do not belong to this model config (missing {missing[:8]}, unexpected "
+            f"{unexpected[:8]}): use the config the export was made with ({directory / CONFIG_NAME})."
+        )
+    wrong = [f"{checkpoint.file_of(k)}: {k} has shape {tuple(checkpoint.shape(k))}, expected {tuple(v.shape)}"
+             for k, v in state.items() if checkpoint.shape(k) != tuple(v.shape)]
+    if wrong:
+        raise WeightsError("\n".join([f"{directory}: wrong shapes for this model config:"] + wrong[:12]))
+    with torch.no_grad():
+        for key, tensor in state.items():
+            tensor.copy_(checkpoint.read(key, tensor.dtype))
 
 
 def load_pretrained(directory: str | Path, dtype: str | None = None, model_overrides: dict | None = None):

@@ -86,6 +86,9 @@ class BindWeave(L.LightningModule):
             (pair it with cached shards, ``data: cached: true``). The VAE and the conditioners'
             encoders are then never built; their sizes and the null condition come from the cache.
             Leave None to encode online and to sample.
+        init_weights: an export folder (``bindweave weights export``, ``save_pretrained``) whose
+            trainable weights are loaded, strictly, when the model is built: ``predict`` or fine-tune
+            from an export without a ``.ckpt`` (e.g. the shipped ``models/sprites``).
     """
 
     def __init__(
@@ -103,6 +106,7 @@ class BindWeave(L.LightningModule):
         sampling: SamplingConfig = SamplingConfig(),
         parallelism: ParallelismConfig = ParallelismConfig(),
         feature_cache: str | None = None,
+        init_weights: str | None = None,
     ) -> None:
         super().__init__()
         # Under LightningCLI the hyperparameters are the config (class_path/init_args dicts), so a
@@ -124,6 +128,7 @@ class BindWeave(L.LightningModule):
         self.sampling = sampling
         self.parallelism = parallelism
         self.feature_cache = feature_cache
+        self.init_weights = init_weights
         self.dit: WanDiT | None = None
         self.vae: FrozenEncoder | None = None
         # Checkpoints hold trainable weights only; frozen encoders come from their own files.
@@ -138,6 +143,10 @@ class BindWeave(L.LightningModule):
         self.dit = self.dit_factory()
         self.build_encoders()
         self._check_dimensions()
+        if self.init_weights is not None:
+            from bindweave.export import load_trainable_weights
+
+            load_trainable_weights(self, self.init_weights)
         self._apply_parallelism()
 
     def build_encoders(self) -> None:

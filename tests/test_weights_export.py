@@ -98,6 +98,22 @@ def test_export_from_lightning_checkpoint_and_cli(trained, tiny_config, tmp_path
         export_checkpoint(tmp_path / "odd.ckpt", tmp_path / "odd")
 
 
+def test_init_weights_loads_an_export_into_a_config_built_model(trained, tiny_config, tmp_path):
+    save_pretrained(trained, tmp_path / "export", max_shard_bytes=40_000)
+    exported = yaml.safe_load((tmp_path / "export" / "config.yaml").read_text())["model"]
+    assert "init_weights" not in exported  # the export holds the weights itself
+    module = build({**tiny_config, "init_weights": str(tmp_path / "export")})
+    expected, actual = trainable_state_dict(trained), trainable_state_dict(module)
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0)
+    torch.testing.assert_close(dit_output(module), dit_output(trained))
+    # An export of another architecture is refused, naming the config to use.
+    wider = {**tiny_config, "init_weights": str(tmp_path / "export")}
+    wider["dit"] = {**wider["dit"], "init_args": {**wider["dit"]["init_args"], "num_layers": 1}}
+    with pytest.raises(WeightsError, match="do not belong to this model config.*unexpected.*config.yaml"):
+        build(wider)
+
+
 def test_load_pretrained_is_strict(trained, tmp_path):
     state = trainable_state_dict(trained)
     save_pretrained(trained, tmp_path)
