@@ -54,6 +54,7 @@ def export_config(hparams: dict) -> dict:
         )
     config["dit"] = _plain_dit_entry(config["dit"])
     config.pop("init_weights", None)  # the export holds the weights
+    config.pop("feature_cache", None)  # an export samples: it builds its encoders
     return {"format": FORMAT, "model": config}
 
 

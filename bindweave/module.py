@@ -85,7 +85,8 @@ class BindWeave(L.LightningModule):
         feature_cache: folder written by ``bindweave data cache``: train from its cached features
             (pair it with cached shards, ``data: cached: true``). The VAE and the conditioners'
             encoders are then never built; their sizes and the null condition come from the cache.
-            Leave None to encode online and to sample.
+            ``predict``, the pipeline and exports ignore it: sampling builds the encoders the config
+            names. Leave None to encode online.
         init_weights: an export folder (``bindweave weights export``, ``save_pretrained``) whose
             trainable weights are loaded, strictly, when the model is built: ``predict`` or fine-tune
             from an export without a ``.ckpt`` (e.g. the shipped ``models/sprites``).
@@ -157,7 +158,7 @@ class BindWeave(L.LightningModule):
         # pretrained weights).
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            if self.feature_cache is not None:
+            if self.feature_cache is not None and not self._predicting():
                 from bindweave.feature_cache import build_from_cache
 
                 self.vae = build_from_cache(self.conditioners, self.feature_cache)  # sizes only
@@ -165,6 +166,10 @@ class BindWeave(L.LightningModule):
             self.vae = self.vae_factory()
             for conditioner in self.conditioners.values():
                 conditioner.build(self.vae)
+
+    def _predicting(self) -> bool:
+        """In ``trainer.predict``: sampling needs the encoders even when training read a feature cache."""
+        return self._trainer is not None and self._trainer.state.fn == "predict"
 
     def _apply_parallelism(self) -> None:
         """Activation checkpointing, compile and (under ModelParallelStrategy) FSDP2, in that order."""
@@ -222,7 +227,9 @@ class BindWeave(L.LightningModule):
         """Frozen-encoder features of every conditioner: ``batch["features"][name]`` when the batch
         comes from a feature cache, else computed now (once)."""
         cached = batch.get("features", {})
-        if self.feature_cache is not None and set(self.conditioners) - set(cached):
+        from bindweave.feature_cache import LatentSpace
+
+        if isinstance(self.vae, LatentSpace) and set(self.conditioners) - set(cached):  # built from a cache
             from bindweave.feature_cache import NO_ENCODERS
 
             raise ValueError(f"The batch has no cached features of {sorted(set(self.conditioners) - set(cached))}. {NO_ENCODERS}")

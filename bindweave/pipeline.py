@@ -225,7 +225,8 @@ def _load_checkpoint(path: Path, config: str | Path | dict | None) -> BindWeave:
         try:
             with warnings.catch_warnings():  # frozen encoders are never in checkpoints, by design
                 warnings.filterwarnings("ignore", message="Found keys that are in the model state dict")
-                return BindWeave.load_from_checkpoint(path, map_location="cpu")
+                # A model trained from a feature cache samples with its encoders.
+                return BindWeave.load_from_checkpoint(path, map_location="cpu", feature_cache=None)
         except TypeError as error:
             raise ValueError(
                 f"{path} holds no model config ({error}): it was saved from a model built in Python. Pass "
@@ -237,7 +238,7 @@ def _load_checkpoint(path: Path, config: str | Path | dict | None) -> BindWeave:
     model_config = source.get("model", source) if isinstance(source, dict) else None
     if not isinstance(model_config, dict):
         raise ValueError(f"Config {config!r} has no `model:` section.")
-    module = instantiate_module(BindWeave, model_config)
+    module = instantiate_module(BindWeave, {**model_config, "feature_cache": None})
     module.configure_model()
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     state = checkpoint.get("state_dict", checkpoint)

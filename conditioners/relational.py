@@ -108,14 +108,18 @@ class RelationalConditioner(Conditioner):
         return state
 
     def build_cached(self, vae: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        """The connector only (no encoder); the null condition comes from the cache."""
+        """The connector only (no encoder); the null condition comes from the cache. A cache made
+        with an MLLM also serves a conditioner without one (its MLLM features are ignored: the
+        T5-only ablations train from the full model's cache)."""
         mllm_width = int(state["mllm_width"]) if "mllm_width" in state else None
-        if (mllm_width is None) != (self.mllm_factory is None):
+        if mllm_width is None and self.mllm_factory is not None:
             raise ValueError(
-                f"The feature cache was made {'without' if mllm_width is None else 'with'} an MLLM but this "
-                f"RelationalConditioner has {'one' if self.mllm_factory is not None else 'none'}; re-run "
-                f"`bindweave data cache` with this model config."
+                "The feature cache was made without an MLLM but this RelationalConditioner has one; re-run "
+                "`bindweave data cache` with this model config."
             )
+        if self.mllm_factory is None:
+            mllm_width = None
+            state = {key: value for key, value in state.items() if "mllm" not in key}
         self._build_connector(int(state["width"]), mllm_width)
         self.set_null_features({key[5:]: value for key, value in state.items() if key.startswith("null.")})
 

@@ -20,6 +20,9 @@ CSV_LOG=${CSV_LOG:-0}    # 1: log to <run>/lightning_logs/*/metrics.csv (flushed
 VARIANTS=${VARIANTS:-"full noref t5-only t5-mllm no-clip no-slots"}
 PREDICT_BATCH=${PREDICT_BATCH:-8}
 CPUS=$(nproc)
+CACHE=${CACHE:-0}        # 1: run the frozen encoders once (bindweave data cache) and train every variant from that
+CACHE_DEVICE=${CACHE_DEVICE:-$(python3 -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")}
+CACHE_PARTS=${CACHE_PARTS:-1}  # processes caching in parallel
 FIT_ARGS=${FIT_ARGS:-}   # more `bindweave fit` arguments, e.g. "--data.init_args.pin_memory false"
 BINDWEAVE=${BINDWEAVE:-bindweave}
 
@@ -31,6 +34,18 @@ for split in train val test; do
   fi
 done
 
+if [ "$CACHE" = 1 ]; then  # the full model's encoders; the ablations read the features they need
+  for split in train val; do
+    parts=()
+    for ((i = 0; i < CACHE_PARTS; i++)); do
+      $BINDWEAVE data cache -c configs/sprites.yaml --urls "$DATA/$split/shard-*.tar" --output "$DATA/cache/$split" \
+        --device "$CACHE_DEVICE" --part "$i/$CACHE_PARTS" --no_progress &
+      parts+=($!)
+    done
+    for pid in "${parts[@]}"; do wait "$pid"; done
+  done
+fi
+
 root_of() { if [ "$1" = full ]; then echo outputs/sprites; else echo "outputs/sprites-$1"; fi; }
 
 run_variant() {  # train, then sample the test split
@@ -40,6 +55,8 @@ run_variant() {  # train, then sample the test split
   [ "$variant" != full ] && configs+=(-c "configs/sprites/$variant.yaml")
   local extra=(--data.init_args.urls "$DATA/train/shard-*.tar" --data.init_args.val_urls "$DATA/val/shard-*.tar")
   [ -n "$STEPS" ] && extra+=(--trainer.max_steps "$STEPS")
+  [ "$CACHE" = 1 ] && extra+=(--model.feature_cache "$DATA/cache/train" --data.init_args.cached true
+    --data.init_args.urls "$DATA/cache/train/shard-*.tar" --data.init_args.val_urls "$DATA/cache/val/shard-*.tar")
   [ "$CSV_LOG" = 1 ] && extra+=(--trainer.logger lightning.pytorch.loggers.CSVLogger
     --trainer.logger.init_args.save_dir "$root" --trainer.logger.init_args.flush_logs_every_n_steps 20)
   [ -n "$MAX_TIME" ] && extra+=(--trainer.max_time "$MAX_TIME")

@@ -71,6 +71,20 @@ def test_relational_concatenates_connector_tokens_before_t5():
     assert c.connector[0].weight.requires_grad
 
 
+def test_t5_only_conditioner_trains_from_a_cache_made_with_an_mllm():
+    full = RelationalConditioner.tiny()
+    full.build(WanVAE.tiny())
+    batch = synthetic_batch(size=2)
+    features, state = full.encode(batch), full.cached_state()
+    t5_only = RelationalConditioner(text_encoder=T5TextEncoder.tiny, mllm=None)
+    t5_only.build_cached(None, state)  # the MLLM features and null rows are ignored
+    assert t5_only.connector is None and not any("mllm" in k for k in t5_only._null())
+    torch.testing.assert_close(t5_only.condition(batch, features).context["text"].tokens, features["t5_tokens"])
+    no_mllm_state = {k: v for k, v in state.items() if "mllm" not in k}
+    with pytest.raises(ValueError, match="made without an MLLM but this RelationalConditioner has one"):
+        RelationalConditioner.tiny().build_cached(None, no_mllm_state)
+
+
 def test_relational_without_mllm_is_the_t5_only_ablation():
     c = RelationalConditioner(text_encoder=T5TextEncoder.tiny, mllm=None)
     c.build(WanVAE.tiny())

@@ -1,6 +1,9 @@
 """The feature cache: cached training gives the loss of online encoding on the same samples and
 seed, with no encoder built; ``bindweave data cache`` then ``fit`` from the cache through the CLI."""
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -13,6 +16,8 @@ from bindweave.shards import expand_urls
 from encoders.base import FrozenEncoder
 from tests.data_helpers import TINY, TINY_CACHED, TINY_SHARDS, make_clips
 from tests.helpers import tiny_module
+
+ROOT = Path(__file__).resolve().parents[1]
 
 DECODER = dict(num_frames=5, fps=8, buckets=[(32, 48)])
 
@@ -79,3 +84,18 @@ def test_cache_cli_then_fit_from_the_cache_through_the_cli(tmp_path, monkeypatch
                    "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false"])
     assert cli.trainer.global_step == 3 and torch.isfinite(cli.trainer.callback_metrics["train/loss"])
     assert not any(isinstance(m, FrozenEncoder) for m in cli.model.modules())
+
+    # The cache-trained model samples: predict and the pipeline build the encoders the config names.
+    from bindweave.pipeline import BindWeavePipeline
+
+    checkpoint = str(tmp_path / "outputs" / "tiny" / "checkpoints" / "last.ckpt")
+    pipe = BindWeavePipeline.from_checkpoint(checkpoint)
+    assert any(isinstance(m, FrozenEncoder) for m in pipe.module.modules())
+    requests = tmp_path / "requests.jsonl"
+    reference = ROOT / "examples" / "references" / "red_circle.png"
+    requests.write_text(json.dumps({"id": "one", "prompt": "the red circle moves right", "references": [str(reference)],
+                                    "num_frames": 5, "height": 32, "width": 32}) + "\n")
+    run_cli(["predict", "-c", TINY, "-c", TINY_SHARDS, "-c", TINY_CACHED, "-c", str(ROOT / "configs" / "predict.yaml"),
+             "--data.init_args.requests", str(requests), "--ckpt_path", checkpoint,
+             "--trainer.enable_progress_bar", "false"])
+    assert (tmp_path / "outputs" / "tiny" / "videos" / "one.mp4").is_file()
