@@ -26,7 +26,27 @@ from bindweave.synthetic import SyntheticDataModule  # noqa: F401
 
 
 class BindWeaveCLI(LightningCLI):
-    """LightningCLI with BindWeave's model and any datamodule given by class_path."""
+    """LightningCLI with BindWeave's model and any datamodule given by class_path.
+
+    With ``--ckpt_path``, Lightning replaces the model config by the one stored in the checkpoint,
+    so ``predict --ckpt_path X --model.sampling.num_steps 30`` (or ``configs/predict.yaml``'s
+    sampler) would be silently ignored. Here the checkpoint's config only fills in the model: the
+    config files and flags of this command line are applied again on top of it.
+    """
+
+    def parse_arguments(self, parser, args) -> None:
+        self._command_line = args
+        super().parse_arguments(parser, args)
+
+    def _parse_ckpt_path(self) -> None:
+        before = self.config
+        super()._parse_ckpt_path()
+        if self.config is not before:  # the checkpoint's config was applied: the command line wins
+            args = self._command_line if self._command_line is not None else sys.argv[1:]
+            if isinstance(args, dict):
+                self.config = self.parser.parse_object(args, self.config)
+            else:
+                self.config = self.parser.parse_args(list(args), namespace=self.config)
 
 
 def run_cli(args: list[str] | None = None) -> BindWeaveCLI:

@@ -27,6 +27,12 @@ def test_fit_then_predict_writes_videos(tmp_path, monkeypatch):
     assert len(videos) == cli.datamodule.hparams.num_predict_samples
     assert read_video(videos[0]).shape == (5, 32, 32, 3)
     assert (out / f"{videos[0].stem}.json").exists()
+    # Flags on the command line win over the config stored in the checkpoint (Lightning alone lets
+    # the checkpoint win): here fewer sampling steps and another sampler.
+    cli = run_cli(["predict", *common, "--ckpt_path", str(checkpoint), "--model.sampling.num_steps", "2",
+                   "--model.sampling.sampler", "unipc", "--trainer.default_root_dir", str(tmp_path / "again")])
+    assert cli.model.sampling.num_steps == 2 and cli.model.sampling.sampler == "unipc"
+    assert cli.model.sampling.height == 32  # the rest still comes from the configs
 
 
 def test_print_config_is_complete_and_rerunnable(tmp_path):
