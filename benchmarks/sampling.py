@@ -123,11 +123,10 @@ def run(smoke: bool) -> dict:
     # On CUDA each phase also records the memory allocated when it starts and its peak.
     encode, dit_forward, decode = module.encode_features, module.dit.forward, module.vae.decode
     times: dict[str, float] = {}
-    memory: dict[str, float] = {}
+    memory: dict[str, float] = {}  # per phase: allocated at its first call, peak over its calls
 
     def phase(key: str, fn, *a, **k):
-        if cuda and key not in memory.get("_seen", ()):
-            memory.setdefault("_seen", set()).add(key)
+        if cuda and f"{key}_start_gib" not in memory:
             memory[f"{key}_start_gib"] = gib(torch.cuda.memory_allocated())
             torch.cuda.reset_peak_memory_stats()
         with timed(device, times, key):
@@ -149,7 +148,6 @@ def run(smoke: bool) -> dict:
             video = sample_videos(module, batch, config)
         # The MultiReference conditioner encodes references through the VAE inside encode_features.
         times["other"] = times["total"] - times["encoders"] - times["dit"] - times["vae_decode"]
-        memory.pop("_seen", None)
         runs[name] = {
             "seconds": {k: round(v, 3) for k, v in times.items()},
             "share": {k: round(v / times["total"], 4) for k, v in times.items() if k != "total"},

@@ -18,6 +18,33 @@ def resolve_dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
+def check_video(video: torch.Tensor, temporal: int, spatial: int) -> None:
+    """Raise a ValueError naming the fix unless ``video`` is (B, 3, 1 + temporal·k, H, W) with H and
+    W multiples of ``spatial``: what a video VAE with those compressions can encode."""
+    if video.ndim != 5:
+        raise ValueError(
+            f"video must be 5-D (B, 3, F, H, W) in [-1, 1], got shape {tuple(video.shape)}; "
+            "for single images (M, 3, H, W) use encode_images."
+        )
+    if video.shape[1] != 3:
+        raise ValueError(
+            f"video must have 3 RGB channels in dim 1 (B, 3, F, H, W), got {video.shape[1]} "
+            f"(shape {tuple(video.shape)}); a (B, F, 3, H, W) video needs .transpose(1, 2)."
+        )
+    frames, height, width = video.shape[2:]
+    if (frames - 1) % temporal != 0:
+        lower = 1 + max(frames - 1, 0) // temporal * temporal
+        raise ValueError(
+            f"The VAE encodes 1 + {temporal}k frames, got {frames}: use {lower} or {lower + temporal} frames."
+        )
+    if height % spatial != 0 or width % spatial != 0:
+        s = spatial
+        raise ValueError(
+            f"Frame size {height}x{width} is not a multiple of {s}: resize or crop to "
+            f"{height // s * s}x{width // s * s} (or {-(-height // s) * s}x{-(-width // s) * s})."
+        )
+
+
 @dataclass
 class Tokens:
     """A padded token sequence: ``tokens`` (B, L, D) and ``mask`` (B, L) bool, True = real token."""

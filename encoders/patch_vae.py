@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from einops import rearrange
 
-from encoders.base import FrozenEncoder
+from encoders.base import FrozenEncoder, check_video
 
 
 class PatchVAE(FrozenEncoder):
@@ -67,24 +67,6 @@ class PatchVAE(FrozenEncoder):
     def tiny(cls) -> "PatchVAE":
         return cls(spatial=2, temporal=4)
 
-    def _check_pixels(self, video: torch.Tensor) -> None:
-        """Raise a ValueError naming the fix when ``video`` cannot be encoded."""
-        if video.ndim != 5 or video.shape[1] != 3:
-            raise ValueError(
-                f"video must be 5-D (B, 3, F, H, W) in [-1, 1], got shape {tuple(video.shape)}; "
-                "for single images (M, 3, H, W) use encode_images."
-            )
-        frames, height, width = video.shape[2:]
-        t, s = self.temporal, self.spatial
-        if (frames - 1) % t != 0:
-            lower = 1 + max(frames - 1, 0) // t * t
-            raise ValueError(f"The VAE encodes 1 + {t}k frames, got {frames}: use {lower} or {lower + t} frames.")
-        if height % s != 0 or width % s != 0:
-            raise ValueError(
-                f"Frame size {height}x{width} is not a multiple of {s}: resize or crop to "
-                f"{height // s * s}x{width // s * s} (or {-(-height // s) * s}x{-(-width // s) * s})."
-            )
-
     @torch.no_grad()
     def encode(self, video: torch.Tensor) -> torch.Tensor:
         """Fold pixels into latents.
@@ -95,7 +77,7 @@ class PatchVAE(FrozenEncoder):
         Returns:
             (B, 3 t s s, 1 + k, H / s, W / s) latents.
         """
-        self._check_pixels(video)
+        check_video(video, self.temporal, self.spatial)
         video = video.to(self.anchor.device, self.dtype)
         first = video[:, :, :1].expand(-1, -1, self.temporal, -1, -1)  # (B, 3, t, H, W)
         grouped = torch.cat([first, video[:, :, 1:]], dim=2)  # (B, 3, t (1 + k), H, W)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKLWan
 
-from encoders.base import FrozenEncoder
+from encoders.base import FrozenEncoder, check_video
 
 # Tiny Wan VAE: width 4, 4 latent channels, same 4x temporal / 8x spatial compression as Wan2.1.
 TINY_VAE_CONFIG = {
@@ -143,32 +143,6 @@ class WanVAE(FrozenEncoder):
     def tiny(cls) -> "WanVAE":
         return cls(tiny_config=copy.deepcopy(TINY_VAE_CONFIG), dtype="float32")
 
-    def _check_pixels(self, video: torch.Tensor) -> None:
-        """Raise a ValueError naming the fix when ``video`` cannot be encoded."""
-        if video.ndim != 5:
-            raise ValueError(
-                f"video must be 5-D (B, 3, F, H, W) in [-1, 1], got shape {tuple(video.shape)}; "
-                "for single images (M, 3, H, W) use encode_images."
-            )
-        if video.shape[1] != 3:
-            raise ValueError(
-                f"video must have 3 RGB channels in dim 1 (B, 3, F, H, W), got {video.shape[1]} "
-                f"(shape {tuple(video.shape)}); a (B, F, 3, H, W) video needs .transpose(1, 2)."
-            )
-        frames, height, width = video.shape[2:]
-        t = self.temporal_compression
-        if (frames - 1) % t != 0:
-            lower = 1 + max(frames - 1, 0) // t * t
-            raise ValueError(
-                f"The VAE encodes 1 + {t}k frames, got {frames}: use {lower} or {lower + t} frames."
-            )
-        s = self.spatial_compression
-        if height % s != 0 or width % s != 0:
-            raise ValueError(
-                f"Frame size {height}x{width} is not a multiple of {s}: resize or crop to "
-                f"{height // s * s}x{width // s * s} (or {-(-height // s) * s}x{-(-width // s) * s})."
-            )
-
     @torch.no_grad()
     def encode(self, video: torch.Tensor) -> torch.Tensor:
         """Encode videos to normalised latents.
@@ -179,7 +153,7 @@ class WanVAE(FrozenEncoder):
         Returns:
             (B, z, 1 + (F - 1) // 4, H / 8, W / 8) normalised latents.
         """
-        self._check_pixels(video)
+        check_video(video, self.temporal_compression, self.spatial_compression)
         posterior = self.vae.encode(video.to(self.device, self.dtype)).latent_dist
         z = posterior.sample() if self.sample else posterior.mode()  # (B, z, f, h, w)
         return (z - self.mean) / self.std
