@@ -59,6 +59,21 @@ class RectifiedFlow:
         return noise - x0
 
 
+def velocity_from_sample(
+    noisy: torch.Tensor, sample: torch.Tensor, sigmas: torch.Tensor, min_sigma: float = 0.05
+) -> torch.Tensor:
+    """The velocity implied by a clean-sample prediction x̂₀ at x_σ: v̂ = (x_σ − x̂₀) / σ.
+
+    For DiTs that predict x₀ (``BindWeave(prediction="sample")``, after Li & He 2025, "Back to
+    Basics: Let Denoising Generative Models Denoise"): a token that must carry more values than the
+    model's width (e.g. pixel patches) can still hold a clean image, which lies on a low-dimensional
+    manifold, but not the noise a velocity contains. σ is clamped below at ``min_sigma`` so the
+    division stays bounded near the clean end. ``sigmas``: (B,), broadcast over the rest; float32.
+    """
+    s = sigmas.float().clamp_min(min_sigma).view(-1, *([1] * (noisy.ndim - 1)))
+    return (noisy.float() - sample.float()) / s
+
+
 def euler_sigmas(num_steps: int, shift: float, device: torch.device | None = None) -> torch.Tensor:
     """σ grid of the flow Euler sampler: (num_steps + 1,) from 1 down to 0, shifted."""
     if num_steps < 1:

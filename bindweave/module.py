@@ -4,6 +4,7 @@ Batch ──conditioners──▶ Conditioning (context per branch, reference sl
       ──VAE──▶ video latent x₀ (B, z, T, h, w)
 x_σ = (1−σ)x₀ + σε ──[x_σ ; slots] on time, [noisy | mask | ref latent] on channels──▶ DiT
       ──▶ velocity (B, z, T+N, h, w) ──[:, :, :T]──▶ MSE against ε − x₀ (reference slots excluded)
+(with ``prediction="sample"`` the DiT outputs x̂₀ and the velocity is (x_σ − x̂₀)/σ)
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch import nn
 
 from bindweave.batch import check_num_frames, check_spatial_size
 from bindweave.dit import WanDiT
-from bindweave.flow import RectifiedFlow
+from bindweave.flow import RectifiedFlow, velocity_from_sample
 from bindweave.sampling import SamplingConfig, predict_batch, sample_videos
 from conditioners.base import Conditioner, Conditioning, merge
 from encoders.base import FrozenEncoder
@@ -78,6 +79,10 @@ class BindWeave(L.LightningModule):
             the paper's constant-lr setup).
         flow_shift: timestep shift used when sampling training timesteps.
         timestep_sampling: distribution of training timesteps (``uniform`` or ``logit_normal``).
+        prediction: what the DiT outputs: ``velocity`` (ε − x₀, Wan and BindWeave) or ``sample``
+            (x₀, converted to the velocity (x_σ − x₀)/σ for the loss and the sampler). ``sample``
+            learns far faster when a token carries more values than the DiT's width, as in the
+            pixel-space sprites model (a patch VAE's 192 channels × 2 × 2 into width 256).
         mask_context_padding: mask padded condition tokens out of cross-attention. Wan was trained
             attending to its zero padding; set False to reproduce that exactly.
         sampling: settings of ``predict``.
@@ -103,6 +108,7 @@ class BindWeave(L.LightningModule):
         optimizer: OptimizerCallable | None = None,
         flow_shift: float = 5.0,
         timestep_sampling: Literal["uniform", "logit_normal"] = "uniform",
+        prediction: Literal["velocity", "sample"] = "velocity",
         mask_context_padding: bool = True,
         sampling: SamplingConfig = SamplingConfig(),
         parallelism: ParallelismConfig = ParallelismConfig(),
@@ -125,6 +131,9 @@ class BindWeave(L.LightningModule):
             raise ValueError("BindWeave needs at least one conditioner (e.g. `relational` for the prompt).")
         self.optimizer_factory = optimizer
         self.flow = RectifiedFlow(shift=flow_shift, timestep_sampling=timestep_sampling)
+        if prediction not in ("velocity", "sample"):
+            raise ValueError(f"prediction must be 'velocity' or 'sample', got {prediction!r}.")
+        self.prediction = prediction
         self.mask_context_padding = mask_context_padding
         self.sampling = sampling
         self.parallelism = parallelism
@@ -312,9 +321,16 @@ class BindWeave(L.LightningModule):
         noisy = self.flow.noisy(latents, noise, sigmas)
         x, frame_mask = self.assemble_input(noisy, cond)  # (B, C_in, T+N, h, w)
         context, context_mask = self._context(cond)
-        prediction = self.dit(x, sigmas * 1000, context, context_mask, frame_mask)  # (B, z, T+N, h, w)
-        video_prediction = prediction[:, :, : latents.shape[2]]  # (B, z, T, h, w)
-        return F.mse_loss(video_prediction.float(), self.flow.velocity(latents, noise).float())
+        output = self.dit(x, sigmas * 1000, context, context_mask, frame_mask)  # (B, z, T+N, h, w)
+        velocity = self.output_velocity(output[:, :, : latents.shape[2]], noisy, sigmas)  # (B, z, T, h, w)
+        return F.mse_loss(velocity, self.flow.velocity(latents, noise).float())
+
+    def output_velocity(self, output: torch.Tensor, noisy: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+        """The velocity (float32) from the DiT's output on the video latent: the output itself, or
+        (x_σ − x̂₀)/σ for ``prediction="sample"``. output, noisy: (B, z, T, h, w); sigmas: (B,)."""
+        if self.prediction == "sample":
+            return velocity_from_sample(noisy, output, sigmas)
+        return output.float()
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.flow_loss(batch, self._training_drops(len(batch["prompt"])))

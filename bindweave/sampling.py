@@ -220,12 +220,14 @@ def sample_videos(
     dtype = dit.patch_embedding.weight.dtype
     scheduler = make_scheduler(config.sampler, config.num_steps, config.shift, device)
     dit_call = _dit_call(dit, config)
-    for t in tqdm(scheduler.timesteps, desc=description, disable=not progress, leave=False):
+    sigmas = scheduler.sigmas.to(device, torch.float32)  # σ of each step (UniPC's timesteps are rounded)
+    for i, t in enumerate(tqdm(scheduler.timesteps, desc=description, disable=not progress, leave=False)):
         model_x = torch.cat([x, x]) if guided else x  # (2B or B, z, T, h, w)
         dit_in, frame_mask = module.assemble_input(model_x.to(dtype), cond)  # (2B or B, C_in, T+N, h, w)
         timestep = t.to(torch.float32).expand(model_x.shape[0])  # (2B or B,)
-        velocity = dit_call(dit_in, timestep, context, context_mask, frame_mask, context_embedded=True)
-        velocity = velocity[:, :, : latent_shape[1]].float()  # (2B or B, z, T, h, w)
+        output = dit_call(dit_in, timestep, context, context_mask, frame_mask, context_embedded=True)
+        output = output[:, :, : latent_shape[1]]  # (2B or B, z, T, h, w)
+        velocity = module.output_velocity(output, model_x, sigmas[i].expand(model_x.shape[0]))  # float32
         if guided:
             conditional, unconditional = velocity.chunk(2)
             velocity = unconditional + config.guidance_scale * (conditional - unconditional)  # (B, z, T, h, w)

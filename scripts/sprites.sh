@@ -22,7 +22,9 @@ PREDICT_BATCH=${PREDICT_BATCH:-8}
 CPUS=$(nproc)
 CACHE=${CACHE:-0}        # 1: run the frozen encoders once (bindweave data cache) and train every variant from that
 CACHE_DEVICE=${CACHE_DEVICE:-$(python3 -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")}
-CACHE_PARTS=${CACHE_PARTS:-1}  # processes caching in parallel
+CACHE_PARTS=${CACHE_PARTS:-1}  # processes caching in parallel (CPU-bound: video decoding, the MLLM processor)
+CACHE_THREADS=${CACHE_THREADS:-1}  # torch threads per caching process (more oversubscribes the cores)
+PREDICT=${PREDICT:-1}    # 0: train only (sample and score elsewhere, e.g. from exported weights)
 FIT_ARGS=${FIT_ARGS:-}   # more `bindweave fit` arguments, e.g. "--data.init_args.pin_memory false"
 BINDWEAVE=${BINDWEAVE:-bindweave}
 
@@ -35,15 +37,17 @@ for split in train val test; do
 done
 
 if [ "$CACHE" = 1 ]; then  # the full model's encoders; the ablations read the features they need
-  for split in train val; do
-    parts=()
-    for ((i = 0; i < CACHE_PARTS; i++)); do
-      $BINDWEAVE data cache -c configs/sprites.yaml --urls "$DATA/$split/shard-*.tar" --output "$DATA/cache/$split" \
-        --device "$CACHE_DEVICE" --part "$i/$CACHE_PARTS" --no_progress &
+  parts=()
+  for split in train val; do  # both splits at once, each in up to CACHE_PARTS processes
+    shards=$(ls "$DATA/$split"/shard-*.tar | wc -l)
+    count=$((CACHE_PARTS < shards ? CACHE_PARTS : shards))  # a part without a shard is an error
+    for ((i = 0; i < count; i++)); do
+      OMP_NUM_THREADS=$CACHE_THREADS $BINDWEAVE data cache -c configs/sprites.yaml --urls "$DATA/$split/shard-*.tar" \
+        --output "$DATA/cache/$split" --device "$CACHE_DEVICE" --part "$i/$count" --no_progress &
       parts+=($!)
     done
-    for pid in "${parts[@]}"; do wait "$pid"; done
   done
+  for pid in "${parts[@]}"; do wait "$pid"; done
 fi
 
 root_of() { if [ "$1" = full ]; then echo outputs/sprites; else echo "outputs/sprites-$1"; fi; }
@@ -63,6 +67,7 @@ run_variant() {  # train, then sample the test split
   [ -n "$WORKERS" ] && extra+=(--data.init_args.num_workers "$WORKERS")
   # shellcheck disable=SC2086  # FIT_ARGS is split into words on purpose
   $BINDWEAVE fit "${configs[@]}" "${extra[@]}" $FIT_ARGS
+  [ "$PREDICT" = 1 ] || return 0
   $BINDWEAVE predict "${configs[@]}" -c configs/predict.yaml --data.init_args.requests "$DATA/test/requests.jsonl" \
     --data.init_args.batch_size "$PREDICT_BATCH" --ckpt_path "$root/checkpoints/last.ckpt"
 }
@@ -83,6 +88,7 @@ if [ "$PARALLEL" = 1 ]; then
 else
   for variant in $VARIANTS; do run_variant "$variant"; done
 fi
+[ "$PREDICT" = 1 ] || exit 0
 for variant in $VARIANTS; do runs+=(--run "$variant=$(root_of "$variant")/videos"); done
 
 $BINDWEAVE eval --data "$DATA/test/shard-*.tar" --ground_truth "${runs[@]}" --workers "$CPUS" \

@@ -1,6 +1,6 @@
 import torch
 
-from bindweave.flow import RectifiedFlow, euler_sigmas, euler_step, shift_sigmas
+from bindweave.flow import RectifiedFlow, euler_sigmas, euler_step, shift_sigmas, velocity_from_sample
 
 
 def test_shift_keeps_endpoints_and_moves_towards_noise():
@@ -36,3 +36,14 @@ def test_training_sigmas_are_in_range():
     for sampling in ("uniform", "logit_normal"):
         s = RectifiedFlow(shift=3.0, timestep_sampling=sampling).sample_sigmas(1000, torch.device("cpu"))
         assert s.min() > 0 and s.max() < 1
+
+
+def test_velocity_from_an_exact_sample_prediction_is_the_true_velocity():
+    x0, noise = torch.randn(3, 4, 2, 2, 2), torch.randn(3, 4, 2, 2, 2)
+    sigmas = torch.tensor([0.05, 0.5, 1.0])
+    xt = RectifiedFlow.noisy(x0, noise, sigmas)
+    torch.testing.assert_close(velocity_from_sample(xt, x0, sigmas), RectifiedFlow.velocity(x0, noise))
+    # Below min_sigma the division is clamped: bounded, and a step to σ = 0 still lands near x0.
+    tiny = torch.tensor([1e-4])
+    v = velocity_from_sample(RectifiedFlow.noisy(x0[:1], noise[:1], tiny), x0[:1], tiny)
+    assert v.abs().max() < 1e-2 * noise.abs().max() + 1e-2 * x0.abs().max()

@@ -1,11 +1,13 @@
 """The LightningModule: loss, reference slots, CFG batching, encoder call counts, bad inputs."""
 
+from dataclasses import replace
 from functools import partial
 
 import pytest
 import torch
 
 from bindweave.dit import CrossAttentionBranch, WanDiT
+from bindweave.sampling import decode
 from conditioners import RelationalConditioner
 from conditioners.base import merge
 from encoders import T5TextEncoder
@@ -34,8 +36,9 @@ def test_reference_slots_are_excluded_from_the_loss():
     torch.testing.assert_close(fixed_loss(module, batch), baseline)
 
 
-def test_loss_on_a_fixed_batch_falls_by_half():
-    module = tiny_module()
+@pytest.mark.parametrize("prediction", ["velocity", "sample"])
+def test_loss_on_a_fixed_batch_falls_by_half(prediction):
+    module = tiny_module(prediction=prediction)
     batch = synthetic_batch(size=2)
     before = fixed_loss(module, batch).item()
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=3e-3)
@@ -45,6 +48,30 @@ def test_loss_on_a_fixed_batch_falls_by_half():
         optimizer.step()
     after = fixed_loss(module, batch).item()
     assert after < 0.5 * before, (before, after)
+
+
+@pytest.mark.parametrize("sampler", ["euler", "unipc"])
+def test_sample_prediction_of_the_data_samples_the_data(sampler):
+    """A DiT that outputs the clean latent x0 (prediction="sample") makes every sampler land on x0:
+    the output is turned into a velocity with the scheduler's own σ at each step, for both CFG sides."""
+    module = tiny_module(num_steps=5, prediction="sample")
+    module.sampling = replace(module.sampling, sampler=sampler)
+    batch = synthetic_batch(size=2)
+    x0 = module.vae.encode(batch["video"])  # (B, z, T, h, w)
+    num_slots = 2
+
+    def exact_sample(x, *args, **kwargs):  # (2B, C_in, T+N, h, w) -> (2B, z, T+N, h, w)
+        target = torch.cat([x0, x0])
+        return torch.cat([target, target[:, :, :num_slots]], dim=2).to(x.dtype)
+
+    module.dit.forward = exact_sample
+    expected = decode(module.vae, x0)
+    assert (module.generate(batch).int() - expected.int()).abs().max() <= 1
+
+
+def test_unknown_prediction_is_a_clear_error():
+    with pytest.raises(ValueError, match="prediction must be 'velocity' or 'sample'"):
+        tiny_module(prediction="epsilon")
 
 
 def test_only_trainable_parts_get_optimised():
