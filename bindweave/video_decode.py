@@ -22,6 +22,17 @@ import av
 import numpy as np
 
 _TOLERANCE = 1e-4
+
+# Pixel formats whose frames PyAV already returns as (h, w, 3) RGB arrays: no swscale conversion,
+# which costs 4-9 ms per 64x64 frame (context set-up) against 0.07 ms for the planes themselves.
+_RGB_FORMATS = ("rgb24", "gbrp")
+
+
+def frame_to_rgb(frame: av.VideoFrame) -> np.ndarray:
+    """(h, w, 3) uint8 RGB of a decoded frame (lossless RGB video, e.g. libx264rgb, skips swscale)."""
+    if frame.format.name in _RGB_FORMATS:
+        return frame.to_ndarray()
+    return frame.to_ndarray(format="rgb24")
 """Seconds of slack when comparing frame timestamps with sample times (rounding of pts)."""
 
 
@@ -176,7 +187,7 @@ def decode_clip(
 
         def convert(frame: av.VideoFrame) -> np.ndarray:
             if scaled == (src_h, src_w):
-                rgb = frame.to_ndarray(format="rgb24")  # (h, w, 3)
+                rgb = frame_to_rgb(frame)  # (h, w, 3)
             else:
                 rgb = frame.reformat(width=scaled[1], height=scaled[0], format="rgb24", interpolation="BICUBIC").to_ndarray()
             return rgb[top : top + size[0], left : left + size[1]]  # (H, W, 3)

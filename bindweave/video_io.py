@@ -10,6 +10,8 @@ import av
 import numpy as np
 import torch
 
+from bindweave.video_decode import frame_to_rgb
+
 
 def write_video(path: str | Path, frames: torch.Tensor, fps: int = 16, crf: int = 18) -> Path:
     """Encode (F, H, W, 3) uint8 frames to an H.264 mp4 at ``path``, via a temporary file + rename."""
@@ -47,5 +49,5 @@ def write_video(path: str | Path, frames: torch.Tensor, fps: int = 16, crf: int 
 def read_video(path: str | Path) -> torch.Tensor:
     """Decode a video file to (F, H, W, 3) uint8 (for tests and inspection)."""
     with av.open(str(path)) as container:
-        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+        frames = [frame_to_rgb(f) for f in container.decode(video=0)]
     return torch.from_numpy(np.stack(frames))

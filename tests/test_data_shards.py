@@ -167,3 +167,24 @@ def test_buckets_resize_and_crop(tmp_path):
     assert clip.shape == (5, 48, 32, 3)
     # Scaled by 0.8 to 32x51, centre crop of 48 rows: the grey level survives, the size is exact.
     assert abs(float(clip[0, -3:, -3:].mean()) - level(0)) < 3
+
+
+def test_lossless_rgb_frames_skip_swscale_and_keep_every_pixel():
+    """libx264rgb stores gbrp planes: frame_to_rgb reads them directly (no colour conversion) and
+    gives exactly what FFmpeg's rgb24 conversion gives; other formats still convert."""
+    import io
+
+    import av
+
+    from bindweave.sprites import encode_video
+    from bindweave.video_decode import frame_to_rgb
+
+    frames = np.random.default_rng(0).integers(0, 256, (5, 16, 24, 3), dtype=np.uint8)
+    with av.open(io.BytesIO(encode_video(frames, fps=8))) as container:
+        decoded = list(container.decode(video=0))
+    assert decoded[0].format.name == "gbrp"
+    for frame, expected in zip(decoded, frames):
+        np.testing.assert_array_equal(frame_to_rgb(frame), frame.to_ndarray(format="rgb24"))
+        np.testing.assert_array_equal(frame_to_rgb(frame), expected)
+    yuv = decoded[0].reformat(format="yuv420p")
+    assert frame_to_rgb(yuv).shape == (16, 24, 3)
