@@ -320,7 +320,7 @@ def format_inspect(stats: dict) -> str:
 
 
 def cache(config: list[str], urls: list[str], output: str, device: str = "cpu", overwrite: bool = False,
-          part: str = "0/1", progress: bool = True):
+          part: str = "0/1", progress: bool = True, dtype: str = "float32"):
     """Run the frozen encoders of the model in ``config`` over raw shards; see bindweave.feature_cache."""
     import lightning as L
 
@@ -358,7 +358,7 @@ def cache(config: list[str], urls: list[str], output: str, device: str = "cpu", 
     config_record = json.loads(json.dumps({k: model_config.get(k) for k in encoders}, default=str))
     bar = (lambda shards: tqdm(shards, desc="cache", unit="shard", file=sys.stderr)) if progress else None
     return cache_shards(model, urls, output, decoder, overwrite=overwrite, device=device, part=(index, count),
-                        config=config_record, progress=bar)
+                        config=config_record, progress=bar, dtype=dtype)
 
 
 # -- entry point ------------------------------------------------------------------------------
@@ -398,6 +398,8 @@ def build_parser() -> ArgumentParser:
     c.add_argument("--overwrite", action=ActionYesNo, default=False, help="re-encode shards that exist (else skipped)")
     c.add_argument("--part", type=str, default="0/1", help="i/n: take shards i, i+n, ... (n processes in parallel)")
     c.add_argument("--progress", action=ActionYesNo, default=True, help="show a progress bar")
+    c.add_argument("--dtype", type=str, default="float32", choices=["float32", "bfloat16"],
+                   help="storage of floating-point features (bfloat16: half the bytes; read back as float32)")
     commands.add_subcommand("cache", c, help="write cached encoder features of shards")
 
     from bindweave.sprites import sprites_parser  # procedural demo data (docs/sprites.md)
@@ -432,7 +434,7 @@ def run(args) -> None:
         stats = inspect(sub.urls, check=sub.check, limit=sub.limit)
         print(json.dumps(stats, indent=2) if sub.json else format_inspect(stats))
     else:
-        summary = cache(sub.config, sub.urls, sub.output, sub.device, sub.overwrite, sub.part, sub.progress)
+        summary = cache(sub.config, sub.urls, sub.output, sub.device, sub.overwrite, sub.part, sub.progress, sub.dtype)
         print(f"Cached {summary.samples} samples into {summary.shards_written} shard(s) in {sub.output} "
               f"({summary.shards_skipped} already there) in {summary.seconds:.1f} s; rejected {len(summary.rejected)}.")
         for report in summary.rejected[:10]:

@@ -73,12 +73,26 @@ class LatentSpace:
 # -- per-sample features ----------------------------------------------------------------------
 
 
-def features_to_bytes(video_latents: torch.Tensor, features: dict[str, dict[str, torch.Tensor]]) -> bytes:
-    """One sample's latents (z, T, h, w) and features {conditioner: {name: tensor}} as safetensors."""
-    tensors = {"video_latents": video_latents.detach().cpu().contiguous().clone()}
+CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+"""Storage dtypes of cached floating-point features (``bindweave data cache --dtype``)."""
+
+
+def _stored(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    tensor = tensor.detach().cpu()
+    if dtype is not None and tensor.is_floating_point():
+        tensor = tensor.to(dtype)
+    return tensor.contiguous().clone()
+
+
+def features_to_bytes(
+    video_latents: torch.Tensor, features: dict[str, dict[str, torch.Tensor]], dtype: torch.dtype | None = None
+) -> bytes:
+    """One sample's latents (z, T, h, w) and features {conditioner: {name: tensor}} as safetensors;
+    floating-point tensors cast to ``dtype`` (None: as computed)."""
+    tensors = {"video_latents": _stored(video_latents, dtype)}
     for conditioner, named in features.items():
         for name, tensor in named.items():
-            tensors[f"{conditioner}.{name}"] = tensor.detach().cpu().contiguous().clone()
+            tensors[f"{conditioner}.{name}"] = _stored(tensor, dtype)
     return save(tensors)
 
 
@@ -231,6 +245,7 @@ def cache_shards(
     part: tuple[int, int] = (0, 1),
     config: dict | None = None,
     progress: Iterable | None = None,
+    dtype: str = "float32",
 ) -> CacheSummary:
     """Encode raw shards into cached shards of the same names under ``output``.
 
@@ -244,10 +259,14 @@ def cache_shards(
         part: (i, n): this process takes shards i, i + n, ... (run n processes in parallel).
         config: the model config, recorded in the manifest.
         progress: wraps the shard list (e.g. ``tqdm``).
+        dtype: storage of floating-point features, ``float32`` or ``bfloat16`` (half the bytes to
+            read per training step; training reads them back as float32).
     """
     from bindweave.batch import collate
     from bindweave.datamodule import to_model_batch
 
+    if dtype not in CACHE_DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(CACHE_DTYPES)}, got {dtype!r}.")
     shards = expand_urls(urls)
     output = Path(output)
     index, count = part
@@ -286,7 +305,7 @@ def cache_shards(
                 if features_keys is None:
                     features_keys = {name: sorted(named) for name, named in features.items()}
                     data = {"num_frames": decoder.num_frames, "fps": decoder.fps, "buckets": [list(b) for b in decoder.buckets],
-                            "use_masks": decoder.use_masks}
+                            "use_masks": decoder.use_masks, "dtype": dtype}
                     write_cache_info(output, model, features_keys, data, config, overwrite)
                 record = json.loads(sample["json"])
                 record.update(
@@ -295,7 +314,7 @@ def cache_shards(
                     source_shard=shard,
                 )
                 writer.write(sample["__key__"], {"json": json.dumps(record, ensure_ascii=False).encode(),
-                                                 FEATURES: features_to_bytes(latents, features)})
+                                                 FEATURES: features_to_bytes(latents, features, CACHE_DTYPES[dtype])})
                 summary.samples += 1
         summary.shards_written += 1
     summary.seconds = time.perf_counter() - started

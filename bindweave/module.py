@@ -33,6 +33,11 @@ from encoders.base import FrozenEncoder
 warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in the checkpoint")
 
 
+def _as_float32(features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Cached features as computed in float32 (a cache may store them in bfloat16)."""
+    return {k: v.float() if v.is_floating_point() else v for k, v in features.items()}
+
+
 __all__ = ["BindWeave", "SamplingConfig"]  # SamplingConfig lives in bindweave.sampling; re-exported
 
 
@@ -242,7 +247,8 @@ class BindWeave(L.LightningModule):
             from bindweave.feature_cache import NO_ENCODERS
 
             raise ValueError(f"The batch has no cached features of {sorted(set(self.conditioners) - set(cached))}. {NO_ENCODERS}")
-        return {name: cached[name] if name in cached else c.encode(batch) for name, c in self.conditioners.items()}
+        return {name: _as_float32(cached[name]) if name in cached else c.encode(batch)
+                for name, c in self.conditioners.items()}
 
     def encode_conditions(self, batch: dict, drops: list[list[bool] | None] | None = None) -> Conditioning:
         """Conditioning of the batch; ``drops[i]`` is conditioner i's condition-dropout list."""
@@ -307,7 +313,7 @@ class BindWeave(L.LightningModule):
         ``generator`` fixes the noise and timesteps (validation); None uses the global RNG.
         """
         if "video_latents" in batch:  # from a feature cache: no pixels
-            latents = batch["video_latents"]  # (B, z, T, h, w)
+            latents = batch["video_latents"].float()  # (B, z, T, h, w); a bfloat16 cache is read as float32
             size = [n * self.vae.spatial_compression for n in latents.shape[-2:]]
         else:
             video = batch["video"]  # (B, 3, F, H, W)

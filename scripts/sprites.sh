@@ -24,6 +24,7 @@ CACHE=${CACHE:-0}        # 1: run the frozen encoders once (bindweave data cache
 CACHE_DEVICE=${CACHE_DEVICE:-$(python3 -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")}
 CACHE_PARTS=${CACHE_PARTS:-1}  # processes caching in parallel (CPU-bound: video decoding, the MLLM processor)
 CACHE_THREADS=${CACHE_THREADS:-1}  # torch threads per caching process (more oversubscribes the cores)
+CACHE_DTYPE=${CACHE_DTYPE:-bfloat16}  # half the bytes of float32 for the loaders to read (trained as float32)
 PREDICT=${PREDICT:-1}    # 0: train only (sample and score elsewhere, e.g. from exported weights)
 FIT_ARGS=${FIT_ARGS:-}   # more `bindweave fit` arguments, e.g. "--data.init_args.pin_memory false"
 BINDWEAVE=${BINDWEAVE:-bindweave}
@@ -43,7 +44,7 @@ if [ "$CACHE" = 1 ]; then  # the full model's encoders; the ablations read the f
     count=$((CACHE_PARTS < shards ? CACHE_PARTS : shards))  # a part without a shard is an error
     for ((i = 0; i < count; i++)); do
       OMP_NUM_THREADS=$CACHE_THREADS $BINDWEAVE data cache -c configs/sprites.yaml --urls "$DATA/$split/shard-*.tar" \
-        --output "$DATA/cache/$split" --device "$CACHE_DEVICE" --part "$i/$count" --no_progress &
+        --output "$DATA/cache/$split" --device "$CACHE_DEVICE" --part "$i/$count" --dtype "$CACHE_DTYPE" --no_progress &
       parts+=($!)
     done
   done

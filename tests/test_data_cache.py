@@ -67,6 +67,30 @@ def test_cached_features_give_the_online_loss_without_any_encoder(tmp_path):
         cached.flow_loss(raw_batch)
 
 
+def test_a_bfloat16_cache_halves_the_bytes_and_trains_as_float32(tmp_path):
+    manifest = make_clips(tmp_path / "clips", count=3)
+    pack(str(manifest), str(tmp_path / "raw"), num_frames=5, fps=8, progress=False)
+    raw_shards = expand_urls(str(tmp_path / "raw" / "shard-*.tar"))
+    online = tiny_module()
+    torch.nn.init.normal_(online.dit.head.proj.weight, std=0.5)
+    sizes, losses = {}, {}
+    for dtype in ("float32", "bfloat16"):
+        cache_shards(online, raw_shards, tmp_path / dtype, SampleDecoder(**DECODER), dtype=dtype)
+        sizes[dtype] = sum(f.stat().st_size for f in (tmp_path / dtype).glob("shard-*.tar"))
+        assert json.loads((tmp_path / dtype / "cache.json").read_text())["data"]["dtype"] == dtype
+        batch = one_batch(expand_urls(str(tmp_path / dtype / "shard-*.tar")), cached=True)
+        floats = [batch["video_latents"], *(t for f in batch["features"].values() for t in f.values() if t.is_floating_point())]
+        assert {t.dtype for t in floats} == {getattr(torch, dtype)}
+        cached = tiny_module(feature_cache=str(tmp_path / dtype))
+        cached.load_state_dict(online.state_dict(), strict=False)
+        losses[dtype] = seeded_loss(cached, batch)
+        assert losses[dtype].dtype == torch.float32
+    assert sizes["bfloat16"] < 0.6 * sizes["float32"]
+    torch.testing.assert_close(losses["bfloat16"], losses["float32"], rtol=2e-2, atol=0)
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        cache_shards(online, raw_shards, tmp_path / "x", SampleDecoder(**DECODER), dtype="float16")
+
+
 def test_cache_cli_then_fit_from_the_cache_through_the_cli(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     manifest = make_clips(tmp_path / "clips", count=4)
