@@ -69,6 +69,34 @@ def test_sample_prediction_of_the_data_samples_the_data(sampler):
     assert (module.generate(batch).int() - expected.int()).abs().max() <= 1
 
 
+@pytest.mark.parametrize("prediction, steps, bound", [("velocity", 300, 0.8), ("sample", 150, 0.25)])
+def test_a_model_fit_to_one_sample_samples_it_back(prediction, steps, bound, monkeypatch):
+    """Training and sampling agree end to end: after fitting one sample, sampling its own conditions
+    (guidance 1) lands near its latent. x0-prediction gets there in half the steps, much closer
+    (relative errors seen: velocity 3.16 -> 0.54 after 300 steps, sample 1.00 -> 0.15 after 150)."""
+    import bindweave.sampling as sampling
+
+    monkeypatch.setattr(sampling, "decode", lambda vae, latents, **kwargs: latents)  # compare latents
+    torch.manual_seed(0)
+    module = tiny_module(num_steps=10, guidance_scale=1.0, prediction=prediction, timestep_sampling="logit_normal",
+                         flow_shift=3.0)
+    module.sampling = replace(module.sampling, shift=3.0)
+    batch = synthetic_batch(size=1)
+    x0 = module.vae.encode(batch["video"])  # (1, z, T, h, w)
+
+    def relative_error() -> float:
+        return ((module.generate(batch) - x0).norm() / x0.norm()).item()
+
+    before = relative_error()
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=3e-3)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        module.flow_loss(batch).backward()
+        optimizer.step()
+    after = relative_error()
+    assert after < bound and after < 0.8 * before, (before, after)
+
+
 def test_unknown_prediction_is_a_clear_error():
     with pytest.raises(ValueError, match="prediction must be 'velocity' or 'sample'"):
         tiny_module(prediction="epsilon")
