@@ -181,6 +181,34 @@ class BindWeave(L.LightningModule):
             for conditioner in self.conditioners.values():
                 conditioner.build(self.vae)
 
+    def attach_encoders(self) -> bool:
+        """Give a model that trains from a feature cache its VAE and frozen encoders, for sampling
+        in the middle of ``fit`` (``SamplingCallback``). The trainable parameters stay the very
+        objects the optimizer holds, with their trained values. Returns False when the encoders
+        were already there. Not for sharded (FSDP) models."""
+        from bindweave.feature_cache import LatentSpace
+
+        if not isinstance(self.vae, LatentSpace):
+            return False
+        device = self.dit.patch_embedding.weight.device
+        trained = dict(self.conditioners.named_parameters())  # name -> Parameter (optimizer's objects)
+        with torch.random.fork_rng(devices=[]):  # the same random encoders as build_encoders draws
+            torch.manual_seed(0)
+            vae = self.vae_factory()
+            for conditioner in self.conditioners.values():
+                conditioner.build(vae)
+        for name, parameter in trained.items():
+            path, _, attr = name.rpartition(".")
+            module = self.conditioners.get_submodule(path)
+            rebuilt = getattr(module, attr, None)
+            if rebuilt is None or rebuilt.shape != parameter.shape:
+                raise RuntimeError(f"Rebuilding the conditioners with encoders changed the trainable weight {name!r}.")
+            module._parameters[attr] = parameter
+        self.vae = vae
+        self.vae.to(device)
+        self.conditioners.to(device)
+        return True
+
     def _predicting(self) -> bool:
         """In ``trainer.predict``: sampling needs the encoders even when training read a feature cache."""
         return self._trainer is not None and self._trainer.state.fn == "predict"

@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
-from lightning.pytorch.utilities import move_data_to_device
+from lightning.pytorch.utilities import move_data_to_device, rank_zero_info
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from PIL import Image
 
@@ -72,6 +72,9 @@ class SamplingCallback(Callback):
         output_dir: default ``<trainer.log_dir or default_root_dir>/samples``.
         fps: frame rate of the written videos.
         at_start: also sample before the first step (the untrained baseline).
+
+    A model that trains from a feature cache (``model.feature_cache``) gets its frozen encoders
+    built at the first sampling (:meth:`BindWeave.attach_encoders`) and needs ``requests``.
     """
 
     def __init__(self, every_n_steps: int = 500, requests: str | None = None, num_samples: int = 2,
@@ -116,6 +119,10 @@ class SamplingCallback(Callback):
         return batch
 
     def on_train_start(self, trainer, pl_module) -> None:
+        if getattr(pl_module, "feature_cache", None) is not None and self.requests is None:
+            raise ValueError("SamplingCallback: the model trains from a feature cache, whose samples hold no pixels "
+                             "to sample from; give `requests` (a JSONL file, e.g. the validation split's "
+                             "requests.jsonl written by `bindweave data sprites`).")
         if self.at_start:
             self.sample(trainer, pl_module)
 
@@ -130,6 +137,8 @@ class SamplingCallback(Callback):
         if not (trainer.is_global_zero or isinstance(trainer.strategy, _SHARDED)):
             return
         config = replace(pl_module.sampling, **self.overrides)
+        if getattr(pl_module, "feature_cache", None) is not None and pl_module.attach_encoders():
+            rank_zero_info("SamplingCallback: built the frozen encoders of the cache-trained model for sampling.")
         was_training = pl_module.training
         devices = [pl_module.device] if pl_module.device.type == "cuda" else []
         pl_module.eval()

@@ -25,6 +25,7 @@ CACHE_DEVICE=${CACHE_DEVICE:-$(python3 -c "import torch; print('cuda' if torch.c
 CACHE_PARTS=${CACHE_PARTS:-1}  # processes caching in parallel (CPU-bound: video decoding, the MLLM processor)
 CACHE_THREADS=${CACHE_THREADS:-1}  # torch threads per caching process (more oversubscribes the cores)
 CACHE_DTYPE=${CACHE_DTYPE:-bfloat16}  # half the bytes of float32 for the loaders to read (trained as float32)
+SAMPLE_EVERY=${SAMPLE_EVERY:-}  # N: sample the first 16 validation requests every N steps into <run>/samples/step-*/
 PREDICT=${PREDICT:-1}    # 0: train only (sample and score elsewhere, e.g. from exported weights)
 FIT_ARGS=${FIT_ARGS:-}   # more `bindweave fit` arguments, e.g. "--data.init_args.pin_memory false"
 BINDWEAVE=${BINDWEAVE:-bindweave}
@@ -66,6 +67,12 @@ run_variant() {  # train, then sample the test split
     --trainer.logger.init_args.save_dir "$root" --trainer.logger.init_args.flush_logs_every_n_steps 20)
   [ -n "$MAX_TIME" ] && extra+=(--trainer.max_time "$MAX_TIME")
   [ -n "$WORKERS" ] && extra+=(--data.init_args.num_workers "$WORKERS")
+  if [ -n "$SAMPLE_EVERY" ]; then  # learning curves: bindweave eval --data "$DATA/val/shard-*.tar" --run N=<run>/samples/step-N
+    head -16 "$DATA/val/requests.jsonl" > "$DATA/val/requests-16.jsonl"
+    extra+=(--trainer.callbacks+=callbacks.SamplingCallback --trainer.callbacks.every_n_steps="$SAMPLE_EVERY"
+      --trainer.callbacks.requests="$DATA/val/requests-16.jsonl" --trainer.callbacks.output_dir="$root/samples"
+      --trainer.callbacks.fps=8)
+  fi
   # shellcheck disable=SC2086  # FIT_ARGS is split into words on purpose
   $BINDWEAVE fit "${configs[@]}" "${extra[@]}" $FIT_ARGS
   [ "$PREDICT" = 1 ] || return 0

@@ -91,6 +91,33 @@ def test_a_bfloat16_cache_halves_the_bytes_and_trains_as_float32(tmp_path):
         cache_shards(online, raw_shards, tmp_path / "x", SampleDecoder(**DECODER), dtype="float16")
 
 
+def test_a_cache_trained_model_builds_its_encoders_to_sample_mid_fit(tmp_path):
+    """attach_encoders gives a cache-built model the encoders without replacing the parameters the
+    optimizer holds; it then samples exactly as the same weights built online do."""
+    from callbacks import SamplingCallback
+    from tests.helpers import synthetic_batch
+
+    manifest = make_clips(tmp_path / "clips", count=2)
+    pack(str(manifest), str(tmp_path / "raw"), num_frames=5, fps=8, progress=False)
+    online = tiny_module()
+    torch.nn.init.normal_(online.dit.head.proj.weight, std=0.5)
+    torch.nn.init.normal_(online.conditioners["relational"].connector[2].weight, std=0.5)
+    cache_shards(online, expand_urls(str(tmp_path / "raw" / "shard-*.tar")), tmp_path / "cache", SampleDecoder(**DECODER))
+    cached = tiny_module(feature_cache=str(tmp_path / "cache"))
+    cached.load_state_dict(online.state_dict(), strict=False)
+    with pytest.raises(ValueError, match="feature cache.*give `requests`"):
+        SamplingCallback(every_n_steps=1).on_train_start(None, cached)
+    with pytest.raises(ValueError, match="feature_cache"):  # no encoders yet
+        cached.generate(synthetic_batch(size=2, with_video=False))
+
+    trainable = dict(cached.named_parameters())
+    assert cached.attach_encoders() and not cached.attach_encoders()
+    assert all(p is trainable[n] for n, p in cached.named_parameters() if n in trainable)
+    assert any(isinstance(m, FrozenEncoder) for m in cached.modules())
+    batch = synthetic_batch(size=2, with_video=False)
+    assert torch.equal(cached.generate(batch), online.generate(batch))
+
+
 def test_cache_cli_then_fit_from_the_cache_through_the_cli(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     manifest = make_clips(tmp_path / "clips", count=4)
