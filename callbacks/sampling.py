@@ -123,6 +123,9 @@ class SamplingCallback(Callback):
             raise ValueError("SamplingCallback: the model trains from a feature cache, whose samples hold no pixels "
                              "to sample from; give `requests` (a JSONL file, e.g. the validation split's "
                              "requests.jsonl written by `bindweave data sprites`).")
+        if getattr(pl_module, "feature_cache", None) is not None and isinstance(trainer.strategy, _SHARDED):
+            raise ValueError("SamplingCallback cannot build the encoders of a sharded model that trains from a feature "
+                             "cache; drop the callback and sample after training (`bindweave predict`).")
         if self.at_start:
             self.sample(trainer, pl_module)
 

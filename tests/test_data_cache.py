@@ -107,6 +107,12 @@ def test_a_cache_trained_model_builds_its_encoders_to_sample_mid_fit(tmp_path):
     cached.load_state_dict(online.state_dict(), strict=False)
     with pytest.raises(ValueError, match="feature cache.*give `requests`"):
         SamplingCallback(every_n_steps=1).on_train_start(None, cached)
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    with pytest.raises(ValueError, match="sharded model"):
+        SamplingCallback(every_n_steps=1, requests="r.jsonl").on_train_start(SimpleNamespace(strategy=FSDPStrategy()), cached)
     with pytest.raises(ValueError, match="feature_cache"):  # no encoders yet
         cached.generate(synthetic_batch(size=2, with_video=False))
 
