@@ -23,7 +23,7 @@ import sys
 from collections import Counter, defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Literal
 
 import webdataset as wds
 from jsonargparse import ActionYesNo, ArgumentParser
@@ -398,7 +398,7 @@ def build_parser() -> ArgumentParser:
     c.add_argument("--overwrite", action=ActionYesNo, default=False, help="re-encode shards that exist (else skipped)")
     c.add_argument("--part", type=str, default="0/1", help="i/n: take shards i, i+n, ... (n processes in parallel)")
     c.add_argument("--progress", action=ActionYesNo, default=True, help="show a progress bar")
-    c.add_argument("--dtype", type=str, default="float32", choices=["float32", "bfloat16"],
+    c.add_argument("--dtype", type=Literal["float32", "bfloat16"], default="float32",
                    help="storage of floating-point features (bfloat16: half the bytes; read back as float32)")
     commands.add_subcommand("cache", c, help="write cached encoder features of shards")
 
