@@ -10,8 +10,9 @@ x_σ = (1−σ)x₀ + σε ──[x_σ ; slots] on time, [noisy | mask | ref lat
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable, Iterator, Literal
 
 import lightning as L
 import torch
@@ -31,6 +32,14 @@ from encoders.base import FrozenEncoder
 # Frozen encoder weights are deliberately absent from checkpoints; on_load_checkpoint checks that
 # every trainable weight is present instead.
 warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in the checkpoint")
+
+
+@contextmanager
+def _fixed_seed() -> Iterator[None]:
+    """Run under torch seed 0 and leave the global CPU RNG as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        yield
 
 
 def _as_float32(features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -167,19 +176,24 @@ class BindWeave(L.LightningModule):
     def build_encoders(self) -> None:
         """Build the VAE and the conditioners (frozen encoders and trainable parts); with
         ``feature_cache``, only the conditioners' trainable parts, sized from the cache."""
-        # Frozen parts built from random tiny configs must be identical in fit and predict runs,
-        # whatever the global RNG went through: build them under a fixed seed (no effect on
-        # pretrained weights).
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            if self.feature_cache is not None and not self._predicting():
-                from bindweave.feature_cache import build_from_cache
+        if self.feature_cache is not None and not self._predicting():
+            from bindweave.feature_cache import build_from_cache
 
+            with _fixed_seed():
                 self.vae = build_from_cache(self.conditioners, self.feature_cache)  # sizes only
-                return
-            self.vae = self.vae_factory()
+            return
+        self.vae = self._build_vae_and_conditioners()
+
+    def _build_vae_and_conditioners(self) -> FrozenEncoder:
+        """Build the VAE and every conditioner (encoders and trainable parts); returns the VAE.
+        Frozen parts built from random tiny configs must be identical in fit and predict runs,
+        whatever the global RNG went through: they are built under a fixed seed (no effect on
+        pretrained weights)."""
+        with _fixed_seed():
+            vae = self.vae_factory()
             for conditioner in self.conditioners.values():
-                conditioner.build(self.vae)
+                conditioner.build(vae)
+        return vae
 
     def attach_encoders(self) -> bool:
         """Give a model that trains from a feature cache its VAE and frozen encoders, for sampling
@@ -192,11 +206,7 @@ class BindWeave(L.LightningModule):
             return False
         device = self.dit.patch_embedding.weight.device
         trained = dict(self.conditioners.named_parameters())  # name -> Parameter (optimizer's objects)
-        with torch.random.fork_rng(devices=[]):  # the same random encoders as build_encoders draws
-            torch.manual_seed(0)
-            vae = self.vae_factory()
-            for conditioner in self.conditioners.values():
-                conditioner.build(vae)
+        vae = self._build_vae_and_conditioners()  # the same random encoders as build_encoders draws
         for name, parameter in trained.items():
             path, _, attr = name.rpartition(".")
             module = self.conditioners.get_submodule(path)

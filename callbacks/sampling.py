@@ -119,13 +119,14 @@ class SamplingCallback(Callback):
         return batch
 
     def on_train_start(self, trainer, pl_module) -> None:
-        if getattr(pl_module, "feature_cache", None) is not None and self.requests is None:
-            raise ValueError("SamplingCallback: the model trains from a feature cache, whose samples hold no pixels "
-                             "to sample from; give `requests` (a JSONL file, e.g. the validation split's "
-                             "requests.jsonl written by `bindweave data sprites`).")
-        if getattr(pl_module, "feature_cache", None) is not None and isinstance(trainer.strategy, _SHARDED):
-            raise ValueError("SamplingCallback cannot build the encoders of a sharded model that trains from a feature "
-                             "cache; drop the callback and sample after training (`bindweave predict`).")
+        if getattr(pl_module, "feature_cache", None) is not None:  # cached samples hold no pixels
+            if self.requests is None:
+                raise ValueError("SamplingCallback: the model trains from a feature cache, whose samples hold no "
+                                 "pixels to sample from; give `requests` (a JSONL file, e.g. the validation split's "
+                                 "requests.jsonl written by `bindweave data sprites`).")
+            if isinstance(trainer.strategy, _SHARDED):
+                raise ValueError("SamplingCallback cannot build the encoders of a sharded model that trains from a "
+                                 "feature cache; drop the callback and sample after training (`bindweave predict`).")
         if self.at_start:
             self.sample(trainer, pl_module)
 
