@@ -124,6 +124,25 @@ def rope_cos_sin(
     return torch.cos(table).float(), torch.sin(table).float()
 
 
+def absolute_position_table(grid: tuple[int, int, int], dim: int, device: torch.device) -> torch.Tensor:
+    """Fixed 3D sin-cos position features for a (frames, height, width) token grid: (L, dim) fp32.
+
+    The width is split over (t, h, w) like RoPE's head split (:func:`rope_axis_dims`); each axis gets
+    [cos, sin] of position · 10000^(-i/half) (the ViT/DiT table, one per axis), flattened in (f, h, w)
+    order like the tokens.
+    """
+    parts = []
+    for size, axis_dim, expand in zip(grid, rope_axis_dims(dim), range(3)):
+        half = axis_dim // 2
+        inv_freq = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=device) / half)
+        angles = torch.outer(torch.arange(size, dtype=torch.float64, device=device), inv_freq)  # (size, half)
+        features = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)  # (size, axis_dim)
+        shape = [1, 1, 1, axis_dim]
+        shape[expand] = size
+        parts.append(features.view(shape).expand(*grid, -1))  # (f, h, w, axis_dim)
+    return torch.cat(parts, dim=-1).reshape(-1, dim).float()  # (L, dim)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent channel pairs of (B, L, H, Dh) by the position angles, in float32."""
     x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, L, H, Dh/2) each
@@ -295,6 +314,10 @@ class WanDiT(nn.Module):
         patch_size: (t, h, w) patch of the 3D patch embedding.
         freq_dim: size of the sinusoidal timestep features.
         eps: epsilon of the layer and RMS norms.
+        absolute_position: also add fixed 3D sin-cos position features to the patch tokens (no
+            parameters; not in Wan, whose only positions are RoPE's relative ones). For small models
+            trained briefly on prompts that name absolute places ("starts at the top left") and on
+            reference slots that differ only by their frame index.
     """
 
     def __init__(
@@ -309,6 +332,7 @@ class WanDiT(nn.Module):
         patch_size: tuple[int, int, int] = (1, 2, 2),
         freq_dim: int = 256,
         eps: float = 1e-6,
+        absolute_position: bool = False,
     ) -> None:
         super().__init__()
         branches = list(branches) if branches is not None else [CrossAttentionBranch("text", 4096)]
@@ -323,6 +347,7 @@ class WanDiT(nn.Module):
         self.dim, self.num_heads, self.freq_dim = dim, num_heads, freq_dim
         self.patch_size = tuple(patch_size)
         self.branches = {b.name: b for b in branches}
+        self.absolute_position = absolute_position
 
         self.patch_embedding = nn.Conv3d(
             in_channels, dim, kernel_size=self.patch_size, stride=self.patch_size
@@ -450,6 +475,8 @@ class WanDiT(nn.Module):
 
         tokens = self.patch_embedding(x.to(self.patch_embedding.weight.dtype))  # (B, D, f, h, w)
         tokens = tokens.flatten(2).transpose(1, 2)  # (B, L, D)
+        if self.absolute_position:
+            tokens = tokens + absolute_position_table(grid, self.dim, x.device).to(tokens.dtype)  # (B, L, D)
         cos, sin = rope_cos_sin(grid, self.head_dim, x.device)  # (L, 1, Dh/2)
 
         time_features = timestep_sinusoid(timestep, self.freq_dim)  # (B, freq_dim)

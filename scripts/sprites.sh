@@ -27,6 +27,7 @@ CACHE_THREADS=${CACHE_THREADS:-1}  # torch threads per caching process (more ove
 CACHE_DTYPE=${CACHE_DTYPE:-bfloat16}  # half the bytes of float32 for the loaders to read (trained as float32)
 SAMPLE_EVERY=${SAMPLE_EVERY:-}  # N: sample the first 16 validation requests every N steps into <run>/samples/step-*/
 PREDICT=${PREDICT:-1}    # 0: train only (sample and score elsewhere, e.g. from exported weights)
+RESUME=${RESUME:-0}      # 1: continue each variant from its last.ckpt (MAX_TIME and STEPS count from the start)
 FIT_ARGS=${FIT_ARGS:-}   # more `bindweave fit` arguments, e.g. "--data.init_args.pin_memory false"
 BINDWEAVE=${BINDWEAVE:-bindweave}
 
@@ -42,6 +43,8 @@ if [ "$CACHE" = 1 ]; then  # the full model's encoders; the ablations read the f
   parts=()
   for split in train val; do  # both splits at once, each in up to CACHE_PARTS processes
     shards=$(ls "$DATA/$split"/shard-*.tar | wc -l)
+    cached=$( (ls "$DATA/cache/$split"/shard-*.tar 2>/dev/null || true) | wc -l)
+    [ -f "$DATA/cache/$split/cache.json" ] && [ "$cached" = "$shards" ] && continue  # done (a rerun, RESUME=1)
     count=$((CACHE_PARTS < shards ? CACHE_PARTS : shards))  # a part without a shard is an error
     for ((i = 0; i < count; i++)); do
       OMP_NUM_THREADS=$CACHE_THREADS $BINDWEAVE data cache -c configs/sprites.yaml --urls "$DATA/$split/shard-*.tar" \
@@ -67,6 +70,7 @@ run_variant() {  # train, then sample the test split
     --trainer.logger.init_args.save_dir "$root" --trainer.logger.init_args.flush_logs_every_n_steps 20)
   [ -n "$MAX_TIME" ] && extra+=(--trainer.max_time "$MAX_TIME")
   [ -n "$WORKERS" ] && extra+=(--data.init_args.num_workers "$WORKERS")
+  [ "$RESUME" = 1 ] && [ -f "$root/checkpoints/last.ckpt" ] && extra+=(--ckpt_path "$root/checkpoints/last.ckpt")
   if [ -n "$SAMPLE_EVERY" ]; then  # learning curves: bindweave eval --data "$DATA/val/shard-*.tar" --run N=<run>/samples/step-N
     head -16 "$DATA/val/requests.jsonl" > "$DATA/val/requests-16.jsonl"
     extra+=(--trainer.callbacks+=callbacks.SamplingCallback --trainer.callbacks.every_n_steps="$SAMPLE_EVERY"

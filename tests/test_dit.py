@@ -11,7 +11,14 @@ from bindweave.convert import (
     diffusers_config_for,
     diffusers_to_bindweave,
 )
-from bindweave.dit import PRESETS, CrossAttentionBranch, WanDiT, wan_dit_preset
+from bindweave.dit import (
+    PRESETS,
+    CrossAttentionBranch,
+    WanDiT,
+    absolute_position_table,
+    rope_axis_dims,
+    wan_dit_preset,
+)
 
 TEXT, IMAGE = CrossAttentionBranch("text", 32), CrossAttentionBranch("image", 24, "norm_mlp")
 
@@ -49,6 +56,25 @@ def test_fresh_model_predicts_zero_and_head_is_zero_init():
     dit = WanDiT(in_channels=16, dim=48, ffn_dim=64, num_heads=4, num_layers=1, branches=[TEXT], freq_dim=32)
     x, t, ctx = inputs(dit)
     assert dit(x, t, ctx).abs().max() == 0
+
+
+def test_absolute_position_adds_a_fixed_table_and_no_parameters():
+    torch.manual_seed(0)
+    plain = tiny_dit()
+    positioned = tiny_dit(absolute_position=True)
+    positioned.load_state_dict(plain.state_dict())  # same keys: the table is not a parameter
+    x, t, ctx = inputs(plain)
+    grid = (3, 4, 6)
+    difference = positioned.embed(x, t, ctx).tokens - plain.embed(x, t, ctx).tokens  # (B, L, D)
+    table = absolute_position_table(grid, 48, torch.device("cpu"))
+    torch.testing.assert_close(difference, table.expand_as(difference))
+    assert len({tuple(row.tolist()) for row in table}) == 3 * 4 * 6  # every token gets its own position
+    # the (t, h, w) parts of a token's features depend on its own coordinate only
+    view = table.view(*grid, 48)
+    t_dim, h_dim, _ = rope_axis_dims(48)
+    torch.testing.assert_close(view[:, 0, 0, :t_dim], view[:, 3, 5, :t_dim])
+    torch.testing.assert_close(view[0, :, 2, t_dim:t_dim + h_dim], view[2, :, 0, t_dim:t_dim + h_dim])
+    assert not torch.allclose(positioned(x, t, ctx), plain(x, t, ctx))
 
 
 def _cross_attention_with(block, q_in, context, mask, only):
