@@ -102,7 +102,7 @@ def _checkpoint_forward(block: torch.nn.Module, save_ops: list | None) -> None:
 def apply_compile(
     dit: WanDiT,
     *,
-    dynamic: bool | None = False,
+    dynamic: bool | None = None,
     fullgraph: bool = True,
     mode: str | None = None,
     backend: str = "inductor",
@@ -110,13 +110,15 @@ def apply_compile(
     """``torch.compile`` every transformer block of ``dit`` separately, and its output head (in place).
 
     Blocks of one model share their code, so this compiles once per input shape, not once per
-    block (each further shape is a recompile: with ``dynamic=False``, the default, every video size
-    gets kernels specialised to it). Apply activation checkpointing first. Raise
-    ``torch._dynamo.config.cache_size_limit`` if more than 8 shapes are used in one process.
+    block. The default ``dynamic=None`` specialises to the first shape and, when a size changes,
+    recompiles once with that size symbolic: training batches differ in their context lengths
+    (prompts and reference counts vary), and ``dynamic=False`` would compile once per length and
+    stop at dynamo's recompile limit (8) with ``fullgraph``. Apply activation checkpointing first.
 
     Args:
         dit: the model.
-        dynamic: passed to ``torch.compile``; ``False`` specialises to each shape.
+        dynamic: passed to ``torch.compile``; ``False`` specialises to every shape (one fixed-size
+            workload, e.g. a benchmark), ``None`` as above.
         fullgraph: fail on a graph break instead of silently running pieces eagerly.
         mode: ``torch.compile`` mode (``None``, ``"max-autotune-no-cudagraphs"``, ...).
         backend: ``torch.compile`` backend; ``"aot_eager"`` checks tracing without code generation.

@@ -84,6 +84,19 @@ def test_checkpointing_and_compile_keep_outputs_and_gradients(mode, compiled):
     assert_same(loss_and_grads(model, inputs), expected)  # second call: cached graphs
 
 
+def test_compiled_training_survives_a_new_context_length_every_batch():
+    """Prompts and reference counts vary, so each batch can bring new context lengths: more of them
+    than dynamo's recompile limit (8) must neither fail under fullgraph nor change the numbers."""
+    reference = tiny_dit()
+    torch._dynamo.reset()
+    model = apply_compile(copy.deepcopy(reference), backend="aot_eager")
+    x, t, context, _, frame_mask = tiny_inputs()
+    for length in range(3, 15):  # 12 lengths
+        text = torch.randn(2, length, 32, generator=torch.Generator().manual_seed(length))
+        inputs = (x, t, {**context, "text": text}, {"text": torch.ones(2, length, dtype=torch.bool)}, frame_mask)
+        assert_same(loss_and_grads(model, inputs), loss_and_grads(reference, inputs), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.slow
 def test_inductor_compile_with_selective_checkpointing_keeps_outputs_and_gradients():
     reference = tiny_dit()
