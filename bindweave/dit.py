@@ -39,11 +39,17 @@ class CrossAttentionBranch:
         embedder: how tokens are projected to the model width once per forward: ``mlp`` is Wan's text
             projection (Linear, GELU-tanh, Linear); ``norm_mlp`` is Wan's image projection
             (LayerNorm, Linear, GELU, Linear, LayerNorm).
+        position: add fixed sin-cos features of each token's index to its embedded token (no
+            parameters; not in Wan). Cross-attention keys carry no order of their own: a trained T5's
+            tokens already know their clause, a random-weight encoder's do not (docs/results.md: a
+            reader of random umt5 features learns which subject "starts at the top left" only with
+            them), and the image branch's tokens then tell which reference they come from.
     """
 
     name: str
     context_dim: int
     embedder: Literal["mlp", "norm_mlp"] = "mlp"
+    position: bool = False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -411,7 +417,10 @@ class WanDiT(nn.Module):
                     f"(B, L, {expected}). Set the branch's context_dim to the conditioner's output size."
                 )
             weight_dtype = self.patch_embedding.weight.dtype
-            embedded[name] = self.context_embedders[name](tokens.to(weight_dtype))
+            embedded[name] = self.context_embedders[name](tokens.to(weight_dtype))  # (B, L, D)
+            if self.branches[name].position:
+                index = torch.arange(tokens.shape[1], device=tokens.device)
+                embedded[name] = embedded[name] + timestep_sinusoid(index, self.dim).to(weight_dtype)  # (L, D)
         return embedded
 
     def check_input(self, x: torch.Tensor) -> None:

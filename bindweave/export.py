@@ -16,6 +16,7 @@ training config did. Weights are only ever written as safetensors; a Lightning `
 from __future__ import annotations
 
 import copy
+import inspect
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ import yaml
 
 from encoders.base import resolve_dtype
 
+from bindweave.dit import WanDiT
 from bindweave.loading import Checkpoint, WeightsError, load_into, save_sharded
 
 CONFIG_NAME = "config.yaml"
@@ -30,8 +32,8 @@ WEIGHTS_NAME = "model"
 FORMAT = "bindweave-export/1"
 _HEAVY = ("dit", "vae")
 # WanDiT arguments; anything else in a DiT entry (pretrained_path, dtype, ...) is about loading.
-_DIT_ARCHITECTURE = ("in_channels", "out_channels", "dim", "ffn_dim", "num_heads", "num_layers", "branches",
-                     "patch_size", "freq_dim", "eps")
+_DIT_ARCHITECTURE = tuple(inspect.signature(WanDiT).parameters)
+"""Every argument of :class:`WanDiT` is architecture (a hand-kept list once lost a new option)."""
 
 
 def _plain_dit_entry(entry: dict) -> dict:

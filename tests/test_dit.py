@@ -17,6 +17,7 @@ from bindweave.dit import (
     WanDiT,
     absolute_position_table,
     rope_axis_dims,
+    timestep_sinusoid,
     wan_dit_preset,
 )
 
@@ -75,6 +76,21 @@ def test_absolute_position_adds_a_fixed_table_and_no_parameters():
     torch.testing.assert_close(view[:, 0, 0, :t_dim], view[:, 3, 5, :t_dim])
     torch.testing.assert_close(view[0, :, 2, t_dim:t_dim + h_dim], view[2, :, 0, t_dim:t_dim + h_dim])
     assert not torch.allclose(positioned(x, t, ctx), plain(x, t, ctx))
+
+
+def test_branch_position_tells_equal_tokens_apart():
+    torch.manual_seed(0)
+    plain = tiny_dit()
+    positioned = tiny_dit(branches=[CrossAttentionBranch("text", 32, position=True), IMAGE])
+    positioned.load_state_dict(plain.state_dict())  # no new parameters
+    token = torch.randn(1, 1, 32)
+    context = {"text": token.expand(1, 5, 32), "image": torch.randn(1, 3, 24)}  # one token, five times
+    same = plain.embed_context(context)["text"][0]  # (5, D)
+    told_apart = positioned.embed_context(context)["text"][0]
+    assert torch.allclose(same, same[:1].expand_as(same))  # without positions: indistinguishable keys
+    torch.testing.assert_close(told_apart - same, timestep_sinusoid(torch.arange(5), 48))
+    assert len({tuple(row.round(decimals=4).tolist()) for row in told_apart}) == 5
+    torch.testing.assert_close(positioned.embed_context(context)["image"], plain.embed_context(context)["image"])
 
 
 def _cross_attention_with(block, q_in, context, mask, only):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -76,6 +77,24 @@ def test_save_and_load_pretrained(trained, tmp_path):
         torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0)
     torch.testing.assert_close(dit_output(loaded), dit_output(trained))
     assert load_pretrained(tmp_path, dtype="bfloat16").dit.patch_embedding.weight.dtype == torch.bfloat16
+
+
+def test_export_keeps_every_dit_option(tiny_config, tmp_path):
+    """Options beyond Wan's (absolute positions, positioned branches) travel with the export: a model
+    loaded without them would sample differently from the one trained."""
+    config = copy.deepcopy(tiny_config)
+    dit_args = config["dit"]["init_args"]
+    dit_args["absolute_position"] = True
+    dit_args["branches"] = [{**branch, "position": True} for branch in dit_args["branches"]]
+    module = build(config)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in module.dit.parameters():
+            p.normal_(0, 0.1)
+    save_pretrained(module, tmp_path)
+    loaded = load_pretrained(tmp_path)
+    assert loaded.dit.absolute_position and all(b.position for b in loaded.dit.branches.values())
+    torch.testing.assert_close(dit_output(loaded), dit_output(module))
 
 
 def test_save_pretrained_needs_a_config_for_python_built_models(tmp_path):
