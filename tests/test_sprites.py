@@ -177,7 +177,7 @@ TINY = [  # the sprites config at test size: byte tokenizers, a 1-layer DiT
     "--model.dit.init_args.dim", "32", "--model.dit.init_args.ffn_dim", "64", "--model.dit.init_args.num_heads", "2",
     "--model.dit.init_args.num_layers", "1", "--model.dit.init_args.freq_dim", "32",
     "--trainer.accelerator", "cpu", "--trainer.precision", "32-true", "--trainer.logger", "false",
-    "--trainer.enable_progress_bar", "false", "--data.init_args.batch_size", "2", "--data.init_args.num_workers", "0",
+    "--data.init_args.batch_size", "2", "--data.init_args.num_workers", "0",
     "--data.init_args.pin_memory", "false",
 ]
 
