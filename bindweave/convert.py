@@ -107,6 +107,7 @@ def diffusers_config_for(dit: WanDiT, text_branch: str = "text", image_branch: s
             f"diffusers' Wan has a text stream and optionally one image stream; this DiT has branches "
             f"{sorted(dit.branches)}. Pass text_branch/image_branch naming them."
         )
+    dit.check_wan_compatible("diffusers' WanTransformer3DModel")
     image = dit.branches.get(image_branch)
     return dict(
         patch_size=dit.patch_size,

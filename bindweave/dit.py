@@ -395,6 +395,17 @@ class WanDiT(nn.Module):
     def head_dim(self) -> int:
         return self.dim // self.num_heads
 
+    def check_wan_compatible(self, target: str) -> None:
+        """Raise if this DiT uses options that Wan's layouts (official, diffusers) cannot express:
+        converted there, its weights would run without them and predict something else."""
+        options = (["absolute_position"] if self.absolute_position else []) + [
+            f"position on branch {name!r}" for name, branch in self.branches.items() if branch.position]
+        if options:
+            raise ValueError(
+                f"This DiT uses {', '.join(options)}, which {target} does not have: converted weights "
+                f"would run without them. Save it with `bindweave weights export` (BindWeave's own layout) instead."
+            )
+
     def embed_context(
         self, context: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:

@@ -158,6 +158,7 @@ def wan_config_for(dit: WanDiT, text_branch: str = "text", image_branch: str = "
     extra = set(dit.branches) - {text_branch, image_branch}
     if text_branch not in dit.branches or extra:
         raise ValueError(f"Wan has a text and optionally an image branch; this DiT has {sorted(dit.branches)}.")
+    dit.check_wan_compatible("the official Wan layout")
     return {
         "_class_name": "WanModel",
         "model_type": "i2v" if image_branch in dit.branches else "t2v",

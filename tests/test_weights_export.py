@@ -97,6 +97,19 @@ def test_export_keeps_every_dit_option(tiny_config, tmp_path):
     torch.testing.assert_close(dit_output(loaded), dit_output(module))
 
 
+def test_wan_layouts_refuse_options_they_cannot_express(tiny_config):
+    config = copy.deepcopy(tiny_config)
+    config["dit"]["init_args"]["branches"][0]["position"] = True
+    dit = build(config).dit
+    for to_config in (diffusers_config_for, wan_config_for):
+        with pytest.raises(ValueError, match="position on branch 'text'.*bindweave weights export"):
+            to_config(dit)
+    config["dit"]["init_args"]["branches"][0]["position"] = False
+    config["dit"]["init_args"]["absolute_position"] = True
+    with pytest.raises(ValueError, match="absolute_position"):
+        diffusers_config_for(build(config).dit)
+
+
 def test_save_pretrained_needs_a_config_for_python_built_models(tmp_path):
     from helpers import tiny_module
 
