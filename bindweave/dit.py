@@ -109,15 +109,12 @@ def rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
     return head_dim - 2 * hw, hw, hw
 
 
-def rope_cos_sin(
-    grid: tuple[int, int, int], head_dim: int, device: torch.device, theta: float = 10000.0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables for a (frames, height, width) token grid, flattened in (f, h, w) order.
-
-    Computed in float64 once per forward (not per block), returned as float32 (L, 1, Dh/2).
-    """
+def _axis_angles(grid: tuple[int, int, int], dim: int, device: torch.device, theta: float = 10000.0) -> torch.Tensor:
+    """Position angles of a (frames, height, width) token grid, float64 (f, h, w, dim/2): ``dim`` is
+    split over (t, h, w) by :func:`rope_axis_dims`, and each axis part holds position ·
+    theta^(-i/half) for its ``half`` frequencies. Shared by RoPE and the absolute position table."""
     angles = []
-    for size, axis_dim, expand in zip(grid, rope_axis_dims(head_dim), range(3)):
+    for size, axis_dim, expand in zip(grid, rope_axis_dims(dim), range(3)):
         inv_freq = 1.0 / theta ** (
             torch.arange(0, axis_dim, 2, dtype=torch.float64, device=device) / axis_dim
         )  # (axis_dim/2,)
@@ -126,27 +123,29 @@ def rope_cos_sin(
         shape = [1, 1, 1, axis_angles.shape[-1]]
         shape[expand] = size
         angles.append(axis_angles.view(shape).expand(*grid, -1))  # (f, h, w, axis_dim/2)
-    table = torch.cat(angles, dim=-1).reshape(-1, 1, head_dim // 2)  # (L, 1, Dh/2)
+    return torch.cat(angles, dim=-1)  # (f, h, w, dim/2)
+
+
+def rope_cos_sin(
+    grid: tuple[int, int, int], head_dim: int, device: torch.device, theta: float = 10000.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables for a (frames, height, width) token grid, flattened in (f, h, w) order.
+
+    Computed in float64 once per forward (not per block), returned as float32 (L, 1, Dh/2).
+    """
+    table = _axis_angles(grid, head_dim, device, theta).reshape(-1, 1, head_dim // 2)  # (L, 1, Dh/2)
     return torch.cos(table).float(), torch.sin(table).float()
 
 
 def absolute_position_table(grid: tuple[int, int, int], dim: int, device: torch.device) -> torch.Tensor:
     """Fixed 3D sin-cos position features for a (frames, height, width) token grid: (L, dim) fp32.
 
-    The width is split over (t, h, w) like RoPE's head split (:func:`rope_axis_dims`); each axis gets
-    [cos, sin] of position · 10000^(-i/half) (the ViT/DiT table, one per axis), flattened in (f, h, w)
-    order like the tokens.
+    RoPE's angles (:func:`_axis_angles`: the width split over (t, h, w)); each axis part becomes
+    [cos, sin] of its angles (the ViT/DiT table, one per axis), flattened in (f, h, w) order.
     """
-    parts = []
-    for size, axis_dim, expand in zip(grid, rope_axis_dims(dim), range(3)):
-        half = axis_dim // 2
-        inv_freq = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=device) / half)
-        angles = torch.outer(torch.arange(size, dtype=torch.float64, device=device), inv_freq)  # (size, half)
-        features = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)  # (size, axis_dim)
-        shape = [1, 1, 1, axis_dim]
-        shape[expand] = size
-        parts.append(features.view(shape).expand(*grid, -1))  # (f, h, w, axis_dim)
-    return torch.cat(parts, dim=-1).reshape(-1, dim).float()  # (L, dim)
+    angles = _axis_angles(grid, dim, device).reshape(-1, dim // 2)  # (L, dim/2)
+    parts = angles.split([axis_dim // 2 for axis_dim in rope_axis_dims(dim)], dim=-1)
+    return torch.cat([torch.cat([torch.cos(a), torch.sin(a)], dim=-1) for a in parts], dim=-1).float()  # (L, dim)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
