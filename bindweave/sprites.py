@@ -42,7 +42,7 @@ from PIL import Image
 
 from bindweave.batch import check_num_frames
 from bindweave.shards import ShardWriter
-from bindweave.video_decode import frame_to_rgb
+from bindweave.video_io import read_video
 
 VERSION = 1
 """Version of the rendering rules; stored in every record (a change of the rules bumps it)."""
@@ -444,9 +444,7 @@ def encode_video(frames: np.ndarray, fps: int) -> bytes:
 
 def decode_video(data: bytes | str | Path) -> np.ndarray:
     """(F, H, W, 3) uint8 frames of a video file or its bytes."""
-    source = io.BytesIO(data) if isinstance(data, bytes) else str(data)
-    with av.open(source) as container:
-        return np.stack([frame_to_rgb(f) for f in container.decode(video=0)])
+    return read_video(data).numpy()
 
 
 def _png(image: np.ndarray) -> bytes:

@@ -1,7 +1,8 @@
-"""Writing videos to disk atomically (a crash never leaves a half-written file behind)."""
+"""Writing videos to disk atomically (a crash never leaves a half-written file behind), and reading them whole."""
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from pathlib import Path
@@ -46,8 +47,8 @@ def write_video(path: str | Path, frames: torch.Tensor, fps: int = 16, crf: int 
     return path
 
 
-def read_video(path: str | Path) -> torch.Tensor:
-    """Decode a video file to (F, H, W, 3) uint8 (for tests and inspection)."""
-    with av.open(str(path)) as container:
+def read_video(source: str | Path | bytes) -> torch.Tensor:
+    """Decode a whole video (a file or its bytes) to (F, H, W, 3) uint8 (tests, inspection, metrics)."""
+    with av.open(io.BytesIO(source) if isinstance(source, bytes) else str(source)) as container:
         frames = [frame_to_rgb(f) for f in container.decode(video=0)]
     return torch.from_numpy(np.stack(frames))
