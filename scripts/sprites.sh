@@ -25,6 +25,7 @@ CACHE_DEVICE=${CACHE_DEVICE:-$(python3 -c "import torch; print('cuda' if torch.c
 CACHE_PARTS=${CACHE_PARTS:-1}  # processes caching in parallel (CPU-bound: video decoding, the MLLM processor)
 CACHE_THREADS=${CACHE_THREADS:-1}  # torch threads per caching process (more oversubscribes the cores)
 CACHE_DTYPE=${CACHE_DTYPE:-bfloat16}  # half the bytes of float32 for the loaders to read (trained as float32)
+MEMORY=${MEMORY:-1}      # with CACHE=1: hold the cache in GPU memory (configs/sprites/in-memory.yaml); 0: stream it
 SAMPLE_EVERY=${SAMPLE_EVERY:-}  # N: sample the first 16 validation requests every N steps into <run>/samples/step-*/
 PREDICT=${PREDICT:-1}    # 0: train only (sample and score elsewhere, e.g. from exported weights)
 RESUME=${RESUME:-0}      # 1: continue each variant from its last.ckpt (MAX_TIME and STEPS count from the start)
@@ -64,12 +65,15 @@ run_variant() {  # train, then sample the test split
   [ "$variant" != full ] && configs+=(-c "configs/sprites/$variant.yaml")
   local extra=(--data.init_args.urls "$DATA/train/shard-*.tar" --data.init_args.val_urls "$DATA/val/shard-*.tar")
   [ -n "$STEPS" ] && extra+=(--trainer.max_steps "$STEPS")
-  [ "$CACHE" = 1 ] && extra+=(--model.feature_cache "$DATA/cache/train" --data.init_args.cached true
-    --data.init_args.urls "$DATA/cache/train/shard-*.tar" --data.init_args.val_urls "$DATA/cache/val/shard-*.tar")
+  if [ "$CACHE" = 1 ]; then
+    [ "$MEMORY" = 1 ] && configs+=(-c configs/sprites/in-memory.yaml) || extra+=(--data.init_args.cached true)
+    extra+=(--model.feature_cache "$DATA/cache/train"
+      --data.init_args.urls "$DATA/cache/train/shard-*.tar" --data.init_args.val_urls "$DATA/cache/val/shard-*.tar")
+  fi
   [ "$CSV_LOG" = 1 ] && extra+=(--trainer.logger lightning.pytorch.loggers.CSVLogger
     --trainer.logger.init_args.save_dir "$root" --trainer.logger.init_args.flush_logs_every_n_steps 20)
   [ -n "$MAX_TIME" ] && extra+=(--trainer.max_time "$MAX_TIME")
-  [ -n "$WORKERS" ] && extra+=(--data.init_args.num_workers "$WORKERS")
+  [ -n "$WORKERS" ] && [ "$CACHE$MEMORY" != 11 ] && extra+=(--data.init_args.num_workers "$WORKERS")
   [ "$RESUME" = 1 ] && [ -f "$root/checkpoints/last.ckpt" ] && extra+=(--ckpt_path "$root/checkpoints/last.ckpt")
   if [ -n "$SAMPLE_EVERY" ]; then  # learning curves: bindweave eval --data "$DATA/val/shard-*.tar" --run N=<run>/samples/step-N
     head -16 "$DATA/val/requests.jsonl" > "$DATA/val/requests-16.jsonl"

@@ -215,3 +215,18 @@ def test_ablation_configs_build(variant, shards, monkeypatch):
     assert ("multi_reference" in names) == (variant in ("t5-only", "no-clip"))
     assert (cli.model.conditioners["relational"].mllm is None) == (variant in ("noref", "t5-only"))
     assert cli.trainer.default_root_dir.endswith(f"sprites-{variant}")
+
+
+def test_in_memory_config_layers_over_a_variant(monkeypatch):
+    import lightning as L
+
+    from bindweave.cli import BindWeaveCLI
+    from bindweave.memory_data import MemoryCacheDataModule
+    from bindweave.module import BindWeave
+
+    monkeypatch.setattr("sys.argv", ["bindweave"])
+    cli = BindWeaveCLI(BindWeave, L.LightningDataModule, subclass_mode_data=True, run=False, save_config_callback=None,
+                       args=["-c", str(ROOT / "configs/sprites.yaml"), "-c", str(ROOT / "configs/sprites/noref.yaml"),
+                             "-c", str(ROOT / "configs/sprites/in-memory.yaml"), "--data.init_args.urls", "c/shard-*.tar"])
+    assert isinstance(cli.datamodule, MemoryCacheDataModule) and cli.datamodule.batch_size == 32
+    assert cli.model.feature_cache == "data/sprites/cache/train" and cli.trainer.default_root_dir.endswith("sprites-noref")
