@@ -44,12 +44,20 @@ class CrossAttentionBranch:
             tokens already know their clause, a random-weight encoder's do not (docs/results.md: a
             reader of random umt5 features learns which subject "starts at the top left" only with
             them), and the image branch's tokens then tell which reference they come from.
+        refiner_layers: trainable pre-norm transformer layers (self-attention over the branch's
+            tokens, padding masked, then an MLP) after the embedder and position features, run once
+            per forward (not in Wan; HunyuanVideo's "token refiner" and Lumina-Next's "context
+            refiner" are the same idea). The DiT reads its condition only by cross-attention, so a
+            token cannot learn from its neighbours which clause it belongs to ("right" in "starts at
+            the right" vs "moves to the right") unless the encoder already wrote it there, as a
+            trained T5 does and a random-weight one does not. 0: none (Wan).
     """
 
     name: str
     context_dim: int
     embedder: Literal["mlp", "norm_mlp"] = "mlp"
     position: bool = False
+    refiner_layers: int = 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -96,6 +104,31 @@ class ContextEmbedder(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.net(tokens)  # (B, L, C) -> (B, L, D)
+
+
+class RefinerLayer(nn.Module):
+    """A pre-norm transformer layer over one branch's condition tokens (``refiner_layers``):
+    ``x + attn(norm(x))`` with padded keys masked, then ``x + mlp(norm(x))``. Its output
+    projections start at zero, so a new refiner passes the tokens through unchanged."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm_attn = FP32LayerNorm(dim, eps=eps)
+        self.to_qkv = nn.Linear(dim, 3 * dim)
+        self.norm_q = nn.RMSNorm(dim, eps=eps)
+        self.norm_k = nn.RMSNorm(dim, eps=eps)
+        self.to_out = nn.Linear(dim, dim)
+        self.norm_mlp = FP32LayerNorm(dim, eps=eps)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(approximate="tanh"), nn.Linear(4 * dim, dim))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        q, k, v = self.to_qkv(self.norm_attn(x)).chunk(3, dim=-1)  # 3 x (B, L, D)
+        q = self.norm_q(q).unflatten(-1, (self.num_heads, -1))  # (B, L, H, Dh)
+        k = self.norm_k(k).unflatten(-1, (self.num_heads, -1))
+        v = v.unflatten(-1, (self.num_heads, -1))
+        x = x + self.to_out(attention(q, k, v, mask).flatten(2))  # (B, L, D)
+        return x + self.mlp(self.norm_mlp(x))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -360,6 +393,13 @@ class WanDiT(nn.Module):
         self.context_embedders = nn.ModuleDict(
             {b.name: ContextEmbedder(b.context_dim, dim, b.embedder) for b in branches}
         )
+        for b in branches:
+            if b.refiner_layers < 0:
+                raise ValueError(f"Branch {b.name!r}: refiner_layers must be >= 0, got {b.refiner_layers}.")
+        self.context_refiners = nn.ModuleDict({  # only branches with refiner layers: Wan's keys stay as they are
+            b.name: nn.ModuleList(RefinerLayer(dim, num_heads, eps) for _ in range(b.refiner_layers))
+            for b in branches if b.refiner_layers
+        })
         self.time_embedding = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.time_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         self.blocks = nn.ModuleList(
@@ -386,6 +426,10 @@ class WanDiT(nn.Module):
         for module in self.time_embedding.modules():
             if isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, std=0.02)
+        for layers in self.context_refiners.values():
+            for layer in layers:  # residual branches start at zero: a new refiner is the identity
+                nn.init.zeros_(layer.to_out.weight)
+                nn.init.zeros_(layer.mlp[2].weight)
         nn.init.zeros_(self.head.proj.weight)
 
     # -- helpers -------------------------------------------------------------------------------
@@ -398,7 +442,8 @@ class WanDiT(nn.Module):
         """Raise if this DiT uses options that Wan's layouts (official, diffusers) cannot express:
         converted there, its weights would run without them and predict something else."""
         options = (["absolute_position"] if self.absolute_position else []) + [
-            f"position on branch {name!r}" for name, branch in self.branches.items() if branch.position]
+            f"position on branch {name!r}" for name, branch in self.branches.items() if branch.position] + [
+            f"refiner layers on branch {name!r}" for name in self.context_refiners]
         if options:
             raise ValueError(
                 f"This DiT uses {', '.join(options)}, which {target} does not have: converted weights "
@@ -406,9 +451,11 @@ class WanDiT(nn.Module):
             )
 
     def embed_context(
-        self, context: dict[str, torch.Tensor]
+        self, context: dict[str, torch.Tensor], context_mask: dict[str, torch.Tensor | None] | None = None
     ) -> dict[str, torch.Tensor]:
-        """Project every branch's tokens to the model width: {name: (B, L, C)} -> {name: (B, L, D)}.
+        """Project every branch's tokens to the model width: {name: (B, L, C)} -> {name: (B, L, D)};
+        ``context_mask`` ({name: (B, L) bool, True for real tokens}) keeps padding out of the
+        refiners (branches without one ignore it).
 
         Call once and pass ``context_embedded=True`` to :meth:`forward` to reuse it across sampling steps.
         """
@@ -431,6 +478,8 @@ class WanDiT(nn.Module):
             if self.branches[name].position:
                 index = torch.arange(tokens.shape[1], device=tokens.device)
                 embedded[name] = embedded[name] + timestep_sinusoid(index, self.dim).to(weight_dtype)  # (L, D)
+            for layer in self.context_refiners[name] if name in self.context_refiners else ():
+                embedded[name] = layer(embedded[name], (context_mask or {}).get(name))  # (B, L, D)
         return embedded
 
     def check_input(self, x: torch.Tensor) -> None:
@@ -490,7 +539,7 @@ class WanDiT(nn.Module):
         pt, ph, pw = self.patch_size
         grid = (x.shape[2] // pt, x.shape[3] // ph, x.shape[4] // pw)
         if not context_embedded:
-            context = self.embed_context(context)  # {name: (B, Lc, D)}
+            context = self.embed_context(context, context_mask)  # {name: (B, Lc, D)}
 
         tokens = self.patch_embedding(x.to(self.patch_embedding.weight.dtype))  # (B, D, f, h, w)
         tokens = tokens.flatten(2).transpose(1, 2)  # (B, L, D)

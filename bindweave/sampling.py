@@ -206,7 +206,7 @@ def sample_videos(
         if guided:
             cond = stack_batches(cond, module._null_conditions(batch, features, parts))
     context, context_mask = module._context(cond)
-    context = dit.embed_context(context)  # once, not per step
+    context = dit.embed_context(context, context_mask)  # once, not per step
 
     # 2. Denoising: one DiT call per step for both CFG sides.
     latent_shape = (

@@ -93,6 +93,32 @@ def test_branch_position_tells_equal_tokens_apart():
     torch.testing.assert_close(positioned.embed_context(context)["image"], plain.embed_context(context)["image"])
 
 
+def test_branch_refiner_mixes_real_tokens_ignores_padding_and_starts_as_identity():
+    torch.manual_seed(0)
+    plain = tiny_dit(branches=[CrossAttentionBranch("text", 32, position=True), IMAGE])
+    refined = tiny_dit(branches=[CrossAttentionBranch("text", 32, position=True, refiner_layers=2), IMAGE])
+    assert not any(k.startswith("context_refiners") for k in plain.state_dict())  # Wan's keys unchanged
+    refined.initialize_weights()  # (tiny_dit randomises every parameter) then all but the refiner from `plain`
+    missing, unexpected = refined.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith("context_refiners.text.") for k in missing)
+    context = {"text": torch.randn(2, 5, 32), "image": torch.randn(2, 3, 24)}
+    mask = {"text": torch.ones(2, 5, dtype=torch.bool), "image": None}
+    torch.testing.assert_close(refined.embed_context(context, mask), plain.embed_context(context, mask))  # zero-init
+
+    with torch.no_grad():
+        for p in refined.context_refiners.parameters():
+            p.normal_(0, 0.2)
+    out = refined.embed_context(context, mask)["text"]  # (2, 5, D)
+    changed = {**context, "text": context["text"].clone()}
+    changed["text"][:, 4] += 1.0  # another token of the prompt changes ...
+    assert not torch.allclose(refined.embed_context(changed, mask)["text"][:, :4], out[:, :4])  # ... so do the others
+    padded = {**context, "text": torch.cat([context["text"], torch.randn(2, 3, 32)], dim=1)}  # junk padding
+    padded_mask = {"text": torch.cat([mask["text"], torch.zeros(2, 3, dtype=torch.bool)], dim=1), "image": None}
+    torch.testing.assert_close(refined.embed_context(padded, padded_mask)["text"][:, :5], out)
+    with pytest.raises(ValueError, match="refiner_layers must be >= 0"):
+        tiny_dit(branches=[CrossAttentionBranch("text", 32, refiner_layers=-1), IMAGE])
+
+
 def _cross_attention_with(block, q_in, context, mask, only):
     """One branch's contribution to a block's cross-attention, computed by hand."""
     ca = block.cross_attn

@@ -85,7 +85,7 @@ def test_export_keeps_every_dit_option(tiny_config, tmp_path):
     config = copy.deepcopy(tiny_config)
     dit_args = config["dit"]["init_args"]
     dit_args["absolute_position"] = True
-    dit_args["branches"] = [{**branch, "position": True} for branch in dit_args["branches"]]
+    dit_args["branches"] = [{**branch, "position": True, "refiner_layers": 1} for branch in dit_args["branches"]]
     module = build(config)
     torch.manual_seed(1)
     with torch.no_grad():
@@ -94,6 +94,7 @@ def test_export_keeps_every_dit_option(tiny_config, tmp_path):
     save_pretrained(module, tmp_path)
     loaded = load_pretrained(tmp_path)
     assert loaded.dit.absolute_position and all(b.position for b in loaded.dit.branches.values())
+    assert set(loaded.dit.context_refiners) == set(loaded.dit.branches)
     torch.testing.assert_close(dit_output(loaded), dit_output(module))
 
 
@@ -108,6 +109,10 @@ def test_wan_layouts_refuse_options_they_cannot_express(tiny_config):
     config["dit"]["init_args"]["absolute_position"] = True
     with pytest.raises(ValueError, match="absolute_position"):
         diffusers_config_for(build(config).dit)
+    config["dit"]["init_args"]["absolute_position"] = False
+    config["dit"]["init_args"]["branches"][1]["refiner_layers"] = 2
+    with pytest.raises(ValueError, match="refiner layers on branch 'image'"):
+        wan_config_for(build(config).dit)
 
 
 def test_save_pretrained_needs_a_config_for_python_built_models(tmp_path):
