@@ -25,7 +25,7 @@ from bindweave.datamodule import WebDataModule, to_model_batch
 from bindweave.export import load_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
-SIGMAS = (0.05, 0.2, 0.4, 0.6, 0.8, 0.95)
+SIGMAS = (0.05, 0.2, 0.4, 0.6, 0.8, 0.95, 0.99)
 
 
 def test_batches(data: str, count: int, batch_size: int) -> list[dict]:
@@ -50,6 +50,21 @@ def subject_pixels(video: torch.Tensor) -> torch.Tensor:
     return (video - background).abs().amax(1, keepdim=True) > 0.02
 
 
+def layout_auc(prediction: torch.Tensor, video: torch.Tensor, mask: torch.Tensor) -> float:
+    """Does x̂₀ put *something* where the subjects are? ROC AUC of each pixel's distance from the
+    video's background colour (max over channels) as a score for "a subject is here", against the
+    true subject pixels: 0.5 knows nothing of the layout, 1.0 marks exactly the subjects' pixels
+    (whatever colours it paints them)."""
+    background = video.flatten(2).mode(dim=2).values[..., None, None, None]  # (B, 3, 1, 1, 1)
+    score = (prediction - background).abs().amax(1).flatten()  # (B·F·H·W,)
+    truth = mask[:, 0].flatten()
+    ranks = torch.empty_like(score)
+    ranks[score.argsort()] = torch.arange(1, len(score) + 1, dtype=score.dtype)
+    positives = truth.sum().item()
+    negatives = len(truth) - positives
+    return (ranks[truth].sum().item() - positives * (positives + 1) / 2) / (positives * negatives)
+
+
 def masked_mse(prediction: torch.Tensor, video: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
     error = (prediction - video).pow(2).mean(1, keepdim=True)  # (B, 1, F, H, W)
     weight = mask.float()
@@ -58,9 +73,9 @@ def masked_mse(prediction: torch.Tensor, video: torch.Tensor, mask: torch.Tensor
 
 
 @torch.no_grad()
-def denoise_errors(module, batches: list[dict]) -> dict[float, tuple[float, float]]:
-    """{σ: (subject MSE, background MSE)} of the decoded x̂₀ over all batches."""
-    sums = {sigma: [0.0, 0.0] for sigma in SIGMAS}
+def denoise_errors(module, batches: list[dict]) -> dict[float, tuple[float, float, float]]:
+    """{σ: (subject MSE, background MSE, layout AUC)} of the decoded x̂₀ over all batches."""
+    sums = {sigma: [0.0, 0.0, 0.0] for sigma in SIGMAS}
     for index, batch in enumerate(batches):
         video = batch["video"].float()  # (B, 3, F, H, W)
         subjects = subject_pixels(video)
@@ -74,9 +89,11 @@ def denoise_errors(module, batches: list[dict]) -> dict[float, tuple[float, floa
             x, frame_mask = module.assemble_input(noisy, cond)
             output = module.dit(x, sigmas * 1000, context, context_mask, frame_mask)[:, :, : latents.shape[2]]
             sample = output if module.prediction == "sample" else noisy - sigma * output
-            subject, background = masked_mse(module.vae.decode(sample.float()).clamp(-1, 1), video, subjects)
+            decoded = module.vae.decode(sample.float()).clamp(-1, 1)
+            subject, background = masked_mse(decoded, video, subjects)
             sums[sigma][0] += subject / len(batches)
             sums[sigma][1] += background / len(batches)
+            sums[sigma][2] += layout_auc(decoded, video, subjects) / len(batches)
     return {sigma: tuple(values) for sigma, values in sums.items()}
 
 
@@ -111,12 +128,18 @@ def main() -> None:
     print(f"{sum(len(b['video']) for b in batches)} samples; x̂₀ MSE in [-1, 1] pixels, subject / background\n")
     print("| model | " + " | ".join(f"σ = {s}" for s in SIGMAS) + " |")
     print("| --- |" + " ---: |" * len(SIGMAS))
-    module = None
+    module, aucs = None, {}
     for entry in args.model:
         name, _, folder = entry.partition("=")
         module = load_pretrained(folder, dtype="float32")
         errors = denoise_errors(module, batches)
-        print(f"| {name} | " + " | ".join(f"{s:.3f} / {b:.3f}" for s, b in errors.values()) + " |", flush=True)
+        print(f"| {name} | " + " | ".join(f"{s:.3f} / {b:.3f}" for s, b, _ in errors.values()) + " |", flush=True)
+        aucs[name] = [auc for _, _, auc in errors.values()]
+    print("\nLayout AUC of x̂₀ (0.5: no idea where the subjects are; 1.0: exactly there)\n")
+    print("| model | " + " | ".join(f"σ = {s}" for s in SIGMAS) + " |")
+    print("| --- |" + " ---: |" * len(SIGMAS))
+    for name, values in aucs.items():
+        print(f"| {name} | " + " | ".join(f"{v:.3f}" for v in values) + " |")
     for width in args.pca:
         subject, background = pca_floor(module, batches, width)
         print(f"\nPCA floor, {width} of {module.dit.out_channels * math.prod(module.dit.patch_size)} token dims: "
