@@ -31,12 +31,13 @@ PREDICT=${PREDICT:-1}    # 0: train only (sample and score elsewhere, e.g. from 
 RESUME=${RESUME:-0}      # 1: continue each variant from its last.ckpt (MAX_TIME and STEPS count from the start)
 FIT_ARGS=${FIT_ARGS:-}   # more `bindweave fit` arguments, e.g. "--data.init_args.pin_memory false"
 BINDWEAVE=${BINDWEAVE:-bindweave}
+SPRITES_ARGS=${SPRITES_ARGS:-}  # more `bindweave data sprites` options, e.g. "--max-subjects 1" (an easier world)
 
 for split in train val test; do
   count=$(eval echo \${${split^^}})
   if [ ! -f "$DATA/$split/sprites.json" ]; then
     $BINDWEAVE data sprites --out "$DATA/$split" --split "$split" --num-samples "$count" --seed "$SEED" \
-      --workers "$CPUS"
+      --workers "$CPUS" $SPRITES_ARGS  # shellcheck disable=SC2086
   fi
 done
 

@@ -28,9 +28,15 @@ ROOT = Path(__file__).resolve().parents[1]
 SIGMAS = (0.05, 0.2, 0.4, 0.6, 0.8, 0.95, 0.99)
 
 
-def test_batches(data: str, count: int, batch_size: int) -> list[dict]:
-    """The first ``count`` batches of the shards, decoded as the sprites config decodes them."""
+def test_batches(data: str, count: int, batch_size: int, num_frames: int | None = None,
+                 size: tuple[int, int] | None = None) -> list[dict]:
+    """The first ``count`` batches of the shards, decoded as the sprites config decodes them
+    (or at another clip length / size, for data generated with other settings)."""
     settings = yaml.safe_load((ROOT / "configs" / "sprites.yaml").read_text())["data"]["init_args"]
+    if num_frames is not None:
+        settings["num_frames"] = num_frames
+    if size is not None:
+        settings["buckets"] = [list(size)]
     settings.update(urls=data, val_urls=data, batch_size=batch_size, num_workers=0, pin_memory=False,
                     worker_start_method=None)
     module = WebDataModule(**settings)
@@ -121,10 +127,12 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--pca", type=int, nargs="*", default=[], help="token widths for the PCA floor")
+    parser.add_argument("--num-frames", type=int, default=None, help="clip length (default: the config's)")
+    parser.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"), help="clip size (default: the config's)")
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    batches = test_batches(args.data, args.batches, args.batch_size)
+    batches = test_batches(args.data, args.batches, args.batch_size, args.num_frames, args.size)
     print(f"{sum(len(b['video']) for b in batches)} samples; x̂₀ MSE in [-1, 1] pixels, subject / background\n")
     print("| model | " + " | ".join(f"σ = {s}" for s in SIGMAS) + " |")
     print("| --- |" + " ---: |" * len(SIGMAS))
