@@ -135,7 +135,7 @@ def profile(step, device: torch.device, iters: int, top: int) -> dict:
     return dict(wall_ms_per_step=wall_ms, gpu_busy_ms_per_step=gpu_busy_ms, kernels_per_step=kernels, top=table)
 
 
-def lightning_steps(cli, steps: int) -> dict:
+def lightning_steps_of(cli, steps: int) -> dict:
     import lightning as L
 
     class Clock(L.Callback):
@@ -157,6 +157,62 @@ def lightning_steps(cli, steps: int) -> dict:
     return dict(ms_per_step=ms, steps_per_s=1e3 / ms, steps=steps)
 
 
+def run(samples: int = 256, iters: int = 30, lightning_steps: int = 150, variants: list[str] | None = None,
+        smoke: bool = False) -> dict:
+    """Measure every variant; returns the results dict (what ``--out`` writes)."""
+    device = torch.device("cuda" if torch.cuda.is_available() and not smoke else "cpu")
+    extra = []
+    if smoke:
+        samples, iters, lightning_steps = 8, 2, 13
+        extra = ["--data.init_args.batch_size", "2", "--model.dit.init_args.num_layers", "1"]
+    results = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                   torch=torch.__version__, batch_size=2 if smoke else 32, variants={})
+    if device.type == "cuda":
+        results["gemm_peak"] = gemm_peak(device, smoke=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = make_cache(Path(tmp), samples, device.type)
+        for variant in variants or list(VARIANTS):
+            results["variants"][variant] = measure(variant, cache, extra, device, iters, lightning_steps, results)
+            print(f"{variant}: {json.dumps(results['variants'][variant], indent=1)}", flush=True)
+    return results
+
+
+def measure(variant: str, cache: Path, extra: list[str], device: torch.device, iters: int, lightning_steps: int,
+            results: dict) -> dict:
+    """Eager, compiled (GPU), profiled and Lightning steps of one variant."""
+    cli = build(variant, cache, extra)
+    model = cli.model
+    model.configure_model()
+    model.to(device).train()
+    data = batches(cli, device, 4)
+    b = data[0]
+    tokens = b["video_latents"][0, 0].numel() // (model.dit.patch_size[1] * model.dit.patch_size[2])
+    slots = b["num_references"] and "multi_reference" in model.conditioners
+    tokens += (max(b["num_references"]) * tokens // b["video_latents"].shape[2]) if slots else 0
+    with torch.no_grad():
+        context = {name: t.tokens.shape[1] for name, t in model.encode_conditions(b).context.items()}
+    flops = 3 * forward_flops(model.dit, tokens, context, batch=len(b["prompt"]))["total"]
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    out = dict(parameters=sum(p.numel() for p in model.dit.parameters()), tokens=tokens, context=context,
+               train_flops_per_step=flops)
+    step = step_fn(model, optimizer, data, device)
+    out["eager"] = time_steps(step, device, 3, iters)
+    out["profile"] = profile(step, device, min(iters, 10), top=15)
+    if device.type == "cuda":
+        from bindweave.parallel import apply_compile
+
+        apply_compile(model.dit)
+        out["compiled"] = time_steps(step, device, 8, iters)
+    out["lightning"] = lightning_steps_of(build(variant, cache, extra), lightning_steps)  # a fresh, uncompiled model
+    if device.type == "cuda":  # the recipe with parallelism.compile: true
+        out["lightning_compiled"] = lightning_steps_of(
+            build(variant, cache, extra + ["--model.parallelism.compile", "true"]), lightning_steps)
+        peak = results["gemm_peak"]["peak_tflops"] * 1e12
+        for key in ("eager", "compiled", "lightning", "lightning_compiled"):
+            out[key]["mfu"] = flops / (out[key]["ms_per_step"] / 1e3) / peak
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--samples", type=int, default=256, help="sprites samples to generate and cache")
@@ -166,52 +222,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="CPU check: tiny model, few steps")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
-    extra = []
-    if args.smoke:
-        args.samples, args.iters, args.lightning_steps = 8, 2, 13
-        extra = ["--data.init_args.batch_size", "2", "--model.dit.init_args.num_layers", "1"]
-    results = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                   torch=torch.__version__, batch_size=2 if args.smoke else 32, variants={})
-    if device.type == "cuda":
-        results["gemm_peak"] = gemm_peak(device, smoke=False)
-    with tempfile.TemporaryDirectory() as tmp:
-        cache = make_cache(Path(tmp), args.samples, device.type)
-        for variant in args.variants:
-            cli = build(variant, cache, extra)
-            model = cli.model
-            model.configure_model()
-            model.to(device).train()
-            data = batches(cli, device, 4)
-            b = data[0]
-            tokens = b["video_latents"][0, 0].numel() // (model.dit.patch_size[1] * model.dit.patch_size[2])
-            slots = b["num_references"] and "multi_reference" in model.conditioners
-            tokens += (max(b["num_references"]) * tokens // b["video_latents"].shape[2]) if slots else 0
-            with torch.no_grad():
-                context = {name: t.tokens.shape[1] for name, t in model.encode_conditions(b).context.items()}
-            flops = 3 * forward_flops(model.dit, tokens, context, batch=len(b["prompt"]))["total"]
-            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-            out = dict(parameters=sum(p.numel() for p in model.dit.parameters()), tokens=tokens, context=context,
-                       train_flops_per_step=flops)
-            step = step_fn(model, optimizer, data, device)
-            out["eager"] = time_steps(step, device, 3, args.iters)
-            out["profile"] = profile(step, device, min(args.iters, 10), top=15)
-            from bindweave.parallel import apply_compile
-
-            if device.type == "cuda":
-                apply_compile(model.dit)
-                out["compiled"] = time_steps(step, device, 8, args.iters)
-            cli = build(variant, cache, extra)  # a fresh, uncompiled model for the Trainer
-            out["lightning"] = lightning_steps(cli, args.lightning_steps)
-            if device.type == "cuda":  # the recipe with parallelism.compile: true
-                cli = build(variant, cache, extra + ["--model.parallelism.compile", "true"])
-                out["lightning_compiled"] = lightning_steps(cli, args.lightning_steps)
-            if device.type == "cuda":
-                peak = results["gemm_peak"]["peak_tflops"] * 1e12
-                for key in ("eager", "compiled", "lightning", "lightning_compiled"):
-                    out[key]["mfu"] = flops / (out[key]["ms_per_step"] / 1e3) / peak
-            results["variants"][variant] = out
-            print(f"{variant}: {json.dumps(out, indent=1)}", flush=True)
+    results = run(args.samples, args.iters, args.lightning_steps, args.variants, args.smoke)
     print()
     print("| variant | DiT params | tokens | eager ms | compiled ms | Lightning ms | Lightning compiled ms | GPU busy ms (eager) "
           "| kernels/step | MFU eager / compiled / Lightning / Lightning compiled |")

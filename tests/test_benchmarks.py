@@ -18,3 +18,18 @@ def test_sampling_benchmark_smoke():
     assert min(seconds["encoders"], seconds["dit"], seconds["vae_decode"]) > 0
     assert seconds["other"] >= -1e-3
     assert sum(run["share"].values()) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_train_step_benchmark_smoke():
+    """The training-step benchmark runs end to end on the CPU: real sprites data and cache, both
+    variants, eager + profiled + Lightning steps."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "train_step.py"
+    spec = importlib.util.spec_from_file_location("train_step_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.run(smoke=True)
+    full, noref = result["variants"]["full"], result["variants"]["noref"]
+    assert full["tokens"] > noref["tokens"] and set(full["context"]) == {"text", "image"} and set(noref["context"]) == {"text"}
+    for variant in (full, noref):
+        assert variant["eager"]["ms_per_step"] > 0 and variant["lightning"]["steps_per_s"] > 0
+        assert variant["profile"]["top"] and variant["train_flops_per_step"] > 0
