@@ -61,8 +61,13 @@ def scenes_and_owners(count: int, seed: int) -> tuple[list[str], torch.Tensor]:
 class Reader(nn.Module):
     """Video-token queries reading the prompt; (B, 320, 5) owner logits."""
 
-    def __init__(self, context_dim: int, refiner_layers: int, width: int = 128) -> None:
+    def __init__(self, context_dim: int, refiner_layers: int, width: int = 128, noise: bool = False,
+                 position_each_layer: bool = False) -> None:
         super().__init__()
+        # noise: the queries also carry a linear embedding of pure noise (768 values per token),
+        # as the DiT's patch tokens do at σ ≈ 1, where only the prompt can place the subjects
+        self.noise = nn.Linear(768, width) if noise else None
+        self.position_each_layer = position_each_layer
         self.embed = nn.Sequential(nn.Linear(context_dim, width), nn.GELU(approximate="tanh"), nn.Linear(width, width))
         self.register_buffer("places", absolute_position_table(GRID, width, torch.device("cpu")), persistent=False)
         self.query = nn.Linear(width, width)
@@ -81,14 +86,19 @@ class Reader(nn.Module):
         for layer in self.refiner:
             keys = layer(keys, src_key_padding_mask=~mask)
         queries = self.query(self.places).expand(len(tokens), -1, -1)  # (B, 320, W)
+        if self.noise is not None:
+            queries = queries + self.noise(torch.randn(len(tokens), len(self.places), 768))
         for layer in self.layers:
+            if self.position_each_layer:  # the place again at every layer's input, beside whatever the stream holds
+                queries = queries + self.places
             queries = layer(queries, keys, memory_key_padding_mask=~mask)
         return self.head(queries)
 
 
-def train_reader(tokens, mask, owners, held_out: int, refiner_layers: int, steps: int, every: int) -> list[dict]:
+def train_reader(tokens, mask, owners, held_out: int, refiner_layers: int, steps: int, every: int,
+                 noise: bool = False, position_each_layer: bool = False) -> list[dict]:
     torch.manual_seed(0)
-    reader = Reader(tokens.shape[-1], refiner_layers)
+    reader = Reader(tokens.shape[-1], refiner_layers, noise=noise, position_each_layer=position_each_layer)
     optimizer = torch.optim.AdamW(reader.parameters(), lr=1e-3)
     train = len(tokens) - held_out
     curve = []
@@ -123,6 +133,8 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=250)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--refiners", type=int, nargs="+", default=[0, 2])
+    parser.add_argument("--noise", action="store_true", help="queries also carry embedded noise (the DiT at σ ≈ 1)")
+    parser.add_argument("--position-each-layer", action="store_true", help="add the place at every layer's input")
     parser.add_argument("--out", type=Path, default=None, help="JSON of the accuracy curves")
     args = parser.parse_args()
 
@@ -135,9 +147,11 @@ def main() -> None:
     print(f"subject tokens: {(owners > 0).float().mean():.3f} of all")
     results = {}
     for layers in args.refiners:
-        name = f"refiner layers {layers}"
+        name = f"refiner layers {layers}" + (", noisy queries" if args.noise else "") + (
+            ", place at every layer" if args.position_each_layer else "")
         print(f"{name}:")
-        results[name] = train_reader(tokens, mask, owners, args.held_out, layers, args.steps, args.every)
+        results[name] = train_reader(tokens, mask, owners, args.held_out, layers, args.steps, args.every,
+                                     args.noise, args.position_each_layer)
     print(f"\n| text keys | subject recall | any-subject recall | background acc (step {args.steps}) |")
     print("| --- | ---: | ---: | ---: |")
     for name, curve in results.items():
