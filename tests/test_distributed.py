@@ -97,6 +97,10 @@ def _worker(rank: int, world: int, port: int, strategy: str, out: str) -> None:
         state[key] = value.full_tensor() if hasattr(value, "full_tensor") else value
     if rank == 0:
         torch.save({"loss": trainer.callback_metrics["loss"], "dit": state}, out)
+    # Leave together: a rank that exits while the other still talks to it through gloo can abort in
+    # gloo's teardown ("terminate called without an active exception", SIGABRT; seen once in CI).
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 def _free_port() -> int:
