@@ -425,6 +425,12 @@ class DataMonitor(Callback):
         self.skipped: Counter = Counter()
         self.stage: int | None = None
 
+    @staticmethod
+    def attach(trainer) -> None:
+        """Add a DataMonitor to ``trainer``'s callbacks unless it has one (a datamodule's ``setup``)."""
+        if trainer is not None and not any(isinstance(c, DataMonitor) for c in trainer.callbacks):
+            trainer.callbacks.append(DataMonitor())
+
     def _count(self, batch: dict) -> None:
         for report in batch.get("skipped", ()):
             self.skipped[report["reason"]] += 1
@@ -455,6 +461,15 @@ class DataMonitor(Callback):
 
 
 # -- the datamodule ---------------------------------------------------------------------------
+
+
+def data_parallel_rank(trainer) -> tuple[int, int]:
+    """Data-parallel (rank, size) from ``trainer``'s strategy (what DistributedSampler would use);
+    (0, 1) without a Trainer."""
+    if trainer is None:
+        return 0, 1
+    kwargs = getattr(trainer.strategy, "distributed_sampler_kwargs", None) or {}
+    return int(kwargs.get("rank", 0)), int(kwargs.get("num_replicas", 1))
 
 
 class WebDataModule(L.LightningDataModule):
@@ -562,16 +577,9 @@ class WebDataModule(L.LightningDataModule):
             + "Inspect them with `bindweave data inspect --check`."
         )
 
-    def _rank(self) -> tuple[int, int]:
-        """Data-parallel (rank, size) from the Trainer's strategy (what DistributedSampler would use)."""
-        if self.trainer is None:
-            return 0, 1
-        kwargs = getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) or {}
-        return int(kwargs.get("rank", 0)), int(kwargs.get("num_replicas", 1))
-
     def setup(self, stage: str) -> None:
         self._resolve()
-        rank, world = self._rank()
+        rank, world = data_parallel_rank(self.trainer)
         if stage == "fit":
             workers = max(1, self.num_workers) * world
             for sets, spec in zip(self._train_sets, self.curriculum.stages):
@@ -589,8 +597,7 @@ class WebDataModule(L.LightningDataModule):
             rank_zero_info("Data curriculum:\n" + self.curriculum.describe())
         if stage in ("fit", "validate", "test") and self._val_shards is not None:
             self._check_valid(self._val_shards, f"validation shards {self.val_urls!r}", self.eval_decoder)
-        if self.trainer is not None and not any(isinstance(c, DataMonitor) for c in self.trainer.callbacks):
-            self.trainer.callbacks.append(DataMonitor())
+        DataMonitor.attach(self.trainer)
 
     # -- loaders --
 
@@ -600,7 +607,7 @@ class WebDataModule(L.LightningDataModule):
     def train_stream(self) -> ShardStream:
         """The training stream of this rank (no DataLoader around it)."""
         self._resolve()
-        rank, world = self._rank()
+        rank, world = data_parallel_rank(self.trainer)
         batches = None
         if self.samples_per_epoch is not None:
             batches = max(1, self.samples_per_epoch // (world * self.batch_size))
@@ -622,7 +629,7 @@ class WebDataModule(L.LightningDataModule):
         if self.val_urls is None:
             return []
         self._resolve()
-        rank, world = self._rank()
+        rank, world = data_parallel_rank(self.trainer)
         stream = ShardStream(
             [[self._val_shards]], [None], Curriculum([Stage(urls=self._val_shards)]), self.eval_decoder, self.batch_size,
             rank, world, finite=True, seed=self.seed, max_consecutive_broken=self.max_consecutive_broken,
@@ -638,5 +645,5 @@ class WebDataModule(L.LightningDataModule):
 
 __all__ = [
     "DataMonitor", "REASONS", "ReferenceAugmentation", "SampleDecoder", "ShardStream", "StreamLoader", "WebDataModule",
-    "to_model_batch",
+    "data_parallel_rank", "to_model_batch",
 ]

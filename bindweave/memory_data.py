@@ -28,7 +28,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from bindweave.curriculum import Curriculum, Stage
-from bindweave.datamodule import DataMonitor, SampleDecoder, ShardStream, to_model_batch
+from bindweave.datamodule import DataMonitor, SampleDecoder, ShardStream, data_parallel_rank, to_model_batch
 from bindweave.shards import MAX_REFERENCES, expand_urls
 
 HOST_KEYS = ("id", "prompt", "shard", "fps", "num_references", "height", "width")
@@ -185,13 +185,6 @@ class MemoryCacheDataModule(L.LightningDataModule):
             return torch.device("cpu")
         return self.trainer.strategy.root_device
 
-    def _rank(self) -> tuple[int, int]:
-        """Data-parallel (rank, size) from the Trainer's strategy."""
-        if self.trainer is None:
-            return 0, 1
-        kwargs = getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) or {}
-        return int(kwargs.get("rank", 0)), int(kwargs.get("num_replicas", 1))
-
     def _load(self, urls: str | list[str], what: str) -> FeatureStore:
         shards = expand_urls(urls)
         decoder = SampleDecoder(num_frames=1, fps=None, buckets=[(1, 1)], max_references=self.max_references, cached=True)
@@ -219,11 +212,10 @@ class MemoryCacheDataModule(L.LightningDataModule):
             self.train_store = self._load(self.urls, "training")
         if stage in ("fit", "validate") and self.val_urls is not None and self.val_store is None:
             self.val_store = self._load(self.val_urls, "validation")
-        if self.trainer is not None and not any(isinstance(c, DataMonitor) for c in self.trainer.callbacks):
-            self.trainer.callbacks.append(DataMonitor())
+        DataMonitor.attach(self.trainer)
 
     def train_dataloader(self) -> MemoryBatches:
-        rank, world = self._rank()
+        rank, world = data_parallel_rank(self.trainer)
         step = (lambda: self.trainer.global_step) if self.trainer is not None else None
         return MemoryBatches(self.train_store, self.batch_size, self.seed, rank, world, step=step,
                              skipped=self._skipped.pop("training", []))
@@ -231,7 +223,7 @@ class MemoryCacheDataModule(L.LightningDataModule):
     def val_dataloader(self) -> MemoryBatches | list:
         if self.val_store is None:
             return []
-        rank, world = self._rank()
+        rank, world = data_parallel_rank(self.trainer)
         return MemoryBatches(self.val_store, self.batch_size, rank=rank, world_size=world, finite=True,
                              skipped=self._skipped.pop("validation", []))
 
