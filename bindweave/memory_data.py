@@ -108,18 +108,17 @@ class MemoryBatches:
                  finite: bool = False, step: Callable[[], int] | None = None, skipped: list[dict] | None = None) -> None:
         self.store, self.batch_size, self.seed, self.rank, self.world_size = store, batch_size, seed, rank, world_size
         self.finite, self.step, self.skipped = finite, step, list(skipped or [])
-        self._device_order: tuple[int, torch.Tensor] | None = None
+        self._pass: tuple[int, list[int], torch.Tensor] | None = None  # (pass index, host order, device order)
 
     def _order(self, pass_index: int) -> tuple[list[int], torch.Tensor]:
         """Sample order of one pass (the same on every rank) on the host and on the device."""
-        if self._device_order is None or self._device_order[0] != pass_index:
+        if self._pass is None or self._pass[0] != pass_index:
             order = list(range(len(self.store)))
             if not self.finite:
                 random.Random(f"{self.seed}/{pass_index}").shuffle(order)
             device = next(iter(self.store.tensors.values())).device
-            self._device_order = (pass_index, torch.tensor(order, device=device))  # one copy per pass
-            self._host_order = order
-        return self._host_order, self._device_order[1]
+            self._pass = (pass_index, order, torch.tensor(order, device=device))  # one copy per pass
+        return self._pass[1], self._pass[2]
 
     def __iter__(self) -> Iterator[dict]:
         n, size = len(self.store), self.batch_size
