@@ -49,19 +49,23 @@ def test_batches(data: str, count: int, batch_size: int, num_frames: int | None 
     return batches
 
 
-def subject_pixels(video: torch.Tensor) -> torch.Tensor:
-    """(B, 1, F, H, W) True where a pixel differs from the video's most common colour (its
-    uniform background). video: (B, 3, F, H, W) in [-1, 1]."""
-    background = video.flatten(2).mode(dim=2).values[..., None, None, None]  # (B, 3, 1, 1, 1)
+def background_colour(video: torch.Tensor) -> torch.Tensor:
+    """(B, 3, 1, 1, 1): each video's most common colour (its uniform background). video: (B, 3, F, H, W)."""
+    return video.flatten(2).mode(dim=2).values[..., None, None, None]
+
+
+def subject_pixels(video: torch.Tensor, background: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, 1, F, H, W) True where a pixel differs from the video's background colour.
+    video: (B, 3, F, H, W) in [-1, 1]; background: :func:`background_colour` of it (computed if None)."""
+    background = background_colour(video) if background is None else background
     return (video - background).abs().amax(1, keepdim=True) > 0.02
 
 
-def layout_auc(prediction: torch.Tensor, video: torch.Tensor, mask: torch.Tensor) -> float:
+def layout_auc(prediction: torch.Tensor, background: torch.Tensor, mask: torch.Tensor) -> float:
     """Does x̂₀ put *something* where the subjects are? ROC AUC of each pixel's distance from the
     video's background colour (max over channels) as a score for "a subject is here", against the
     true subject pixels: 0.5 knows nothing of the layout, 1.0 marks exactly the subjects' pixels
-    (whatever colours it paints them)."""
-    background = video.flatten(2).mode(dim=2).values[..., None, None, None]  # (B, 3, 1, 1, 1)
+    (whatever colours it paints them). background: (B, 3, 1, 1, 1), the true video's."""
     score = (prediction - background).abs().amax(1).flatten()  # (B·F·H·W,)
     truth = mask[:, 0].flatten()
     ranks = torch.empty_like(score)
@@ -84,7 +88,8 @@ def denoise_errors(module, batches: list[dict]) -> dict[float, tuple[float, floa
     sums = {sigma: [0.0, 0.0, 0.0] for sigma in SIGMAS}
     for index, batch in enumerate(batches):
         video = batch["video"].float()  # (B, 3, F, H, W)
-        subjects = subject_pixels(video)
+        background = background_colour(video)  # once per batch, not per σ
+        subjects = subject_pixels(video, background)
         latents = module.vae.encode(video)  # (B, z, T, h, w)
         cond = module.encode_conditions(batch)
         noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(index))
@@ -96,10 +101,10 @@ def denoise_errors(module, batches: list[dict]) -> dict[float, tuple[float, floa
             output = module.dit(x, sigmas * 1000, context, context_mask, frame_mask)[:, :, : latents.shape[2]]
             sample = output if module.prediction == "sample" else noisy - sigma * output
             decoded = module.vae.decode(sample.float()).clamp(-1, 1)
-            subject, background = masked_mse(decoded, video, subjects)
-            sums[sigma][0] += subject / len(batches)
-            sums[sigma][1] += background / len(batches)
-            sums[sigma][2] += layout_auc(decoded, video, subjects) / len(batches)
+            subject_mse, background_mse = masked_mse(decoded, video, subjects)
+            sums[sigma][0] += subject_mse / len(batches)
+            sums[sigma][1] += background_mse / len(batches)
+            sums[sigma][2] += layout_auc(decoded, background, subjects) / len(batches)
     return {sigma: tuple(values) for sigma, values in sums.items()}
 
 
