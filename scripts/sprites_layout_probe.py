@@ -18,7 +18,6 @@ layers over the prompt tokens, so "right" in "moves to the right" can differ fro
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 from pathlib import Path
@@ -32,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from bindweave.dit import absolute_position_table, timestep_sinusoid  # noqa: E402
 from bindweave.sprites import boxes, prompt_of, random_scene  # noqa: E402
-from scripts.sprites_text_probe import text_encoder  # noqa: E402
+from scripts.sprites_text_probe import encode_prompts, text_encoder, write_curves  # noqa: E402
 
 GRID = (5, 8, 8)  # latent frames x tokens: 17 frames of 64 x 64, 4 x 4 x 4 patch VAE, 2 x 2 patches
 
@@ -140,10 +139,7 @@ def main() -> None:
 
     encoder = text_encoder(args.config)
     prompts, owners = scenes_and_owners(args.samples, args.seed)
-    with torch.no_grad():
-        encoded = [encoder(prompts[i:i + 100]) for i in range(0, len(prompts), 100)]
-    tokens = torch.cat([e.tokens.float() for e in encoded])  # (N, L, C)
-    mask = torch.cat([e.mask for e in encoded])  # (N, L)
+    tokens, mask = encode_prompts(encoder, prompts)  # (N, L, C), (N, L)
     print(f"subject tokens: {(owners > 0).float().mean():.3f} of all")
     results = {}
     for layers in args.refiners:
@@ -157,11 +153,7 @@ def main() -> None:
     for name, curve in results.items():
         print(f"| {name} | {curve[-1]['subject_recall']:.2f} | {curve[-1]['any_subject_recall']:.2f} | "
               f"{curve[-1]['background_acc']:.2f} |")
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"samples": args.samples, "held_out": args.held_out, "curves": results}, indent=2))
-        tmp.replace(args.out)
+    write_curves(args.out, args.samples, args.held_out, results)
 
 
 if __name__ == "__main__":

@@ -57,6 +57,23 @@ def scenes_and_targets(count: int, seed: int) -> tuple[list[str], torch.Tensor]:
     return prompts, targets
 
 
+def encode_prompts(encoder, prompts: list[str], chunk: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frozen encoder's (N, L, C) float tokens and (N, L) mask of ``prompts``, in chunks."""
+    with torch.no_grad():
+        encoded = [encoder(prompts[i:i + chunk]) for i in range(0, len(prompts), chunk)]
+    return torch.cat([e.tokens.float() for e in encoded]), torch.cat([e.mask for e in encoded])
+
+
+def write_curves(path: Path | None, samples: int, held_out: int, curves: dict) -> None:
+    """Write the accuracy curves as JSON, atomically (nothing if ``path`` is None)."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"samples": samples, "held_out": held_out, "curves": curves}, indent=2))
+    tmp.replace(path)
+
+
 class Reader(nn.Module):
     """Four queries reading (B, L, C) tokens by cross-attention; logits (B, 4, rows + columns + motions)."""
 
@@ -126,10 +143,7 @@ def main() -> None:
 
     encoder = text_encoder(args.config)
     prompts, targets = scenes_and_targets(args.samples, args.seed)
-    with torch.no_grad():
-        encoded = [encoder(prompts[i:i + 100]) for i in range(0, len(prompts), 100)]
-    tokens = torch.cat([e.tokens.float() for e in encoded])  # (N, L, C)
-    mask = torch.cat([e.mask for e in encoded])  # (N, L)
+    tokens, mask = encode_prompts(encoder, prompts)  # (N, L, C), (N, L)
     results = {}
     for name, position, shift in [("no order (the DiT's cross-attention)", False, 0),
                                   ("token index", True, 0), ("token index shifted by 0-40", True, 40)]:
@@ -139,11 +153,7 @@ def main() -> None:
     print("| --- |" + " ---: |" * len(SPANS))
     for name, curve in results.items():
         print(f"| {name} | " + " | ".join(f"{curve[-1][k]:.2f}" for k in SPANS) + " |")
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"samples": args.samples, "held_out": args.held_out, "curves": results}, indent=2))
-        tmp.replace(args.out)
+    write_curves(args.out, args.samples, args.held_out, results)
 
 
 if __name__ == "__main__":
