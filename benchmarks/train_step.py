@@ -149,8 +149,6 @@ def lightning_steps_of(cli, steps: int) -> dict:
     trainer = L.Trainer(accelerator="auto", devices=1, precision="bf16-mixed", max_steps=steps, gradient_clip_val=1.0,
                         log_every_n_steps=20, limit_val_batches=0, enable_checkpointing=False, logger=False,
                         callbacks=[clock, L.pytorch.callbacks.TQDMProgressBar(refresh_rate=50)])
-    cli.datamodule.device = "auto"
-    cli.datamodule.train_store = None
     trainer.fit(cli.model, datamodule=cli.datamodule)
     gaps = [b - a for a, b in zip(clock.times[10:], clock.times[11:])]
     ms = statistics.mean(gaps) * 1e3
