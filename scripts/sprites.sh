@@ -36,8 +36,9 @@ SPRITES_ARGS=${SPRITES_ARGS:-}  # more `bindweave data sprites` options, e.g. "-
 for split in train val test; do
   count=$(eval echo \${${split^^}})
   if [ ! -f "$DATA/$split/sprites.json" ]; then
+    # shellcheck disable=SC2086  # SPRITES_ARGS is split into words on purpose
     $BINDWEAVE data sprites --out "$DATA/$split" --split "$split" --num-samples "$count" --seed "$SEED" \
-      --workers "$CPUS" $SPRITES_ARGS  # shellcheck disable=SC2086
+      --workers "$CPUS" $SPRITES_ARGS
   fi
 done
 
