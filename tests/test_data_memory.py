@@ -87,7 +87,7 @@ def test_one_clip_size_only_and_broken_samples_are_skipped_and_counted(cache, tm
 
     broken = tmp_path / "broken.tar"
     with tarfile.open(broken, "w") as tar:
-        for name, data in ((f"bad.json", json.dumps({"prompt": "x", "num_references": 1}).encode()), (f"bad.{FEATURES}", b"junk")):
+        for name, data in (("bad.json", json.dumps({"prompt": "x", "num_references": 1}).encode()), (f"bad.{FEATURES}", b"junk")):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
