@@ -29,6 +29,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from bindweave.curriculum import Curriculum, Stage
 from bindweave.datamodule import DataMonitor, SampleDecoder, ShardStream, data_parallel_rank, to_model_batch
+from bindweave.feature_cache import _pad_to
 from bindweave.shards import MAX_REFERENCES, expand_urls
 
 HOST_KEYS = ("id", "prompt", "shard", "fps", "num_references", "height", "width")
@@ -68,10 +69,8 @@ class FeatureStore:
         self.sizes: dict[str, torch.Tensor] = {}
         for key, tensors in per_key.items():
             sizes = torch.tensor([list(t.shape) for t in tensors], dtype=torch.long)  # (N, ndim)
-            padded = tensors[0].new_zeros((len(tensors), *sizes.max(0).values.tolist()))
-            for i, tensor in enumerate(tensors):
-                padded[(i, *(slice(0, n) for n in tensor.shape))] = tensor
-            self.tensors[key] = padded.to(device)
+            largest = sizes.max(0).values.tolist()
+            self.tensors[key] = torch.stack([_pad_to(t, largest) for t in tensors]).to(device)  # as collate pads
             self.sizes[key] = sizes
 
     def __len__(self) -> int:
