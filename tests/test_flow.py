@@ -1,6 +1,6 @@
 import torch
 
-from bindweave.flow import RectifiedFlow, euler_sigmas, euler_step, shift_sigmas, velocity_from_sample
+from bindweave.flow import RectifiedFlow, euler_sigmas, euler_step, foreground_weights, shift_sigmas, velocity_from_sample
 
 
 def test_shift_keeps_endpoints_and_moves_towards_noise():
@@ -47,3 +47,17 @@ def test_velocity_from_an_exact_sample_prediction_is_the_true_velocity():
     tiny = torch.tensor([1e-4])
     v = velocity_from_sample(RectifiedFlow.noisy(x0[:1], noise[:1], tiny), x0[:1], tiny)
     assert v.abs().max() < 1e-2 * noise.abs().max() + 1e-2 * x0.abs().max()
+
+
+def test_foreground_weights_mark_what_differs_from_the_clip_background():
+    background = torch.tensor([0.3, -0.2, 0.5, 0.1])  # per channel
+    latents = background.view(1, 4, 1, 1, 1).repeat(2, 1, 3, 6, 6)  # (B, z, T, h, w)
+    latents[0, 2, 1, 2:4, 1:3] += 0.4  # a subject in one channel of one clip, 4 latent pixels of 108
+    weights = foreground_weights(latents, weight=10.0, threshold=0.05)
+    assert weights.shape == (2, 1, 3, 6, 6)
+    expected = torch.ones(2, 1, 3, 6, 6)
+    expected[0, 0, 1, 2:4, 1:3] = 10.0
+    torch.testing.assert_close(weights, expected)
+    # Below the threshold (e.g. a bfloat16 cache's rounding) is background; weight 1 is uniform.
+    assert (foreground_weights(latents + 0.01 * torch.rand_like(latents), 10.0, 0.05)[1] == 1).all()
+    assert (foreground_weights(latents, 1.0) == 1).all()

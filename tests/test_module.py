@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from bindweave.dit import CrossAttentionBranch, WanDiT
+from bindweave.flow import foreground_weights
 from bindweave.sampling import decode
 from conditioners import RelationalConditioner
 from conditioners.base import merge
@@ -227,3 +228,28 @@ def test_mismatched_dimensions_are_reported_at_build():
     # A text-only model (T5-only, no references) composes fine.
     tiny_module(dit=partial(WanDiT, **dict(t2v, in_channels=4)), identity=None, multi_reference=None,
                 relational=RelationalConditioner(text_encoder=T5TextEncoder.tiny))
+
+
+def test_foreground_weight_scales_the_loss_where_the_clip_differs_from_its_background():
+    """The weighted loss is the plain one on uniform clips and differs once a clip has a subject
+    (the weighting itself: test_flow.test_foreground_weights_*)."""
+    from encoders import PatchVAE  # lossless: a uniform clip has a uniform latent
+
+    dit = partial(WanDiT, **{**TINY_DIT, "in_channels": 192 + 4 + 192, "out_channels": 192})
+    module = tiny_module(foreground_weight=10.0, dit=dit, vae=partial(PatchVAE, spatial=4, temporal=4))
+
+    def loss(weight):
+        module.foreground_weight = weight
+        return fixed_loss(module, batch)
+
+    batch = synthetic_batch(size=2)
+    batch["video"] = torch.full_like(batch["video"], 0.2)  # uniform clips: nothing is foreground
+    torch.testing.assert_close(loss(10.0), loss(1.0))
+    batch["video"][:, :, :, :8, :8] = -0.6  # a corner subject in every frame
+    latents = module.vae.encode(batch["video"])
+    weights = foreground_weights(latents, 10.0)
+    assert 1 < weights.mean() < 10 and weights.amax() == 10  # some latent pixels are foreground, most not
+    # The same draws, now with a subject: the weighted loss is no longer the plain one.
+    assert not torch.allclose(loss(10.0), loss(1.0))
+    with pytest.raises(ValueError, match="foreground_weight must be > 0"):
+        tiny_module(foreground_weight=0.0)
