@@ -93,6 +93,8 @@ class BindWeave(L.LightningModule):
             the paper's constant-lr setup).
         flow_shift: timestep shift used when sampling training timesteps.
         timestep_sampling: distribution of training timesteps (``uniform`` or ``logit_normal``).
+        pure_noise_fraction: share of training samples at exactly σ = 1, where only the conditions
+            say what the clip holds (:class:`bindweave.flow.RectifiedFlow`).
         prediction: what the DiT outputs: ``velocity`` (ε − x₀, Wan and BindWeave) or ``sample``
             (x₀, converted to the velocity (x_σ − x₀)/σ for the loss and the sampler). ``sample``
             learns far faster when a token carries more values than the DiT's width, as in the
@@ -126,6 +128,7 @@ class BindWeave(L.LightningModule):
         optimizer: OptimizerCallable | None = None,
         flow_shift: float = 5.0,
         timestep_sampling: Literal["uniform", "logit_normal"] = "uniform",
+        pure_noise_fraction: float = 0.0,
         prediction: Literal["velocity", "sample"] = "velocity",
         foreground_weight: float = 1.0,
         foreground_threshold: float = 0.05,
@@ -150,7 +153,8 @@ class BindWeave(L.LightningModule):
         if not self.conditioners:
             raise ValueError("BindWeave needs at least one conditioner (e.g. `relational` for the prompt).")
         self.optimizer_factory = optimizer
-        self.flow = RectifiedFlow(shift=flow_shift, timestep_sampling=timestep_sampling)
+        self.flow = RectifiedFlow(shift=flow_shift, timestep_sampling=timestep_sampling,
+                                  pure_noise_fraction=pure_noise_fraction)
         if prediction not in ("velocity", "sample"):
             raise ValueError(f"prediction must be 'velocity' or 'sample', got {prediction!r}.")
         self.prediction = prediction

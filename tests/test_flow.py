@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from bindweave.flow import RectifiedFlow, euler_sigmas, euler_step, foreground_weights, shift_sigmas, velocity_from_sample
@@ -61,3 +62,14 @@ def test_foreground_weights_mark_what_differs_from_the_clip_background():
     # Below the threshold (e.g. a bfloat16 cache's rounding) is background; weight 1 is uniform.
     assert (foreground_weights(latents + 0.01 * torch.rand_like(latents), 10.0, 0.05)[1] == 1).all()
     assert (foreground_weights(latents, 1.0) == 1).all()
+
+
+def test_pure_noise_fraction_draws_exactly_one_that_often():
+    flow = RectifiedFlow(shift=3.0, timestep_sampling="logit_normal", pure_noise_fraction=0.25)
+    sigmas = flow.sample_sigmas(20000, torch.device("cpu"), torch.Generator().manual_seed(0))
+    pure = sigmas == 1.0
+    assert abs(pure.float().mean().item() - 0.25) < 0.02
+    assert (sigmas[~pure] < 1.0).all() and (sigmas > 0).all()
+    assert (RectifiedFlow(timestep_sampling="logit_normal").sample_sigmas(20000, torch.device("cpu")) < 1.0).all()
+    with pytest.raises(ValueError, match="pure_noise_fraction must be in"):
+        RectifiedFlow(pure_noise_fraction=1.0)
