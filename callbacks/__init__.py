@@ -1,11 +1,13 @@
 """Pluggable Lightning callbacks (name them under ``trainer.callbacks`` in a config)."""
 
+from callbacks.denoise_probe import DenoiseProbe
 from callbacks.metrics import CLIPTextImageModel, IdentitySimilarity, MotionMagnitude, PromptVideoSimilarity, VideoMetrics
 from callbacks.sampling import SamplingCallback
 from callbacks.video_writer import VideoWriter
 
 __all__ = [
     "CLIPTextImageModel",
+    "DenoiseProbe",
     "IdentitySimilarity",
     "MotionMagnitude",
     "PromptVideoSimilarity",

@@ -23,6 +23,7 @@ import yaml
 
 from bindweave.datamodule import WebDataModule, to_model_batch
 from bindweave.export import load_pretrained
+from callbacks.denoise_probe import background_colour, denoised_sample, layout_auc, masked_mse, subject_pixels
 
 ROOT = Path(__file__).resolve().parents[1]
 SIGMAS = (0.05, 0.2, 0.4, 0.6, 0.8, 0.95, 0.99)
@@ -49,39 +50,6 @@ def test_batches(data: str, count: int, batch_size: int, num_frames: int | None 
     return batches
 
 
-def background_colour(video: torch.Tensor) -> torch.Tensor:
-    """(B, 3, 1, 1, 1): each video's most common colour (its uniform background). video: (B, 3, F, H, W)."""
-    return video.flatten(2).mode(dim=2).values[..., None, None, None]
-
-
-def subject_pixels(video: torch.Tensor, background: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, 1, F, H, W) True where a pixel differs from the video's background colour.
-    video: (B, 3, F, H, W) in [-1, 1]; background: :func:`background_colour` of it (computed if None)."""
-    background = background_colour(video) if background is None else background
-    return (video - background).abs().amax(1, keepdim=True) > 0.02
-
-
-def layout_auc(prediction: torch.Tensor, background: torch.Tensor, mask: torch.Tensor) -> float:
-    """Does x̂₀ put *something* where the subjects are? ROC AUC of each pixel's distance from the
-    video's background colour (max over channels) as a score for "a subject is here", against the
-    true subject pixels: 0.5 knows nothing of the layout, 1.0 marks exactly the subjects' pixels
-    (whatever colours it paints them). background: (B, 3, 1, 1, 1), the true video's."""
-    score = (prediction - background).abs().amax(1).flatten()  # (B·F·H·W,)
-    truth = mask[:, 0].flatten()
-    ranks = torch.empty_like(score)
-    ranks[score.argsort()] = torch.arange(1, len(score) + 1, dtype=score.dtype)
-    positives = truth.sum().item()
-    negatives = len(truth) - positives
-    return (ranks[truth].sum().item() - positives * (positives + 1) / 2) / (positives * negatives)
-
-
-def masked_mse(prediction: torch.Tensor, video: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
-    error = (prediction - video).pow(2).mean(1, keepdim=True)  # (B, 1, F, H, W)
-    weight = mask.float()
-    return (error * weight).sum().item() / weight.sum().item(), \
-        (error * (1 - weight)).sum().item() / (1 - weight).sum().item()
-
-
 @torch.no_grad()
 def denoise_errors(module, batches: list[dict]) -> dict[float, tuple[float, float, float]]:
     """{σ: (subject MSE, background MSE, layout AUC)} of the decoded x̂₀ over all batches."""
@@ -93,14 +61,8 @@ def denoise_errors(module, batches: list[dict]) -> dict[float, tuple[float, floa
         latents = module.vae.encode(video)  # (B, z, T, h, w)
         cond = module.encode_conditions(batch)
         noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(index))
-        context, context_mask = module._context(cond)
         for sigma in SIGMAS:
-            sigmas = torch.full((len(latents),), sigma)
-            noisy = module.flow.noisy(latents, noise, sigmas)
-            x, frame_mask = module.assemble_input(noisy, cond)
-            output = module.dit(x, sigmas * 1000, context, context_mask, frame_mask)[:, :, : latents.shape[2]]
-            sample = output if module.prediction == "sample" else noisy - sigma * output
-            decoded = module.vae.decode(sample.float()).clamp(-1, 1)
+            decoded = module.vae.decode(denoised_sample(module, latents, cond, noise, sigma)).clamp(-1, 1)
             subject_mse, background_mse = masked_mse(decoded, video, subjects)
             sums[sigma][0] += subject_mse / len(batches)
             sums[sigma][1] += background_mse / len(batches)

@@ -230,3 +230,44 @@ def test_in_memory_config_layers_over_a_variant(monkeypatch):
                              "-c", str(ROOT / "configs/sprites/in-memory.yaml"), "--data.init_args.urls", "c/shard-*.tar"])
     assert isinstance(cli.datamodule, MemoryCacheDataModule) and cli.datamodule.batch_size == 32
     assert cli.model.feature_cache == "data/sprites/cache/train" and cli.trainer.default_root_dir.endswith("sprites-noref")
+
+
+def test_denoise_probe_logs_what_the_model_knows_at_pure_noise(shards, tmp_path, monkeypatch):
+    """callbacks.DenoiseProbe during a sprites fit: per-σ subject / background MSE and layout AUC of
+    x̂₀ on the first validation batch land in the logger's metrics."""
+    import csv
+
+    from bindweave.cli import run_cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", ["bindweave"])
+    urls = str(shards / "shard-*.tar")
+    args = list(TINY)
+    at = args.index("--trainer.logger")
+    del args[at : at + 2]  # log to CSV here
+    run_cli(["fit", "-c", str(ROOT / "configs/sprites.yaml"), *args, "--trainer.max_steps", "2",
+             "--trainer.limit_val_batches", "0", "--data.init_args.urls", urls, "--data.init_args.val_urls", urls,
+             "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.init_args.save_dir", "logs",
+             "--trainer.callbacks+=callbacks.DenoiseProbe", "--trainer.callbacks.every_n_steps", "1",
+             "--trainer.callbacks.sigmas", "[1.0, 0.5]", "--trainer.callbacks.batches", "1"])
+    rows = list(csv.DictReader(open(next(Path("logs").rglob("metrics.csv")))))
+    probed = [row for row in rows if row.get("probe/layout_auc@1.0")]
+    assert [int(row["step"]) for row in probed] == [1, 2]
+    for row in probed:
+        for sigma in ("1.0", "0.5"):
+            assert 0.0 <= float(row[f"probe/layout_auc@{sigma}"]) <= 1.0
+            assert float(row[f"probe/subject_mse@{sigma}"]) > 0 and float(row[f"probe/background_mse@{sigma}"]) >= 0
+
+
+def test_denoise_probe_measures():
+    from callbacks.denoise_probe import background_colour, layout_auc, masked_mse, subject_pixels
+
+    video = torch.full((2, 3, 5, 16, 16), -0.4)
+    video[:, :, :, 4:8, 4:8] = 0.6  # a subject
+    background = background_colour(video)
+    subjects = subject_pixels(video, background)
+    assert subjects.sum() == 2 * 5 * 16 and torch.allclose(background, torch.full((2, 3, 1, 1, 1), -0.4))
+    assert layout_auc(video, background, subjects) == 1.0  # the truth marks exactly the subjects
+    assert layout_auc(torch.full_like(video, -0.4), background, subjects) == 0.5  # nothing anywhere
+    subject_mse, background_mse = masked_mse(torch.full_like(video, -0.4), video, subjects)
+    assert subject_mse == pytest.approx(1.0) and background_mse == 0.0
