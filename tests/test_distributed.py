@@ -2,6 +2,7 @@
 
 import os
 import socket
+import sys
 
 import pytest
 import torch
@@ -97,10 +98,15 @@ def _worker(rank: int, world: int, port: int, strategy: str, out: str) -> None:
         state[key] = value.full_tensor() if hasattr(value, "full_tensor") else value
     if rank == 0:
         torch.save({"loss": trainer.callback_metrics["loss"], "dit": state}, out)
-    # Leave together: a rank that exits while the other still talks to it through gloo can abort in
-    # gloo's teardown ("terminate called without an active exception", SIGABRT; seen once in CI).
+    # Leave together, then skip the interpreter's teardown: in fresh-clone CI runs rank 1 sometimes
+    # aborted *after* this point ("terminate called without an active exception", SIGABRT: a C++
+    # thread still joinable when static destructors ran), with the barrier and the destroyed group
+    # in place. Everything this worker has to say is on disk (rank 0's torch.save) by now.
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _free_port() -> int:
