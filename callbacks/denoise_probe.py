@@ -43,15 +43,19 @@ def layout_auc(prediction: torch.Tensor, background: torch.Tensor, mask: torch.T
     ranks[order] = ((2 * ends - counts + 1) / 2).repeat_interleave(counts)
     positives = truth.sum().item()
     negatives = len(truth) - positives
+    if positives == 0 or negatives == 0:
+        return float("nan")  # no subject, or nothing but subject: undefined
     return (ranks[truth].sum().item() - positives * (positives + 1) / 2) / (positives * negatives)
 
 
 def masked_mse(prediction: torch.Tensor, video: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
-    """(MSE over the mask's pixels, MSE over the rest); prediction, video: (B, 3, F, H, W); mask: (B, 1, F, H, W)."""
+    """(MSE over the mask's pixels, MSE over the rest; NaN for an empty side); prediction, video:
+    (B, 3, F, H, W); mask: (B, 1, F, H, W)."""
     error = (prediction - video).pow(2).mean(1, keepdim=True)  # (B, 1, F, H, W)
     weight = mask.float()
-    return (error * weight).sum().item() / weight.sum().item(), \
-        (error * (1 - weight)).sum().item() / (1 - weight).sum().item()
+    inside, outside = weight.sum().item(), (1 - weight).sum().item()
+    return (error * weight).sum().item() / inside if inside else float("nan"), \
+        (error * (1 - weight)).sum().item() / outside if outside else float("nan")
 
 
 @torch.no_grad()
@@ -110,11 +114,12 @@ class DenoiseProbe(L.Callback):
             if index == self.batches:
                 break
             batch = to_model_batch(trainer.strategy.batch_to_device(batch))
-            if "video_latents" in batch:
+            if "video_latents" in batch:  # cached: the truth is what its latents decode to
                 latents = batch["video_latents"].float()  # (B, z, T, h, w)
+                video = vae.decode(latents).float().clamp(-1, 1)  # (B, 3, F, H, W)
             else:
-                latents = module.vae.encode(batch["video"]).float()
-            video = vae.decode(latents).float().clamp(-1, 1)  # (B, 3, F, H, W)
+                video = batch["video"].float()
+                latents = module.vae.encode(video).float()
             background = background_colour(video)
             subjects = subject_pixels(video, background)
             cond = module.encode_conditions(batch)

@@ -5,6 +5,7 @@ skipped and counted, and ``fit`` runs from it through the CLI."""
 import io
 import json
 import tarfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -112,3 +113,26 @@ def test_fit_and_resume_from_memory_through_the_cli(cache, tmp_path, monkeypatch
     checkpoint = tmp_path / "outputs" / "tiny" / "checkpoints" / "last.ckpt"
     resumed = run_cli(["fit", *common, "--trainer.max_steps", "5", "--ckpt_path", str(checkpoint)])
     assert resumed.trainer.global_step == 5
+
+
+def test_denoise_probe_decodes_cached_latents_with_the_configs_vae(cache, tmp_path, monkeypatch):
+    """Trained from a feature cache the model holds no VAE: callbacks.DenoiseProbe builds the
+    config's to decode x̂₀ and the cached truth, and logs its measures."""
+    import csv
+
+    monkeypatch.chdir(tmp_path)
+    cli = run_cli(["fit", "-c", TINY, "-c", TINY_SHARDS, "-c", TINY_CACHED, "--model.feature_cache", str(cache),
+                   "--data", "bindweave.memory_data.MemoryCacheDataModule", "--data.init_args.urls", str(cache / "shard-*.tar"),
+                   "--data.init_args.val_urls", str(cache / "shard-*.tar"), "--data.init_args.batch_size", "2",
+                   "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false", "--trainer.max_steps", "2",
+                   "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.init_args.save_dir", "logs",
+                   "--trainer.callbacks+=callbacks.DenoiseProbe", "--trainer.callbacks.every_n_steps", "2",
+                   "--trainer.callbacks.sigmas", "[1.0]", "--trainer.callbacks.batches", "1"])
+    probe = next(c for c in cli.trainer.callbacks if type(c).__name__ == "DenoiseProbe")
+    assert type(cli.model.vae).__name__ == "LatentSpace" and probe._decoder is not None  # built from the config
+    rows = [row for row in csv.DictReader(open(next(Path("logs").rglob("metrics.csv")))) if row.get("probe/subject_mse@1.0")]
+    assert [int(row["step"]) for row in rows] == [2]
+    # The tiny random VAE decodes no uniform background: every pixel is "subject", so the subject
+    # error is a number and the background error and the layout AUC are undefined (NaN, not a crash).
+    assert 0 < float(rows[0]["probe/subject_mse@1.0"]) < float("inf")
+    assert rows[0]["probe/background_mse@1.0"] == rows[0]["probe/layout_auc@1.0"] == "nan"

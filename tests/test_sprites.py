@@ -271,3 +271,13 @@ def test_denoise_probe_measures():
     assert layout_auc(torch.full_like(video, -0.4), background, subjects) == 0.5  # nothing anywhere
     subject_mse, background_mse = masked_mse(torch.full_like(video, -0.4), video, subjects)
     assert subject_mse == pytest.approx(1.0) and background_mse == 0.0
+
+
+def test_denoise_probe_measures_are_nan_when_undefined():
+    from callbacks.denoise_probe import layout_auc, masked_mse
+
+    video = torch.zeros(1, 3, 2, 4, 4)
+    nothing = torch.zeros(1, 1, 2, 4, 4, dtype=torch.bool)
+    assert np.isnan(layout_auc(video, torch.zeros(1, 3, 1, 1, 1), nothing))
+    subject_mse, background_mse = masked_mse(video + 1, video, nothing)
+    assert np.isnan(subject_mse) and background_mse == 1.0
