@@ -378,15 +378,20 @@ class BindWeave(L.LightningModule):
         noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
         sigmas = self.flow.sample_sigmas(latents.shape[0], latents.device, generator)  # (B,)
         noisy = self.flow.noisy(latents, noise, sigmas)
-        x, frame_mask = self.assemble_input(noisy, cond)  # (B, C_in, T+N, h, w)
-        context, context_mask = self._context(cond)
-        output = self.dit(x, sigmas * 1000, context, context_mask, frame_mask)  # (B, z, T+N, h, w)
-        velocity = self.output_velocity(output[:, :, : latents.shape[2]], noisy, sigmas)  # (B, z, T, h, w)
+        velocity = self.output_velocity(self.video_output(noisy, sigmas, cond), noisy, sigmas)  # (B, z, T, h, w)
         target = self.flow.velocity(latents, noise).float()
         if self.foreground_weight == 1.0:
             return F.mse_loss(velocity, target)
         weights = foreground_weights(latents, self.foreground_weight, self.foreground_threshold)  # (B, 1, T, h, w)
         return ((velocity - target).pow(2) * weights).mean() / weights.mean()  # the plain MSE's scale
+
+    def video_output(self, noisy: torch.Tensor, sigmas: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """One DiT call on x_σ (B, z, T, h, w) at σ (B,) under ``cond``, without classifier-free
+        guidance; its output on the video latent (B, z, T, h, w): the reference slots are dropped."""
+        x, frame_mask = self.assemble_input(noisy, cond)  # (B, C_in, T+N, h, w)
+        context, context_mask = self._context(cond)
+        output = self.dit(x, sigmas * 1000, context, context_mask, frame_mask)  # (B, z, T+N, h, w)
+        return output[:, :, : noisy.shape[2]]
 
     def output_velocity(self, output: torch.Tensor, noisy: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
         """The velocity (float32) from the DiT's output on the video latent: the output itself, or

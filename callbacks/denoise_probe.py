@@ -64,9 +64,7 @@ def denoised_sample(module, latents: torch.Tensor, cond, noise: torch.Tensor, si
     conditioning ``cond`` (``module.encode_conditions``), whatever the model predicts."""
     sigmas = torch.full((len(latents),), sigma, device=latents.device)
     noisy = module.flow.noisy(latents, noise, sigmas)
-    x, frame_mask = module.assemble_input(noisy, cond)
-    context, context_mask = module._context(cond)
-    output = module.dit(x, sigmas * 1000, context, context_mask, frame_mask)[:, :, : latents.shape[2]].float()
+    output = module.video_output(noisy, sigmas, cond).float()  # (B, z, T, h, w)
     return output if module.prediction == "sample" else noisy.float() - sigma * output
 
 
