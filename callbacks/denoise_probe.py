@@ -68,6 +68,28 @@ def denoised_sample(module, latents: torch.Tensor, cond, noise: torch.Tensor, si
     return output if module.prediction == "sample" else noisy.float() - sigma * output
 
 
+@torch.no_grad()
+def denoise_measures(module, vae, batch: dict, sigmas: tuple[float, ...], seed: int) -> dict[float, tuple[float, float, float]]:
+    """{σ: (subject MSE, background MSE, layout AUC)} of the decoded x̂₀ of one model batch, its
+    clips noised with the same noise (drawn from ``seed``) at every σ. The truth is the batch's
+    pixels, or for a feature-cached batch what its latents decode to with ``vae``."""
+    if "video_latents" in batch:  # cached: the truth is what its latents decode to
+        latents = batch["video_latents"].float()  # (B, z, T, h, w)
+        video = vae.decode(latents).float().clamp(-1, 1)  # (B, 3, F, H, W)
+    else:
+        video = batch["video"].float()
+        latents = module.vae.encode(video).float()
+    background = background_colour(video)  # once per batch, not per σ
+    subjects = subject_pixels(video, background)
+    cond = module.encode_conditions(batch)
+    noise = torch.randn(latents.shape, generator=torch.Generator(latents.device).manual_seed(seed), device=latents.device)
+    measures = {}
+    for sigma in sigmas:
+        decoded = vae.decode(denoised_sample(module, latents, cond, noise, sigma)).float().clamp(-1, 1)
+        measures[sigma] = (*masked_mse(decoded, video, subjects), layout_auc(decoded, background, subjects))
+    return measures
+
+
 class DenoiseProbe(L.Callback):
     """Every ``every_n_steps`` optimizer steps, log x̂₀'s subject / background MSE and layout AUC on
     the first ``batches`` validation batches at each σ of ``sigmas`` (same noise every time), as
@@ -112,23 +134,10 @@ class DenoiseProbe(L.Callback):
             if index == self.batches:
                 break
             batch = to_model_batch(trainer.strategy.batch_to_device(batch))
-            if "video_latents" in batch:  # cached: the truth is what its latents decode to
-                latents = batch["video_latents"].float()  # (B, z, T, h, w)
-                video = vae.decode(latents).float().clamp(-1, 1)  # (B, 3, F, H, W)
-            else:
-                video = batch["video"].float()
-                latents = module.vae.encode(video).float()
-            background = background_colour(video)
-            subjects = subject_pixels(video, background)
-            cond = module.encode_conditions(batch)
-            generator = torch.Generator(latents.device).manual_seed(index)
-            noise = torch.randn(latents.shape, generator=generator, device=latents.device)
-            for sigma in self.sigmas:
-                decoded = vae.decode(denoised_sample(module, latents, cond, noise, sigma)).float().clamp(-1, 1)
-                subject_mse, background_mse = masked_mse(decoded, video, subjects)
+            for sigma, (subject_mse, background_mse, auc) in denoise_measures(module, vae, batch, self.sigmas, index).items():
                 for name, value in ((f"probe/subject_mse@{sigma}", subject_mse),
                                     (f"probe/background_mse@{sigma}", background_mse),
-                                    (f"probe/layout_auc@{sigma}", layout_auc(decoded, background, subjects))):
+                                    (f"probe/layout_auc@{sigma}", auc)):
                     sums[name] = sums.get(name, 0.0) + value
             count += 1
         return {name: value / count for name, value in sums.items()} if count else {}
@@ -146,4 +155,5 @@ class DenoiseProbe(L.Callback):
             trainer.logger.log_metrics(metrics, step=trainer.global_step)
 
 
-__all__ = ["DenoiseProbe", "background_colour", "denoised_sample", "layout_auc", "masked_mse", "subject_pixels"]
+__all__ = ["DenoiseProbe", "background_colour", "denoise_measures", "denoised_sample", "layout_auc", "masked_mse",
+           "subject_pixels"]

@@ -23,7 +23,7 @@ import yaml
 
 from bindweave.datamodule import WebDataModule, to_model_batch
 from bindweave.export import load_pretrained
-from callbacks.denoise_probe import background_colour, denoised_sample, layout_auc, masked_mse, subject_pixels
+from callbacks.denoise_probe import denoise_measures, masked_mse, subject_pixels
 
 ROOT = Path(__file__).resolve().parents[1]
 SIGMAS = (0.05, 0.2, 0.4, 0.6, 0.8, 0.95, 0.99)
@@ -55,18 +55,9 @@ def denoise_errors(module, batches: list[dict]) -> dict[float, tuple[float, floa
     """{σ: (subject MSE, background MSE, layout AUC)} of the decoded x̂₀ over all batches."""
     sums = {sigma: [0.0, 0.0, 0.0] for sigma in SIGMAS}
     for index, batch in enumerate(batches):
-        video = batch["video"].float()  # (B, 3, F, H, W)
-        background = background_colour(video)  # once per batch, not per σ
-        subjects = subject_pixels(video, background)
-        latents = module.vae.encode(video)  # (B, z, T, h, w)
-        cond = module.encode_conditions(batch)
-        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(index))
-        for sigma in SIGMAS:
-            decoded = module.vae.decode(denoised_sample(module, latents, cond, noise, sigma)).clamp(-1, 1)
-            subject_mse, background_mse = masked_mse(decoded, video, subjects)
-            sums[sigma][0] += subject_mse / len(batches)
-            sums[sigma][1] += background_mse / len(batches)
-            sums[sigma][2] += layout_auc(decoded, background, subjects) / len(batches)
+        for sigma, values in denoise_measures(module, module.vae, batch, SIGMAS, index).items():
+            for i, value in enumerate(values):
+                sums[sigma][i] += value / len(batches)
     return {sigma: tuple(values) for sigma, values in sums.items()}
 
 
