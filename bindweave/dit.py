@@ -39,11 +39,12 @@ class CrossAttentionBranch:
         embedder: how tokens are projected to the model width once per forward: ``mlp`` is Wan's text
             projection (Linear, GELU-tanh, Linear); ``norm_mlp`` is Wan's image projection
             (LayerNorm, Linear, GELU, Linear, LayerNorm).
-        position: add fixed sin-cos features of each token's index to its embedded token (no
-            parameters; not in Wan). Cross-attention keys carry no order of their own: a trained T5's
-            tokens already know their clause, a random-weight encoder's do not (docs/results.md: a
-            reader of random umt5 features learns which subject "starts at the top left" only with
-            them), and the image branch's tokens then tell which reference they come from.
+        position: add fixed sin-cos features of each token's index among its sample's real tokens
+            (padding never moves them) to its embedded token (no parameters; not in Wan).
+            Cross-attention keys carry no order of their own: a trained T5's tokens already know
+            their clause, a random-weight encoder's do not (docs/results.md: a reader of random umt5
+            features learns which subject "starts at the top left" only with them), and the image
+            branch's tokens then tell which reference they come from.
         refiner_layers: trainable pre-norm transformer layers (self-attention over the branch's
             tokens, padding masked, then an MLP) after the embedder and position features, run once
             per forward (not in Wan; HunyuanVideo's "token refiner" and Lumina-Next's "context
@@ -80,6 +81,20 @@ def timestep_sinusoid(timestep: torch.Tensor, dim: int) -> torch.Tensor:
     exponent = torch.arange(half, dtype=torch.float64, device=timestep.device) / half
     angles = timestep.to(torch.float64)[:, None] * torch.pow(10000.0, -exponent)[None]  # (B, half)
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1).float()  # (B, dim)
+
+
+def token_positions(tokens: torch.Tensor, mask: torch.Tensor | None, dim: int) -> torch.Tensor:
+    """Sin-cos features of each condition token's index among its sample's *real* tokens:
+    (B, L, C) tokens and (B, L) bool mask (True = real; None: all real) -> (L, dim) or (B, L, dim) fp32.
+
+    Counting real tokens only keeps a sample's features independent of how its batch is padded:
+    several conditioners feed one branch (the connector's MLLM tokens, then T5's), each padded to the
+    batch's longest, so a plain index would move the second part with the batch's longest first part
+    (training batches, batch-of-one sampling and CFG's null side would each see other positions)."""
+    if mask is None:
+        return timestep_sinusoid(torch.arange(tokens.shape[1], device=tokens.device), dim)  # (L, dim)
+    index = (mask.long().cumsum(dim=1) - 1).clamp_min(0)  # (B, L): 0, 1, ... over real tokens
+    return timestep_sinusoid(index.flatten(), dim).view(*index.shape, dim)  # (B, L, dim)
 
 
 class ContextEmbedder(nn.Module):
@@ -476,8 +491,8 @@ class WanDiT(nn.Module):
             weight_dtype = self.patch_embedding.weight.dtype
             embedded[name] = self.context_embedders[name](tokens.to(weight_dtype))  # (B, L, D)
             if self.branches[name].position:
-                index = torch.arange(tokens.shape[1], device=tokens.device)
-                embedded[name] = embedded[name] + timestep_sinusoid(index, self.dim).to(weight_dtype)  # (L, D)
+                mask = (context_mask or {}).get(name)
+                embedded[name] = embedded[name] + token_positions(tokens, mask, self.dim).to(weight_dtype)
             for layer in self.context_refiners[name] if name in self.context_refiners else ():
                 embedded[name] = layer(embedded[name], (context_mask or {}).get(name))  # (B, L, D)
         return embedded

@@ -91,6 +91,13 @@ def test_branch_position_tells_equal_tokens_apart():
     torch.testing.assert_close(told_apart - same, timestep_sinusoid(torch.arange(5), 48))
     assert len({tuple(row.round(decimals=4).tolist()) for row in told_apart}) == 5
     torch.testing.assert_close(positioned.embed_context(context)["image"], plain.embed_context(context)["image"])
+    # Padding inside the sequence (two conditioners' parts, each padded to its batch's longest) does
+    # not move the real tokens' positions: they count real tokens only.
+    parts = torch.randn(1, 5, 32)
+    padded = {"text": torch.cat([parts[:, :2], torch.randn(1, 3, 32), parts[:, 2:]], dim=1), "image": context["image"]}
+    mask = {"text": torch.tensor([[True, True, False, False, False, True, True, True]]), "image": None}
+    real = positioned.embed_context(padded, mask)["text"][0][mask["text"][0]]  # (5, D)
+    torch.testing.assert_close(real, positioned.embed_context({**context, "text": parts})["text"][0])
 
 
 def test_branch_refiner_mixes_real_tokens_ignores_padding_and_starts_as_identity():
