@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+@contextmanager
+def _seeded_cpu(seed: int, device: str) -> Iterator[None]:
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.random.default_generator.manual_seed(seed)
+        yield
+
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -65,11 +73,15 @@ class FrozenEncoder(nn.Module):
             kept whatever precision the trainer casts the rest of the model to.
     """
 
-    #: Device on which random (``tiny_config``) weights are drawn. The CPU by default, so that one
-    #: seed gives the same frozen encoders whether a run builds them on a GPU (Lightning's init
-    #: context) or on a CPU: a model trained on a GPU then samples with the same random encoders on
-    #: a CPU. None draws them on the current default device (benchmarks, where only speed matters).
+    #: Device on which random (``tiny_config``) weights are drawn. The CPU by default, so that the
+    #: same frozen encoders come out whether a run builds them on a GPU (Lightning's init context)
+    #: or on a CPU: a model trained on a GPU (or from a feature cache) then samples with the same
+    #: random encoders anywhere. None draws them on the current default device, unseeded
+    #: (benchmarks, where only speed matters).
     random_init_device: str | None = "cpu"
+
+    #: Seed of the CPU generator while random weights are drawn (see ``random_init``).
+    random_init_seed: int = 0
 
     def __init__(self, dtype: str = "bfloat16") -> None:
         super().__init__()
@@ -77,8 +89,15 @@ class FrozenEncoder(nn.Module):
 
     @classmethod
     def random_init(cls) -> AbstractContextManager:
-        """Context in which to build random-weight (``tiny_config``) networks; see ``random_init_device``."""
-        return torch.device(cls.random_init_device) if cls.random_init_device else nullcontext()
+        """Context in which to build random-weight (``tiny_config``) networks: on
+        ``random_init_device`` from the CPU generator seeded with ``random_init_seed``, the global
+        generator restored after. An encoder's random weights then depend on its config alone, not on
+        what was drawn before it: the trainable parts built beside it draw from the GPU's generator
+        under Lightning's init context and from the CPU's elsewhere, which shifted the CPU stream (a
+        GPU ``predict`` built another CLIP tower than the feature cache it was trained on)."""
+        if not cls.random_init_device:
+            return nullcontext()
+        return _seeded_cpu(cls.random_init_seed, cls.random_init_device)
 
     def freeze(self) -> "FrozenEncoder":
         """Cast to the configured dtype, disable gradients and switch to eval mode."""

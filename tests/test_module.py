@@ -253,3 +253,28 @@ def test_foreground_weight_scales_the_loss_where_the_clip_differs_from_its_backg
     assert not torch.allclose(loss(10.0), loss(1.0))
     with pytest.raises(ValueError, match="foreground_weight must be > 0"):
         tiny_module(foreground_weight=0.0)
+
+
+def test_random_frozen_encoders_do_not_depend_on_what_the_trainable_parts_draw(monkeypatch):
+    """Lightning builds the model under a GPU init context, where the connector draws from the GPU's
+    generator instead of the CPU's; the random (tiny_config) encoders built after it must come out
+    the same, or a GPU predict samples with another CLIP tower than training (or its feature
+    cache) used."""
+    from encoders.base import frozen_encoders
+    from tests.pipeline_helpers import cli_module, tiny_model_config
+
+    def encoder_weights():
+        module = cli_module(tiny_model_config())
+        return {f"{i}.{k}": v for i, e in enumerate(frozen_encoders(module)) for k, v in e.state_dict().items()}
+
+    plain = encoder_weights()
+    build_connector = RelationalConditioner._build_connector
+
+    def drawing_more(self, *args):  # what a connector built on another device does to the CPU stream
+        build_connector(self, *args)
+        torch.randn(1000)
+
+    monkeypatch.setattr(RelationalConditioner, "_build_connector", drawing_more)
+    shifted = encoder_weights()
+    assert plain.keys() == shifted.keys() and len(plain) > 20
+    assert all(torch.equal(plain[k], shifted[k]) for k in plain)
