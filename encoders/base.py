@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import Iterator
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from torch import nn
 
+
 @contextmanager
 def _seeded_cpu(seed: int, device: str) -> Iterator[None]:
+    """Build on ``device`` with the CPU generator at ``seed``; the global CPU generator is restored after."""
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.random.default_generator.manual_seed(seed)
         yield
