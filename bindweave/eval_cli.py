@@ -7,7 +7,8 @@ bindweave eval --data 'data/sprites/test/shard-*.tar' --run full=outputs/sprites
 
 Each ``--run name=folder`` holds ``<id>.mp4`` videos named by sample id (what ``bindweave predict``
 writes for ``<split>/requests.jsonl``). Prints one Markdown table row per run and writes every
-per-sample and per-subject number as JSON. See bindweave/evaluate.py for the metrics.
+per-sample and per-subject number as JSON. ``--baseline noref`` adds each run's paired difference
+from that run (mean ± standard error over the scenes both scored). See bindweave/evaluate.py for the metrics.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from jsonargparse import ActionYesNo, ArgumentParser
 
-from bindweave.evaluate import evaluate_run, format_table, read_ground_truth, to_json
+from bindweave.evaluate import evaluate_run, format_comparison, format_table, read_ground_truth, to_json
 
 
 def build_parser() -> ArgumentParser:
@@ -28,6 +29,8 @@ def build_parser() -> ArgumentParser:
                    help="add a row for the ground truth itself (the perfect score)")
     p.add_argument("--limit", type=int | None, default=None, help="score only the first N samples")
     p.add_argument("--workers", type=int, default=1, help="processes scoring in parallel (same numbers)")
+    p.add_argument("--baseline", type=str | None, default=None,
+                   help="a run's name: add a table of every other run's paired difference from it (mean ± s.e.)")
     p.add_argument("--out", type=str | None, default=None, help="JSON file of all results")
     p.add_argument("--table", type=str | None, default=None, help="Markdown file of the table")
     return p
@@ -44,6 +47,8 @@ def main(argv: list[str] | None = None) -> dict:
             if not Path(folder).is_dir():
                 raise ValueError(f"--run {spec}: {folder} is not a folder of <id>.mp4 videos.")
             runs_args[name] = folder
+        if args.baseline is not None and args.baseline not in runs_args:
+            raise ValueError(f"--baseline {args.baseline}: no --run of that name (runs: {', '.join(runs_args) or 'none'}).")
         if not runs_args and not args.ground_truth:
             raise ValueError("Nothing to score: give --run name=folder (and/or --ground_truth).")
         truth = read_ground_truth(args.data)
@@ -56,6 +61,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"bindweave eval: error: {error}", file=sys.stderr)
         raise SystemExit(1) from error
     table = format_table(runs)
+    if args.baseline is not None:
+        table += "\n\n" + format_comparison(runs, args.baseline)
     print(table)
     for name, result in runs.items():
         if result["missing"]:

@@ -317,6 +317,47 @@ def format_table(runs: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def paired_difference(run: dict, baseline: dict, metric: str) -> dict | None:
+    """``run`` minus ``baseline`` on ``metric`` over the samples both scored: the mean difference, its
+    standard error (scene to scene; not training-seed noise), and the mean difference relative to the
+    baseline's mean. Pairing removes the scenes' own difficulty, which dominates either run's spread.
+    None where no sample has the metric in both."""
+    pairs = [(r[metric], baseline["samples"][k][metric]) for k, r in run["samples"].items()
+             if r.get(metric) is not None and baseline["samples"].get(k, {}).get(metric) is not None]
+    if not pairs:
+        return None
+    ours, theirs = np.array(pairs, dtype=np.float64).T
+    diff = ours - theirs
+    error = float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else float("nan")
+    relative = float(diff.mean() / theirs.mean()) if theirs.mean() != 0 else float("nan")
+    return {"mean": float(diff.mean()), "stderr": error, "relative": relative, "samples": len(diff)}
+
+
+COMPARED = ("subject_mse", "background_mse", "identity", "position_error")
+"""The metrics :func:`format_comparison` pairs against a baseline run."""
+
+
+def format_comparison(runs: dict[str, dict], baseline: str) -> str:
+    """A Markdown table of each run against ``baseline`` on :data:`COMPARED`: mean paired difference ±
+    standard error, and relative to the baseline's mean (subject MSE -60 % is issue #8's target)."""
+    if baseline not in runs:
+        raise ValueError(f"--baseline {baseline}: no run of that name (runs: {', '.join(runs)}).")
+    names = {"subject_mse": "subject MSE", "background_mse": "background MSE", "identity": "identity",
+             "position_error": "position err"}
+    lines = [f"| run − {baseline} | " + " | ".join(f"Δ {names[m]}" for m in COMPARED) + " |",
+             "| --- | " + " | ".join("---:" for _ in COMPARED) + " |"]
+    for run, result in runs.items():
+        if run == baseline:
+            continue
+        cells = []
+        for metric in COMPARED:
+            d = paired_difference(result, runs[baseline], metric)
+            relative = "" if d is None or math.isnan(d["relative"]) else f" ({d['relative']:+.0%})"
+            cells.append("–" if d is None else f"{d['mean']:+.3f} ± {d['stderr']:.3f}{relative}")
+        lines.append(f"| {run} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def save_video(path: str | Path, video: np.ndarray, fps: int = 8) -> None:
     """Write frames as a lossless mp4 (tests and ``--write_ground_truth``)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -165,10 +165,32 @@ def test_eval_cli_writes_a_table_and_json(shards, tmp_path, capsys):
     assert runs["mine"]["summary"]["samples"] == 2 and (tmp_path / "r.md").read_text().startswith("| run")
     parallel = main(["--data", str(shards / "shard-*.tar"), "--run", f"mine={tmp_path / 'gt'}", "--workers", "2"])
     assert parallel["mine"]["samples"] == runs["mine"]["samples"] and len(parallel["mine"]["missing"]) == 4
+    E.save_video(tmp_path / "bad" / f"{first}.mp4", _scene_variants(truth[first]["record"])["wrong_subject"])
+    E.save_video(tmp_path / "bad" / f"{second}.mp4", _scene_variants(truth[second]["record"])["wrong_subject"])
+    main(["--data", str(shards / "shard-*.tar"), "--run", f"mine={tmp_path / 'gt'}", "--run", f"bad={tmp_path / 'bad'}",
+          "--baseline", "bad", "--limit", "2", "--table", str(tmp_path / "c.md")])
+    compared = (tmp_path / "c.md").read_text().split("\n\n")[1]
+    assert compared.startswith("| run − bad |") and "| mine | -" in compared  # the truth's subjects are closer
+    with pytest.raises(SystemExit):  # a baseline that is not a run
+        main(["--data", str(shards / "shard-*.tar"), "--run", f"mine={tmp_path / 'gt'}", "--baseline", "noref"])
     with pytest.raises(SystemExit):
         main(["--data", str(shards / "shard-*.tar"), "--run", f"x={tmp_path / 'missing'}"])
     with pytest.raises(SystemExit):
         main(["--data", str(shards / "shard-*.tar"), "--run", f"empty={tmp_path}"])  # no <id>.mp4 there
+
+
+def test_paired_difference_pairs_samples_by_id():
+    baseline = {"samples": {"a": {"subject_mse": 1.0}, "b": {"subject_mse": 0.5}, "c": {"subject_mse": 0.9},
+                            "d": {"subject_mse": None}}}
+    run = {"samples": {"b": {"subject_mse": 0.2}, "a": {"subject_mse": 0.6}, "d": {"subject_mse": 0.1}}}
+    d = E.paired_difference(run, baseline, "subject_mse")  # pairs a and b only: -0.4, -0.3
+    assert d["samples"] == 2 and d["mean"] == pytest.approx(-0.35) and d["stderr"] == pytest.approx(0.05)
+    assert d["relative"] == pytest.approx(-0.35 / 0.75)
+    assert E.paired_difference(run, baseline, "identity") is None
+    table = E.format_comparison({"noref": baseline, "full": run}, "noref")
+    assert "| full | -0.350 ± 0.050 (-47%) | – | – | – |" in table and "| noref |" not in table
+    with pytest.raises(ValueError, match="no run of that name"):
+        E.format_comparison({"full": run}, "noref")
 
 
 TINY = [  # the sprites config at test size: byte tokenizers, a 1-layer DiT
