@@ -79,26 +79,60 @@ def save_pretrained(module, directory: str | Path, config: dict | None = None,
     """
     if module.dit is None:
         raise ValueError("save_pretrained needs a built model: call module.configure_model() first.")
-    directory = Path(directory)
     content = export_config(config if config is not None else module.hparams)
-    save_sharded(trainable_state_dict(module), directory, WEIGHTS_NAME, max_shard_bytes, {"bindweave": FORMAT})
-    (directory / CONFIG_NAME).write_text(yaml.safe_dump(content, sort_keys=False))
+    return write_export(trainable_state_dict(module), content, directory, max_shard_bytes)
+
+
+def write_export(state: dict[str, torch.Tensor], content: dict, directory: str | Path,
+                 max_shard_bytes: int = 5 * 1024**3) -> Path:
+    """Write an export folder (weights + ``config.yaml``) whole or not at all: into a temporary
+    folder beside ``directory``, then swapped in. An existing ``directory`` is replaced only if it
+    is an export (nothing but ``config.yaml`` and ``model*.safetensors*``), so no other file is lost."""
+    import shutil
+    import uuid
+
+    directory = Path(directory)
+    if directory.exists():
+        foreign = sorted(p.name for p in directory.iterdir() if p.is_dir() or p.name != CONFIG_NAME
+                         and not (p.name.startswith(WEIGHTS_NAME) and ".safetensors" in p.name))
+        if foreign:
+            raise WeightsError(f"{directory} exists and holds files that are not an export's ({foreign[:5]}): "
+                               f"choose an empty or new folder.")
+    tmp = directory.with_name(f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}")
+    old = directory.with_name(f".{directory.name}.old-{uuid.uuid4().hex[:8]}")
+    try:
+        save_sharded(state, tmp, WEIGHTS_NAME, max_shard_bytes, {"bindweave": FORMAT})
+        (tmp / CONFIG_NAME).write_text(yaml.safe_dump(content, sort_keys=False))
+        if directory.exists():
+            directory.rename(old)
+        tmp.rename(directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
     return directory
 
 
 def export_checkpoint(checkpoint_path: str | Path, directory: str | Path,
-                      max_shard_bytes: int = 5 * 1024**3, dtype: str | None = None) -> Path:
-    """Turn a Lightning ``.ckpt`` written by ``bindweave fit`` into an export folder.
+                      max_shard_bytes: int = 5 * 1024**3, dtype: str | None = None, int8: bool = False) -> Path:
+    """Turn a Lightning ``.ckpt`` written by ``bindweave fit`` (or an export folder) into an export folder.
 
     A sharded checkpoint folder (FSDP2 / ``ModelParallelStrategy``) is consolidated first
-    (:func:`read_sharded_checkpoint`), whatever world size wrote it.
+    (:func:`read_sharded_checkpoint`), whatever world size wrote it. An export folder is re-exported
+    (another dtype, int8 storage; ``directory`` may be the same folder: it is replaced whole).
 
     The checkpoint is read with ``torch.load(weights_only=True)`` (no pickle code runs); its
     hyperparameters are the config and its ``state_dict`` the trainable weights (frozen encoders are
     never in BindWeave checkpoints). ``dtype`` ("bfloat16", "float16", "float32") casts the
-    floating-point weights (default: as trained).
+    floating-point weights (default: as trained). ``int8`` stores the large matrices as int8 with
+    per-output-channel scales in that dtype (:mod:`bindweave.quantize`: half of bfloat16's bytes;
+    loading dequantizes).
     """
     path = Path(checkpoint_path)
+    if path.is_dir() and (path / CONFIG_NAME).is_file():  # an export folder
+        content = {"format": FORMAT, "model": read_config(path)}
+        source = Checkpoint.open(path, prefix=WEIGHTS_NAME)
+        state = {k: source.read(k) for k in source.keys()}  # all in memory: the folder may be replaced
+        return _write_converted(state, content, directory, max_shard_bytes, dtype, int8)
     try:
         if path.is_dir():
             checkpoint = read_sharded_checkpoint(path)
@@ -114,13 +148,20 @@ def export_checkpoint(checkpoint_path: str | Path, directory: str | Path,
     state = checkpoint["state_dict"]
     if not any(k.startswith("dit.") for k in state):
         raise WeightsError(f"{path}: the checkpoint holds no DiT weights (dit.*).")
+    return _write_converted(state, content, directory, max_shard_bytes, dtype, int8)
+
+
+def _write_converted(state: dict[str, torch.Tensor], content: dict, directory: str | Path, max_shard_bytes: int,
+                     dtype: str | None, int8: bool) -> Path:
+    """Cast (``dtype``), quantize (``int8``) and write an export folder."""
+    from bindweave.quantize import quantize_state_dict
+
     if dtype is not None:
         cast = resolve_dtype(dtype)
         state = {k: v.to(cast) if v.is_floating_point() else v for k, v in state.items()}
-    directory = Path(directory)
-    save_sharded(state, directory, WEIGHTS_NAME, max_shard_bytes, {"bindweave": FORMAT})
-    (directory / CONFIG_NAME).write_text(yaml.safe_dump(content, sort_keys=False))
-    return directory
+    if int8:
+        state = quantize_state_dict(state)
+    return write_export(state, content, directory, max_shard_bytes)
 
 
 def read_sharded_checkpoint(directory: str | Path) -> dict:

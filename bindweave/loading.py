@@ -95,6 +95,12 @@ class _Entry:
     shape: tuple[int, ...]
     start: int = 0  # absolute byte offset in a safetensors file
     tensor: torch.Tensor | None = None  # legacy files: the (mmap-backed) tensor
+    scale: "_Entry | None" = None  # int8 storage (bindweave.quantize): the per-output-channel scales
+
+    @property
+    def nbytes(self) -> int:
+        own = math.prod(self.shape) * self.dtype.itemsize
+        return own + (self.scale.nbytes if self.scale is not None else 0)
 
 
 def _read_safetensors_header(path: Path) -> dict[str, _Entry]:
@@ -189,7 +195,7 @@ class Checkpoint:
             if clash:
                 raise WeightsError(f"{file}: keys also stored in {entries[clash[0]].file.name}, e.g. {clash[:3]}.")
             entries.update(found)
-        return cls(entries, path, files)
+        return cls(_fold_int8_scales(entries, path), path, files)
 
     @staticmethod
     def _index_files(index: Path) -> list[Path]:
@@ -250,7 +256,9 @@ class Checkpoint:
         return self.entries[key].shape
 
     def dtype(self, key: str) -> torch.dtype:
-        return self.entries[key].dtype
+        """The dtype :meth:`read` returns by default (an int8-stored tensor's is its scales')."""
+        entry = self.entries[key]
+        return entry.scale.dtype if entry.scale is not None else entry.dtype
 
     def file_of(self, key: str) -> Path:
         return self.entries[key].file
@@ -258,13 +266,26 @@ class Checkpoint:
     @property
     def nbytes(self) -> int:
         """Total size of the tensors as stored."""
-        return sum(math.prod(e.shape) * e.dtype.itemsize for e in self.entries.values())
+        return sum(e.nbytes for e in self.entries.values())
 
     def read(
         self, key: str, dtype: torch.dtype | None = None, device: torch.device | str | None = None
     ) -> torch.Tensor:
-        """Read one tensor, cast to ``dtype`` and moved to ``device`` (default: as stored, CPU)."""
+        """Read one tensor, cast to ``dtype`` and moved to ``device`` (default: as stored, CPU; an
+        int8-stored tensor comes back dequantized, in its scales' dtype)."""
         entry = self.entries[key]
+        tensor = self._read_entry(entry, key)
+        if entry.scale is not None:
+            from bindweave.quantize import dequantize
+
+            tensor = dequantize(tensor, self._read_entry(entry.scale, key))
+        if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+            tensor = tensor.to(dtype)
+        return tensor.to(device) if device is not None else tensor
+
+    @staticmethod
+    def _read_entry(entry: _Entry, key: str) -> torch.Tensor:
+        """The tensor as stored."""
         if entry.tensor is not None:
             tensor = entry.tensor
         else:
@@ -278,9 +299,25 @@ class Checkpoint:
                     if not n:
                         raise WeightsError(f"{entry.file}: truncated while reading {key!r}.")
                     done += n
-        if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
-            tensor = tensor.to(dtype)
-        return tensor.to(device) if device is not None else tensor
+        return tensor
+
+
+def _fold_int8_scales(entries: dict[str, _Entry], source: Path) -> dict[str, _Entry]:
+    """Attach each ``<key>@int8_scale`` (bindweave.quantize) to its int8 ``<key>``; check the pair."""
+    from bindweave.quantize import SCALE_SUFFIX
+
+    for name in [k for k in entries if k.endswith(SCALE_SUFFIX)]:
+        key, scale = name.removesuffix(SCALE_SUFFIX), entries.pop(name)
+        values = entries.get(key)
+        expected = values.shape[:1] + (1,) * (len(values.shape) - 1) if values is not None else None
+        if values is None or values.dtype != torch.int8 or scale.shape != expected or not scale.dtype.is_floating_point:
+            raise WeightsError(
+                f"{source}: {name} does not fit {key} (expected int8 {key} and float scales of shape {expected}, "
+                f"got {values.dtype if values is not None else 'no tensor'} and {scale.dtype} {_shape(scale.shape)}): "
+                f"the file is corrupt; export it again."
+            )
+        values.scale = scale
+    return entries
 
 
 # ----------------------------------------------------------------------------------------------

@@ -319,12 +319,14 @@ def main(argv: list[str] | None = None) -> None:
     check = sub.add_parser("check", help="which components a folder holds, in which format, what is missing")
     check.add_argument("folder")
     check.add_argument("--json", action="store_true", help="machine-readable output")
-    export = sub.add_parser("export", help="a Lightning .ckpt of `bindweave fit` -> safetensors + config.yaml")
+    export = sub.add_parser("export", help="a Lightning .ckpt of `bindweave fit` (or an export folder) -> safetensors + config.yaml")
     export.add_argument("checkpoint")
     export.add_argument("output")
     export.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors file (GB)")
     export.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                         help="cast the weights (default: as trained)")
+    export.add_argument("--int8", action="store_true",
+                        help="store the large matrices as int8 with per-channel scales (half of bfloat16's bytes)")
     args = parser.parse_args(argv)
     try:
         if args.command == "check":
@@ -333,7 +335,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             from bindweave.export import export_checkpoint
 
-            out = export_checkpoint(args.checkpoint, args.output, int(args.max_shard_gb * 1024**3), args.dtype)
+            out = export_checkpoint(args.checkpoint, args.output, int(args.max_shard_gb * 1024**3), args.dtype, args.int8)
             print(f"exported {args.checkpoint} -> {out} (load with bindweave.export.load_pretrained)")
     except (WeightsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

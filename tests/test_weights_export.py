@@ -79,6 +79,71 @@ def test_save_and_load_pretrained(trained, tmp_path):
     assert load_pretrained(tmp_path, dtype="bfloat16").dit.patch_embedding.weight.dtype == torch.bfloat16
 
 
+def test_int8_quantization_error_is_half_a_step_per_output_channel():
+    from bindweave.quantize import SCALE_SUFFIX, dequantize, quantize, quantize_state_dict
+
+    torch.manual_seed(0)
+    weight = torch.randn(64, 96) * torch.linspace(0.01, 3, 64)[:, None]  # rows of very different ranges
+    weight[5] = 0
+    q, scale = quantize(weight)
+    assert q.dtype == torch.int8 and scale.shape == (64, 1) and q.abs().max() == 127
+    error = (dequantize(q, scale) - weight).abs()
+    assert error[5].max() == 0 and (error <= scale / 2 + 1e-6).all()
+    state = quantize_state_dict({"w": weight, "bias": torch.randn(64), "table": torch.randn(1, 6, 64)})
+    assert set(state) == {"w", "w" + SCALE_SUFFIX, "bias", "table"} and state["table"].dtype == torch.float32
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize_state_dict(state)
+
+
+def test_int8_export_halves_the_bytes_and_loads_back(trained, tmp_path):
+    from bindweave.loading import Checkpoint
+    from bindweave.quantize import SCALE_SUFFIX
+
+    save_pretrained(trained, tmp_path / "fp32")
+    main(["export", str(tmp_path / "fp32"), str(tmp_path / "bf16"), "--dtype", "bfloat16"])  # an export re-exported
+    main(["export", str(tmp_path / "bf16"), str(tmp_path / "int8"), "--int8"])
+    size = {n: (tmp_path / n / "model.safetensors").stat().st_size for n in ("bf16", "int8")}
+    assert size["int8"] < 0.6 * size["bf16"], size
+    stored, int8 = Checkpoint.open(tmp_path / "bf16"), Checkpoint.open(tmp_path / "int8")
+    assert set(int8.keys()) == set(stored.keys()) and not any(k.endswith(SCALE_SUFFIX) for k in int8.keys())
+    key = "dit.blocks.0.ffn.0.weight"
+    assert int8.entries[key].dtype == torch.int8 and int8.dtype(key) == torch.bfloat16
+    assert int8.shape(key) == stored.shape(key)
+    for k in stored.keys():  # every weight within half a step (1/254 of its row's largest value), plus bfloat16 rounding
+        a, b = stored.read(k).float(), int8.read(k).float()
+        bound = a.abs().amax(dim=tuple(range(1, a.dim())), keepdim=True) / 254 * 1.01 + a.abs() / 128 if a.dim() > 1 else 0
+        assert ((a - b).abs() <= bound).all(), k
+    loaded = load_pretrained(tmp_path / "int8")
+    assert loaded.dit.patch_embedding.weight.dtype == torch.bfloat16
+    reference = load_pretrained(tmp_path / "bf16", dtype="float32")
+    out, ref = dit_output(load_pretrained(tmp_path / "int8", dtype="float32")), dit_output(reference)
+    assert (out - ref).abs().mean() < 0.02 * ref.abs().mean()  # a storage format, not another model
+    # Re-exporting in place replaces the folder whole; a folder with other files is refused.
+    main(["export", str(tmp_path / "int8"), str(tmp_path / "int8"), "--dtype", "float32"])
+    assert Checkpoint.open(tmp_path / "int8").entries[key].dtype == torch.float32
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bf16", "fp32", "int8"]  # no temporary folders left
+    (tmp_path / "bf16" / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit):
+        main(["export", str(tmp_path / "int8"), str(tmp_path / "bf16")])
+    assert (tmp_path / "bf16" / "notes.txt").read_text() == "mine"
+
+
+def test_corrupt_int8_scales_are_named(trained, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from bindweave.quantize import SCALE_SUFFIX
+
+    save_pretrained(trained, tmp_path / "fp32")
+    main(["export", str(tmp_path / "fp32"), str(tmp_path / "int8"), "--int8"])
+    path = tmp_path / "int8" / "model.safetensors"
+    tensors = load_file(path)
+    key = next(k for k in tensors if k.endswith(SCALE_SUFFIX))
+    tensors[key] = tensors[key][:-1]
+    save_file(tensors, path)
+    with pytest.raises(WeightsError, match="does not fit"):
+        load_pretrained(tmp_path / "int8")
+
+
 def test_export_keeps_every_dit_option(tiny_config, tmp_path):
     """Options beyond Wan's (absolute positions, positioned branches) travel with the export: a model
     loaded without them would sample differently from the one trained."""
