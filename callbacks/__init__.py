@@ -1,5 +1,6 @@
 """Pluggable Lightning callbacks (name them under ``trainer.callbacks`` in a config)."""
 
+from callbacks.checkpoint import RunCheckpoint
 from callbacks.denoise_probe import DenoiseProbe
 from callbacks.metrics import CLIPTextImageModel, IdentitySimilarity, MotionMagnitude, PromptVideoSimilarity, VideoMetrics
 from callbacks.sampling import SamplingCallback
@@ -11,6 +12,7 @@ __all__ = [
     "IdentitySimilarity",
     "MotionMagnitude",
     "PromptVideoSimilarity",
+    "RunCheckpoint",
     "SamplingCallback",
     "VideoMetrics",
     "VideoWriter",

@@ -76,3 +76,24 @@ def test_sampling_callback_runs_on_rank_zero_only_and_leaves_the_rng_alone(tmp_p
     assert len(calls) == 1 and torch.equal(torch.get_rng_state(), state)
     assert sorted(p.name for p in (tmp_path / "step-0000010").iterdir()) == [
         "red-blue.json", "red-blue.mp4", "red-blue.png", "red-left.json", "red-left.mp4", "red-left.png"]
+
+
+def test_run_checkpoint_follows_the_root_not_the_logger(tmp_path):
+    import lightning as L
+    from lightning.pytorch.demos.boring_classes import BoringModel
+    from lightning.pytorch.loggers import CSVLogger
+
+    from callbacks import RunCheckpoint
+
+    def fit(root, **checkpoint):
+        callback = RunCheckpoint(save_last=True, enable_version_counter=False, **checkpoint)
+        trainer = L.Trainer(default_root_dir=root, max_steps=2, logger=CSVLogger(tmp_path / "logs"), callbacks=[callback],
+                            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+        trainer.fit(BoringModel())
+        return callback
+
+    fit(tmp_path / "run")
+    assert (tmp_path / "run/checkpoints/last.ckpt").is_file()  # not logs/lightning_logs/version_0/checkpoints
+    assert not list((tmp_path / "logs").rglob("*.ckpt"))
+    fit(tmp_path / "other", dirpath=tmp_path / "mine")  # an explicit dirpath still wins
+    assert (tmp_path / "mine/last.ckpt").is_file() and not (tmp_path / "other/checkpoints").exists()
