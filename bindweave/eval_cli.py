@@ -18,7 +18,8 @@ from pathlib import Path
 
 from jsonargparse import ActionYesNo, ArgumentParser
 
-from bindweave.evaluate import evaluate_run, format_comparison, format_table, read_ground_truth, to_json
+from bindweave.evaluate import (evaluate_reference_points, evaluate_run, format_comparison, format_table,
+                                read_ground_truth, to_json)
 
 
 def build_parser() -> ArgumentParser:
@@ -27,6 +28,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--run", type=str, action="append", default=[], help="name=folder of <id>.mp4 videos (repeatable)")
     p.add_argument("--ground_truth", "--ground-truth", action=ActionYesNo, default=False,
                    help="add a row for the ground truth itself (the perfect score)")
+    p.add_argument("--reference_points", "--reference-points", action=ActionYesNo, default=False,
+                   help="add rows for the ground truth with one thing wrong (no subjects, other subjects, other "
+                        "shapes, another start row, no motion): what each level of a metric means")
     p.add_argument("--limit", type=int | None, default=None, help="score only the first N samples")
     p.add_argument("--workers", type=int, default=1, help="processes scoring in parallel (same numbers)")
     p.add_argument("--baseline", type=str | None, default=None,
@@ -49,12 +53,14 @@ def main(argv: list[str] | None = None) -> dict:
             runs_args[name] = folder
         if args.baseline is not None and args.baseline not in runs_args:
             raise ValueError(f"--baseline {args.baseline}: no --run of that name (runs: {', '.join(runs_args) or 'none'}).")
-        if not runs_args and not args.ground_truth:
-            raise ValueError("Nothing to score: give --run name=folder (and/or --ground_truth).")
+        if not runs_args and not args.ground_truth and not args.reference_points:
+            raise ValueError("Nothing to score: give --run name=folder (and/or --ground_truth, --reference_points).")
         truth = read_ground_truth(args.data)
         runs = {}
         if args.ground_truth:
             runs["ground truth"] = evaluate_run(None, truth, args.limit, args.workers)
+        if args.reference_points:
+            runs.update(evaluate_reference_points(truth, args.limit, args.workers))
         for name, folder in runs_args.items():
             runs[name] = evaluate_run(folder, truth, args.limit, args.workers)
     except ValueError as error:

@@ -21,9 +21,11 @@ scored against the exact answer its JSON record re-renders (:func:`bindweave.spr
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import multiprocessing
+import random
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -300,6 +302,60 @@ def evaluate_run(videos: str | Path | None, truth: dict[str, dict], limit: int |
                          f"e.g. {next(iter(truth))}.mp4).")
     return {"videos": str(videos) if videos is not None else "ground truth", "summary": summarise(results),
             "missing": missing, "samples": results}
+
+
+REFERENCE_POINTS = (
+    "background only",
+    "other subjects, right places",
+    "right colours, other shapes",
+    "right subjects, another start row",
+    "right subjects, no motion",
+)
+"""The ground truth with one thing wrong (:func:`reference_point_videos`): where a run's numbers sit
+between them says what it gets right (docs/sprites.md, "Reading the metrics")."""
+
+
+def reference_point_videos(record: dict, rng: random.Random) -> dict[str, np.ndarray]:
+    """The sample's ground truth re-rendered with one thing wrong, one video per :data:`REFERENCE_POINTS`
+    name: no subjects at all; other appearances (train split) where the subjects are; the subjects'
+    colours in another shape and pattern; each subject starting in another row; no motion."""
+    scene = S.scene_from_json(record)
+    changed = {name: copy.deepcopy(scene) for name in REFERENCE_POINTS}
+    changed["background only"].subjects = []
+    for subject in changed["other subjects, right places"].subjects:
+        subject.appearance = S.random_appearance(rng, "train")
+    for subject in changed["right colours, other shapes"].subjects:
+        other = S.random_appearance(rng, "train")
+        subject.appearance = S.Appearance(other.shape, other.pattern, subject.appearance.colour, subject.appearance.colour2)
+    for subject in changed["right subjects, another start row"].subjects:
+        subject.row = rng.choice([row for row in S.ROWS if row != subject.row])
+    for subject in changed["right subjects, no motion"].subjects:
+        subject.motion, subject.relation = "still", None
+    return {name: S.render(changed[name]) for name in REFERENCE_POINTS}
+
+
+def _score_reference_points(job: tuple[str, dict]) -> tuple[str, dict[str, dict]]:
+    sample_id, item = job
+    rng = random.Random(f"reference points:{sample_id}")  # the same videos whatever the order or workers
+    videos = reference_point_videos(item["record"], rng)
+    return sample_id, {name: evaluate_sample(video, item["record"], item["references"]) for name, video in videos.items()}
+
+
+def evaluate_reference_points(truth: dict[str, dict], limit: int | None = None, workers: int = 1) -> dict[str, dict]:
+    """Score every :data:`REFERENCE_POINTS` video of each sample: one run result per reference point,
+    named ``"ref: <name>"``, in :func:`evaluate_run`'s form."""
+    jobs = list(truth.items())[:limit]
+    if workers > 1:
+        with multiprocessing.get_context("fork").Pool(workers, initializer=_single_threaded) as pool:
+            scored = pool.map(_score_reference_points, jobs, chunksize=4)
+    else:
+        scored = list(map(_score_reference_points, jobs))
+    runs = {}
+    for name in REFERENCE_POINTS:
+        results = {sample_id: per_point[name] for sample_id, per_point in scored}
+        runs[f"ref: {name}"] = {"videos": f"reference point: {name}", "summary": summarise(results), "missing": [],
+                                "samples": results}
+    return runs
 
 
 def format_table(runs: dict[str, dict]) -> str:

@@ -2,7 +2,8 @@
 # The sprites recipe in one command (docs/sprites.md): generate the data, train the full model and
 # each ablation, sample the test split, score every run and write the table to docs/results.md.
 #   scripts/sprites.sh                         # everything, variants one after another
-#   PARALLEL=1 WORKERS=2 scripts/sprites.sh    # all variants at once on one GPU (small models leave it idle)
+#   PARALLEL=1 WORKERS=2 scripts/sprites.sh    # all variants at once (spread over the host's GPUs; small models leave one idle)
+#   SEEDS="0 1" scripts/sprites.sh             # each variant with two training seeds (seed N > 0 in <run>-seedN)
 #   VARIANTS="full noref" scripts/sprites.sh   # a subset (full = configs/sprites.yaml alone)
 #   STEPS=200 TEST=32 scripts/sprites.sh       # a quick run
 #   GUIDANCE="1 4" scripts/sprites.sh          # sample and score at each guidance scale (the default)
@@ -19,6 +20,7 @@ WORKERS=${WORKERS:-}
 PARALLEL=${PARALLEL:-0}
 CSV_LOG=${CSV_LOG:-0}    # 1: log to <run>/lightning_logs/*/metrics.csv (flushed every 20 steps) instead of TensorBoard
 VARIANTS=${VARIANTS:-"full noref t5-only t5-mllm no-clip no-slots"}
+SEEDS=${SEEDS:-0}        # training seeds (seed_everything) of every variant: one seed's differences can be noise
 PREDICT_BATCH=${PREDICT_BATCH:-8}
 GUIDANCE=${GUIDANCE:-"1 4"}  # classifier-free guidance scales to sample the test split at (each scored alone)
 CPUS=$(nproc)
@@ -60,14 +62,20 @@ if [ "$CACHE" = 1 ]; then  # the full model's encoders; the ablations read the f
   for pid in "${parts[@]}"; do wait "$pid"; done
 fi
 
-root_of() { if [ "$1" = full ]; then echo outputs/sprites; else echo "outputs/sprites-$1"; fi; }
+root_of() {  # variant seed -> run folder (the variant config's own for seed 0)
+  local root=outputs/sprites
+  [ "$1" = full ] || root="outputs/sprites-$1"
+  if [ "${2:-0}" = 0 ]; then echo "$root"; else echo "$root-seed$2"; fi
+}
 
-run_variant() {  # train, then sample the test split
-  local variant=$1 root
-  root=$(root_of "$variant")
+run_variant() {  # variant seed: train, then sample the test split
+  local variant=$1 seed=$2 root
+  root=$(root_of "$variant" "$seed")
   local configs=(-c configs/sprites.yaml)
   [ "$variant" != full ] && configs+=(-c "configs/sprites/$variant.yaml")
   local extra=(--data.init_args.urls "$DATA/train/shard-*.tar" --data.init_args.val_urls "$DATA/val/shard-*.tar")
+  # checkpoints follow the root (callbacks.RunCheckpoint)
+  [ "$seed" = 0 ] || extra+=(--seed_everything "$seed" --trainer.default_root_dir "$root")
   [ -n "$STEPS" ] && extra+=(--trainer.max_steps "$STEPS")
   if [ "$CACHE" = 1 ]; then
     [ "$MEMORY" = 1 ] && configs+=(-c configs/sprites/in-memory.yaml) || extra+=(--data.init_args.cached true)
@@ -95,53 +103,73 @@ run_variant() {  # train, then sample the test split
   done
 }
 
-runs=()
+jobs=()  # "variant seed"
+for seed in $SEEDS; do for variant in $VARIANTS; do jobs+=("$variant $seed"); done; done
+log_of() { if [ "$2" = 0 ]; then echo "outputs/sprites-logs/$1.log"; else echo "outputs/sprites-logs/$1-seed$2.log"; fi; }
 mkdir -p outputs/sprites-logs
 if [ "$PARALLEL" = 1 ]; then
   # Each process would start one torch thread per core: 8 runs on a 64-core host sat 7 minutes in
   # start-up at a load of 480 before the first step. Share the cores instead.
-  count=$(echo $VARIANTS | wc -w)
+  count=${#jobs[@]}
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$((CPUS / count > 1 ? CPUS / count : 1))}
+  gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
   pids=()
-  for variant in $VARIANTS; do
-    run_variant "$variant" > "outputs/sprites-logs/$variant.log" 2>&1 &
+  for i in "${!jobs[@]}"; do
+    read -r variant seed <<< "${jobs[$i]}"
+    if [ -z "${CUDA_VISIBLE_DEVICES:-}" ] && [ "$gpus" -gt 1 ]; then  # round-robin over the host's GPUs
+      CUDA_VISIBLE_DEVICES=$((i % gpus)) run_variant "$variant" "$seed" > "$(log_of "$variant" "$seed")" 2>&1 &
+    else
+      run_variant "$variant" "$seed" > "$(log_of "$variant" "$seed")" 2>&1 &
+    fi
     pids+=($!)
   done
   failed=0
   for i in "${!pids[@]}"; do
-    wait "${pids[$i]}" || { failed=1; echo "variant $(echo $VARIANTS | cut -d' ' -f$((i + 1))) failed: see outputs/sprites-logs/" >&2; }
+    wait "${pids[$i]}" || { failed=1; echo "run '${jobs[$i]}' (variant seed) failed: see outputs/sprites-logs/" >&2; }
   done
   [ "$failed" = 0 ] || exit 1
 else
-  for variant in $VARIANTS; do run_variant "$variant"; done
+  for job in "${jobs[@]}"; do run_variant $job; done
 fi
 [ "$PREDICT" = 1 ] || exit 0
 baseline=()
 [[ " $VARIANTS " == *" noref "* ]] && baseline=(--baseline noref)  # paired differences from the no-reference run
 for scale in $GUIDANCE; do
-  runs=()
-  for variant in $VARIANTS; do runs+=(--run "$variant=$(root_of "$variant")/cfg$scale/videos"); done
-  $BINDWEAVE eval --data "$DATA/test/shard-*.tar" --ground_truth "${runs[@]}" "${baseline[@]}" --workers "$CPUS" \
-    --out "outputs/sprites-eval-cfg$scale.json" --table "outputs/sprites-eval-cfg$scale.md"
+  for seed in $SEEDS; do  # each seed's variants against that seed's noref
+    runs=()
+    for variant in $VARIANTS; do runs+=(--run "$variant=$(root_of "$variant" "$seed")/cfg$scale/videos"); done
+    $BINDWEAVE eval --data "$DATA/test/shard-*.tar" --ground_truth "${runs[@]}" "${baseline[@]}" --workers "$CPUS" \
+      --out "outputs/sprites-eval-cfg$scale-seed$seed.json" --table "outputs/sprites-eval-cfg$scale-seed$seed.md"
+  done
 done
+# what each level of a metric means: the ground truth with one thing wrong
+$BINDWEAVE eval --data "$DATA/test/shard-*.tar" --reference_points --workers "$CPUS" \
+  --out outputs/sprites-reference-points.json --table outputs/sprites-reference-points.md
 {
   echo "# Sprites results"
   echo
-  echo "Test split of \`bindweave data sprites\` ($TEST samples, seed $SEED); \`bindweave eval\` (docs/sprites.md)."
+  echo "Test split of \`bindweave data sprites\` ($(wc -l < "$DATA/test/requests.jsonl") samples, seed $SEED); \`bindweave eval\` (docs/sprites.md)."
   echo "Generated by scripts/sprites.sh on $(date -u +%Y-%m-%d) ($(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 || echo 'no GPU'))."
   for scale in $GUIDANCE; do
-    echo
-    echo "## Classifier-free guidance $scale"
-    echo
-    cat "outputs/sprites-eval-cfg$scale.md"
+    for seed in $SEEDS; do
+      echo
+      echo "## Classifier-free guidance $scale, training seed $seed"
+      echo
+      cat "outputs/sprites-eval-cfg$scale-seed$seed.md"
+    done
   done
   echo
-  echo "| variant | training steps |"
-  echo "| --- | ---: |"
-  for variant in $VARIANTS; do  # a MAX_TIME budget gives each variant its own step count
+  echo "## Reference points (the ground truth with one thing wrong; docs/sprites.md)"
+  echo
+  cat outputs/sprites-reference-points.md
+  echo
+  echo "| variant | training seed | training steps |"
+  echo "| --- | ---: | ---: |"
+  for job in "${jobs[@]}"; do  # a MAX_TIME budget gives each run its own step count
+    read -r variant seed <<< "$job"
     steps=$(python3 -c "import sys, torch; print(torch.load(sys.argv[1], map_location='cpu', weights_only=False)['global_step'])" \
-      "$(root_of "$variant")/checkpoints/last.ckpt")
-    echo "| $variant | $steps |"
+      "$(root_of "$variant" "$seed")/checkpoints/last.ckpt")
+    echo "| $variant | $seed | $steps |"
   done
 } > docs/results.md.tmp
 mv docs/results.md.tmp docs/results.md  # whole or not at all

@@ -156,9 +156,9 @@ def test_eval_cli_writes_a_table_and_json(shards, tmp_path, capsys):
     E.save_video(tmp_path / "gt" / f"{first}.mp4", S.render_record(truth[first]["record"]))
     E.save_video(tmp_path / "gt" / f"{second}.mp4", _scene_variants(truth[second]["record"])["wrong_motion"])
     runs = main(["--data", str(shards / "shard-*.tar"), "--run", f"mine={tmp_path / 'gt'}", "--out",
-                 str(tmp_path / "r.json"), "--table", str(tmp_path / "r.md"), "--limit", "2"])
+                 str(tmp_path / "r.json"), "--table", str(tmp_path / "r.md"), "--limit", "2", "--reference_points"])
     table = capsys.readouterr().out
-    assert "| mine | 2 |" in table and "motion acc" in table
+    assert "| mine | 2 |" in table and "motion acc" in table and "| ref: background only | 2 |" in table
     saved = json.loads((tmp_path / "r.json").read_text())
     assert saved["mine"]["samples"][first]["psnr"] == E.PSNR_CAP
     assert saved["mine"]["samples"][second]["motion_accuracy"] < 1.0
@@ -177,6 +177,24 @@ def test_eval_cli_writes_a_table_and_json(shards, tmp_path, capsys):
         main(["--data", str(shards / "shard-*.tar"), "--run", f"x={tmp_path / 'missing'}"])
     with pytest.raises(SystemExit):
         main(["--data", str(shards / "shard-*.tar"), "--run", f"empty={tmp_path}"])  # no <id>.mp4 there
+
+
+def test_reference_points_place_each_kind_of_mistake(shards):
+    truth = E.read_ground_truth(str(shards / "shard-*.tar"))
+    runs = E.evaluate_reference_points(truth)
+    assert list(runs) == [f"ref: {name}" for name in E.REFERENCE_POINTS]
+    mean = {name.removeprefix("ref: "): run["summary"] for name, run in runs.items()}
+    empty, others, colours = mean["background only"], mean["other subjects, right places"], mean["right colours, other shapes"]
+    moved, still = mean["right subjects, another start row"], mean["right subjects, no motion"]
+    assert empty["background_mse"] == 0 and empty["identity"] < 0.05 and empty["subject_mse"] > 0.3
+    assert colours["subject_mse"] < others["subject_mse"] and colours["identity"] > others["identity"]
+    assert moved["identity"] > 0.8 and moved["position_error"] > 0.1 and moved["subject_mse"] > 0.3
+    assert still["identity"] > 0.8 and still["motion_accuracy"] < 1.0
+    parallel = E.evaluate_reference_points(truth, workers=2)  # the same videos whatever the workers
+    exact = ("subject_mse", "background_mse", "identity", "position_error", "motion_accuracy")  # numpy: bit-equal
+    for name, run in runs.items():
+        for sample_id, scores in run["samples"].items():
+            assert {k: scores[k] for k in exact} == {k: parallel[name]["samples"][sample_id][k] for k in exact}
 
 
 def test_paired_difference_pairs_samples_by_id():
