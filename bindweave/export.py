@@ -98,17 +98,23 @@ def write_export(state: dict[str, torch.Tensor], content: dict, directory: str |
         if foreign:
             raise WeightsError(f"{directory} exists and holds files that are not an export's ({foreign[:5]}): "
                                f"choose an empty or new folder.")
-    tmp = directory.with_name(f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}")
-    old = directory.with_name(f".{directory.name}.old-{uuid.uuid4().hex[:8]}")
+    where = directory.resolve()
+    tmp = where.with_name(f".{where.name}.tmp-{uuid.uuid4().hex[:8]}")
+    old = where.with_name(f".{where.name}.old-{uuid.uuid4().hex[:8]}")
     try:
         save_sharded(state, tmp, WEIGHTS_NAME, max_shard_bytes, {"bindweave": FORMAT})
         (tmp / CONFIG_NAME).write_text(yaml.safe_dump(content, sort_keys=False))
-        if directory.exists():
-            directory.rename(old)
-        tmp.rename(directory)
+        if where.exists():
+            where.rename(old)
+        try:
+            tmp.rename(where)
+        except BaseException:
+            if old.exists() and not where.exists():  # put the previous export back
+                old.rename(where)
+            raise
+        shutil.rmtree(old, ignore_errors=True)  # only once the new one is in place
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
     return directory
 
 

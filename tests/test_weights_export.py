@@ -122,6 +122,19 @@ def test_int8_export_halves_the_bytes_and_loads_back(trained, tmp_path):
     main(["export", str(tmp_path / "int8"), str(tmp_path / "int8"), "--dtype", "float32"])
     assert Checkpoint.open(tmp_path / "int8").entries[key].dtype == torch.float32
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bf16", "fp32", "int8"]  # no temporary folders left
+    real_rename = Path.rename
+
+    def failing_swap(self, target):  # the new folder cannot be moved in: the old export must survive
+        if ".tmp-" in self.name:
+            raise OSError("disk full")
+        return real_rename(self, target)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Path, "rename", failing_swap)
+        with pytest.raises(OSError, match="disk full"):
+            export_checkpoint(tmp_path / "fp32", tmp_path / "int8", int8=True)
+    assert Checkpoint.open(tmp_path / "int8").entries[key].dtype == torch.float32  # the previous export, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bf16", "fp32", "int8"]
     (tmp_path / "bf16" / "notes.txt").write_text("mine")
     with pytest.raises(SystemExit):
         main(["export", str(tmp_path / "int8"), str(tmp_path / "bf16")])
