@@ -9,7 +9,6 @@ Adam state are split across the data-parallel ranks. Mixed precision is FSDP2's
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
