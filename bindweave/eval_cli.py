@@ -8,7 +8,9 @@ bindweave eval --data 'data/sprites/test/shard-*.tar' --run full=outputs/sprites
 Each ``--run name=folder`` holds ``<id>.mp4`` videos named by sample id (what ``bindweave predict``
 writes for ``<split>/requests.jsonl``). Prints one Markdown table row per run and writes every
 per-sample and per-subject number as JSON. ``--baseline noref`` adds each run's paired difference
-from that run (mean ± standard error over the scenes both scored). See bindweave/evaluate.py for the metrics.
+from that run (mean ± standard error over the scenes both scored); ``--reference_points`` adds rows
+for the ground truth with one thing wrong, which say what each level of a metric means. See
+bindweave/evaluate.py for the metrics.
 """
 
 from __future__ import annotations
