@@ -1,0 +1,109 @@
+"""scripts/sprites.sh's orchestration (runs, seeds, folders, GPUs, guidance scales, the results page),
+with a stand-in `bindweave` that records each call and writes only the files the script reads."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+FAKE_BINDWEAVE = r'''
+import json, os, sys
+from pathlib import Path
+
+import yaml
+
+args = sys.argv[1:]
+with open(os.environ["FAKE_LOG"], "a") as log:
+    log.write(json.dumps({"argv": args, "gpu": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                          "omp": os.environ.get("OMP_NUM_THREADS")}) + "\n")
+
+
+def opt(name, default=None):  # the last occurrence wins, as in jsonargparse
+    value = default
+    for i, a in enumerate(args[:-1]):
+        if a == name:
+            value = args[i + 1]
+    return value
+
+
+if args[:2] == ["data", "sprites"]:
+    out = Path(opt("--out"))
+    out.mkdir(parents=True)
+    (out / "sprites.json").write_text("{}")
+    (out / "shard-000000.tar").write_bytes(b"")
+    (out / "requests.jsonl").write_text('{"id": "a"}\n{"id": "b"}\n{"id": "c"}\n')
+elif args[0] in ("fit", "predict"):
+    root = None
+    for i, a in enumerate(args[:-1]):
+        if a == "-c":
+            root = ((yaml.safe_load(Path(args[i + 1]).read_text()) or {}).get("trainer") or {}).get("default_root_dir", root)
+    root = Path(opt("--trainer.default_root_dir", root))
+    if args[0] == "fit":
+        import torch
+
+        (root / "checkpoints").mkdir(parents=True)
+        torch.save({"global_step": int(opt("--trainer.max_steps"))}, root / "checkpoints" / "last.ckpt")
+    else:
+        assert Path(opt("--ckpt_path")).is_file(), opt("--ckpt_path")
+        (root / "videos").mkdir(parents=True)
+elif args[0] == "eval":
+    runs = [args[i + 1] for i, a in enumerate(args) if a == "--run"]
+    assert all(Path(r.split("=", 1)[1]).is_dir() for r in runs), runs
+    names = [r.split("=", 1)[0] for r in runs] + (["reference points"] if "--reference_points" in args else [])
+    Path(opt("--table")).write_text("".join(f"| {n} |\n" for n in names) + f"baseline: {opt('--baseline')}\n")
+    Path(opt("--out")).write_text("{}")
+else:
+    sys.exit(f"unexpected call {args}")
+'''
+
+FAKE_NVIDIA_SMI = """#!/usr/bin/env bash
+if [ "$1" = -L ]; then echo "GPU 0: Fake (UUID: a)"; echo "GPU 1: Fake (UUID: b)"; else echo "Fake GPU"; fi
+"""
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_sprites_script_runs_every_variant_and_seed_into_its_own_folder(tmp_path):
+    work = tmp_path / "repo"
+    for folder in ("scripts", "configs"):
+        shutil.copytree(ROOT / folder, work / folder)
+    (work / "docs").mkdir()
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (tmp_path / "bindweave.py").write_text(FAKE_BINDWEAVE)
+    (fake_bin / "nvidia-smi").write_text(FAKE_NVIDIA_SMI)
+    (fake_bin / "nvidia-smi").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS")}
+    env.update(PATH=f"{fake_bin}:{Path(sys.executable).parent}:{env['PATH']}", FAKE_LOG=str(tmp_path / "calls.jsonl"),
+               BINDWEAVE=f"{sys.executable} {tmp_path / 'bindweave.py'}", DATA=str(tmp_path / "data"),
+               TRAIN="3", VAL="3", TEST="3", STEPS="5", SEEDS="0 1", VARIANTS="full noref t5-only", PARALLEL="1",
+               GUIDANCE="1 4", CACHE_DEVICE="cpu")
+    done = subprocess.run(["bash", "scripts/sprites.sh"], cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    calls = [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
+    fits = [c for c in calls if c["argv"][0] == "fit"]
+    roots = {"full": "outputs/sprites", "noref": "outputs/sprites-noref", "t5-only": "outputs/sprites-t5-only"}
+    expected = {f"{root}{'-seed1' if seed else ''}" for root in roots.values() for seed in (0, 1)}
+    assert {str(p.relative_to(work).parent.parent) for p in work.glob("outputs/*/checkpoints/last.ckpt")} == expected
+    assert len(fits) == 6 and sorted(c["gpu"] for c in fits) == ["0", "0", "0", "1", "1", "1"]  # round-robin
+    cores = len(os.sched_getaffinity(0))  # what nproc counts
+    assert {c["omp"] for c in fits} == {str(max(1, cores // 6))}  # the cores shared among the runs
+    seeded = [c["argv"] for c in fits if "--seed_everything" in c["argv"]]
+    assert len(seeded) == 3 and all(a[a.index("--seed_everything") + 1] == "1" for a in seeded)
+    predicts = [c["argv"] for c in calls if c["argv"][0] == "predict"]
+    scales = sorted(a[a.index("--model.sampling.guidance_scale") + 1] for a in predicts)
+    assert scales == ["1"] * 6 + ["4"] * 6
+    assert (work / "outputs/sprites-noref-seed1/cfg4/videos").is_dir() and (work / "outputs/sprites/cfg1/videos").is_dir()
+    evals = [c["argv"] for c in calls if c["argv"][0] == "eval"]
+    assert len(evals) == 5 and sum("--reference_points" in a for a in evals) == 1  # 2 scales x 2 seeds + reference points
+    results = (work / "docs/results.md").read_text()
+    for scale in (1, 4):
+        for seed in (0, 1):
+            assert f"## Classifier-free guidance {scale}, training seed {seed}" in results
+    assert "baseline: noref" in results and "| reference points |" in results and "Fake GPU" in results
+    assert "| t5-only | 1 | 5 |" in results and "(3 samples, seed 0)" in results
