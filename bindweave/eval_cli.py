@@ -9,7 +9,8 @@ Each ``--run name=folder`` holds ``<id>.mp4`` videos named by sample id (what ``
 writes for ``<split>/requests.jsonl``). Prints one Markdown table row per run and writes every
 per-sample and per-subject number as JSON. ``--baseline noref`` adds each run's paired difference
 from that run (mean ± standard error over the scenes both scored); ``--reference_points`` adds rows
-for the ground truth with one thing wrong, which say what each level of a metric means. See
+for the ground truth with one thing wrong, which say what each level of a metric means;
+``--by_subjects`` splits subject MSE and identity by the number of subjects in the scene. See
 bindweave/evaluate.py for the metrics.
 """
 
@@ -20,8 +21,8 @@ from pathlib import Path
 
 from jsonargparse import ActionYesNo, ArgumentParser
 
-from bindweave.evaluate import (evaluate_reference_points, evaluate_run, format_comparison, format_table,
-                                read_ground_truth, to_json)
+from bindweave.evaluate import (evaluate_reference_points, evaluate_run, format_by_subjects, format_comparison,
+                                format_table, read_ground_truth, to_json)
 
 
 def build_parser() -> ArgumentParser:
@@ -37,6 +38,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="processes scoring in parallel (same numbers)")
     p.add_argument("--baseline", type=str | None, default=None,
                    help="a run's name: add a table of every other run's paired difference from it (mean ± s.e.)")
+    p.add_argument("--by_subjects", "--by-subjects", action=ActionYesNo, default=False,
+                   help="add a table of subject MSE and identity per number of subjects in the scene")
     p.add_argument("--out", type=str | None, default=None, help="JSON file of all results")
     p.add_argument("--table", type=str | None, default=None, help="Markdown file of the table")
     return p
@@ -71,6 +74,8 @@ def main(argv: list[str] | None = None) -> dict:
     table = format_table(runs)
     if args.baseline is not None:
         table += "\n\n" + format_comparison(runs, args.baseline)
+    if args.by_subjects:
+        table += "\n\n" + format_by_subjects(runs)
     print(table)
     for name, result in runs.items():
         if result["missing"]:

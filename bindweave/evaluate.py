@@ -414,6 +414,25 @@ def format_comparison(runs: dict[str, dict], baseline: str) -> str:
     return "\n".join(lines)
 
 
+def format_by_subjects(runs: dict[str, dict]) -> str:
+    """A Markdown table of subject MSE / identity per number of subjects in the scene (1-4 references):
+    does a run hold up as the scenes get more subjects to bind?"""
+    counts = sorted({len(r["subjects"]) for run in runs.values() for r in run["samples"].values()})
+    lines = ["| run | " + " | ".join(f"{n} subject{'s' if n > 1 else ''}: subject MSE / identity (samples)"
+                                      for n in counts) + " |",
+             "| --- | " + " | ".join("---:" for _ in counts) + " |"]
+    for name, run in runs.items():
+        cells = []
+        for n in counts:
+            group = [r for r in run["samples"].values() if len(r["subjects"]) == n]
+            mse = [r["subject_mse"] for r in group if r.get("subject_mse") is not None]
+            identity = [r["identity"] for r in group if r.get("identity") is not None]
+            cells.append(f"{np.mean(mse):.3f} / {np.mean(identity):.3f} ({len(group)})" if mse and identity
+                         else f"– ({len(group)})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def save_video(path: str | Path, video: np.ndarray, fps: int = 8) -> None:
     """Write frames as a lossless mp4 (tests and ``--write_ground_truth``)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)

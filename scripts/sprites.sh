@@ -138,7 +138,7 @@ for scale in $GUIDANCE; do
   for seed in $SEEDS; do  # each seed's variants against that seed's noref
     runs=()
     for variant in $VARIANTS; do runs+=(--run "$variant=$(root_of "$variant" "$seed")/cfg$scale/videos"); done
-    $BINDWEAVE eval --data "$DATA/test/shard-*.tar" --ground_truth "${runs[@]}" "${baseline[@]}" --workers "$CPUS" \
+    $BINDWEAVE eval --data "$DATA/test/shard-*.tar" --ground_truth "${runs[@]}" "${baseline[@]}" --by_subjects --workers "$CPUS" \
       --out "outputs/sprites-eval-cfg$scale-seed$seed.json" --table "outputs/sprites-eval-cfg$scale-seed$seed.md"
   done
 done

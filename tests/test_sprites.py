@@ -159,6 +159,9 @@ def test_eval_cli_writes_a_table_and_json(shards, tmp_path, capsys):
                  str(tmp_path / "r.json"), "--table", str(tmp_path / "r.md"), "--limit", "2", "--reference_points"])
     table = capsys.readouterr().out
     assert "| mine | 2 |" in table and "motion acc" in table and "| ref: background only | 2 |" in table
+    by_subjects = main(["--data", str(shards / "shard-*.tar"), "--ground_truth", "--limit", "3", "--by_subjects",
+                        "--table", str(tmp_path / "s.md")])
+    assert "| ground truth | 0.000 / " in (tmp_path / "s.md").read_text() and by_subjects["ground truth"]
     saved = json.loads((tmp_path / "r.json").read_text())
     assert saved["mine"]["samples"][first]["psnr"] == E.PSNR_CAP
     assert saved["mine"]["samples"][second]["motion_accuracy"] < 1.0
@@ -209,6 +212,14 @@ def test_paired_difference_pairs_samples_by_id():
     assert "| full | -0.350 ± 0.050 (-47%) | – | – | – |" in table and "| noref |" not in table
     with pytest.raises(ValueError, match="no run of that name"):
         E.format_comparison({"full": run}, "noref")
+
+
+def test_by_subjects_groups_scenes_by_their_number_of_subjects():
+    one, two = {"subject_mse": 0.2, "identity": 0.5, "subjects": [{}]}, {"subject_mse": 0.4, "identity": None, "subjects": [{}, {}]}
+    run = {"samples": {"a": one, "b": dict(one, subject_mse=0.4), "c": two}}
+    table = E.format_by_subjects({"full": run})
+    assert "| 1 subject: subject MSE / identity (samples) | 2 subjects:" in table
+    assert "| full | 0.300 / 0.500 (2) | – (1) |" in table
 
 
 TINY = [  # the sprites config at test size: byte tokenizers, a 1-layer DiT
