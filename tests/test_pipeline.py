@@ -1,5 +1,6 @@
 """BindWeavePipeline and the samplers: shapes, seeds, schedulers, memory options, loading, bad input."""
 
+import copy
 from dataclasses import replace
 
 import pytest
@@ -120,11 +121,12 @@ def test_unipc_sampler_and_memory_options(files):
         del inner.tiled_decode
     assert calls and not inner.use_tiling
     assert (tiled.float() - base.float()).abs().mean() < 20
-    # bf16 DiT weights: runs, and stays close to fp32.
-    half = cli_module(tiny_model_config()).to(torch.bfloat16)
+    # The same weights in bf16: runs, and stays close to fp32 (0.76/255 on average when measured; a
+    # second random model, which this once compared by mistake, is ~8/255 away).
+    half = copy.deepcopy(module).to(torch.bfloat16)
     assert half.dit.patch_embedding.weight.dtype == torch.bfloat16
     assert next(half.vae.parameters()).dtype == torch.float32  # frozen encoders keep their dtype
-    assert (sample_videos(half, one, config).float() - euler_one.float()).abs().mean() < 8
+    assert (sample_videos(half, one, config).float() - euler_one.float()).abs().mean() < 2
 
 
 def test_encoders_run_once_per_call_whatever_the_steps(pipe, files):
