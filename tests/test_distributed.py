@@ -115,12 +115,44 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _spawn(worker, world: int, *args) -> None:
+    """Run ``worker(rank, world, port, *args)`` on ``world`` spawned ranks. The port is free when
+    chosen but another process can take it before rank 0 binds it: that start is retried on a new port."""
+    for attempt in range(3):
+        try:
+            mp.start_processes(worker, args=(world, _free_port(), *args), nprocs=world, join=True, start_method="spawn")
+            return
+        except mp.ProcessRaisedException as error:
+            if "address already in use" not in str(error).lower() or attempt == 2:
+                raise
+
+
+def _rendezvous_worker(rank: int, world: int, port: int, out: str) -> None:
+    import datetime
+
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                         timeout=datetime.timedelta(seconds=30))
+    if rank == 0:
+        torch.save(port, out)
+    torch.distributed.destroy_process_group()
+
+
+def test_spawn_retries_a_port_taken_before_rank_zero_binds_it(tmp_path, monkeypatch):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        ports = iter([taken.getsockname()[1], _free_port()])
+        monkeypatch.setattr(sys.modules[__name__], "_free_port", lambda: next(ports))
+        _spawn(_rendezvous_worker, 2, str(tmp_path / "port.pt"))
+        assert torch.load(tmp_path / "port.pt", weights_only=True) != taken.getsockname()[1]
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_two_ranks_match_one_process(strategy, tmp_path):
     if strategy == "fsdp2" and torch.__version__ < "2.6":
         pytest.skip("FSDP2 fully_shard needs torch >= 2.6")
     out = str(tmp_path / "rank0.pt")
-    mp.start_processes(_worker, args=(2, _free_port(), strategy, out), nprocs=2, join=True, start_method="spawn")
+    _spawn(_worker, 2, strategy, out)
     result = torch.load(out, weights_only=True)
     # The reference must build the same initial weights: build() seeds before configure_model.
     loss, expected = reference_step()
@@ -180,7 +212,7 @@ def test_sequence_and_cfg_parallel_equal_one_process(tmp_path):
     from bindweave.attention import attention
 
     out = str(tmp_path / "sp.pt")
-    mp.start_processes(_sp_worker, args=(2, _free_port(), out), nprocs=2, join=True, start_method="spawn")
+    _spawn(_sp_worker, 2, out)
     result = torch.load(out, weights_only=True)
 
     q, k, v = (torch.randn(2, 8, 4, 6, generator=torch.Generator().manual_seed(i)) for i in range(3))
@@ -254,11 +286,9 @@ def _checkpoint_worker(rank: int, world: int, port: int, ckpt_dir: str, out: str
 
 def test_sharded_checkpoint_resumes_at_another_world_size(tmp_path):
     ckpt_dir, saved, restored = str(tmp_path / "ckpt"), str(tmp_path / "saved.pt"), str(tmp_path / "restored.pt")
-    mp.start_processes(_checkpoint_worker, args=(2, _free_port(), ckpt_dir, saved, False), nprocs=2, join=True,
-                       start_method="spawn")
+    _spawn(_checkpoint_worker, 2, ckpt_dir, saved, False)
     assert os.path.isdir(os.path.join(ckpt_dir, "last.ckpt"))  # a distributed (sharded) checkpoint folder
-    mp.start_processes(_checkpoint_worker, args=(1, _free_port(), ckpt_dir, restored, True), nprocs=1, join=True,
-                       start_method="spawn")
+    _spawn(_checkpoint_worker, 1, ckpt_dir, restored, True)
     before, after = torch.load(saved, weights_only=True), torch.load(restored, weights_only=True)
     assert after["step"] == 1
     for key, value in before["dit"].items():
