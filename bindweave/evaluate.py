@@ -282,19 +282,23 @@ def _single_threaded() -> None:
     torch.set_num_threads(1)
 
 
+def _map_samples(score, truth: dict[str, dict], limit: int | None, workers: int) -> list:
+    """``score((sample_id, item))`` for the first ``limit`` samples, in ``workers`` single-threaded
+    processes (same numbers as one)."""
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}.")
+    jobs = list(truth.items())[:limit]
+    if workers == 1:
+        return list(map(score, jobs))
+    with multiprocessing.get_context("fork").Pool(workers, initializer=_single_threaded) as pool:
+        return pool.map(score, jobs, chunksize=4)
+
+
 def evaluate_run(videos: str | Path | None, truth: dict[str, dict], limit: int | None = None, workers: int = 1) -> dict:
     """Score the videos ``<videos>/<id>.mp4`` of a run against the ground truth (``videos`` None:
     the ground truth itself, the perfect score). Missing videos are listed, not scored. ``workers``
     processes score in parallel (same numbers)."""
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}.")
-    jobs = list(truth.items())[:limit]
-    score = partial(_score_one, videos)
-    if workers > 1:
-        with multiprocessing.get_context("fork").Pool(workers, initializer=_single_threaded) as pool:
-            scored = pool.map(score, jobs, chunksize=4)
-    else:
-        scored = list(map(score, jobs))
+    scored = _map_samples(partial(_score_one, videos), truth, limit, workers)
     results = {sample_id: r for sample_id, r in scored if r is not None}
     missing = [sample_id for sample_id, r in scored if r is None]
     if not results:
@@ -344,12 +348,7 @@ def _score_reference_points(job: tuple[str, dict]) -> tuple[str, dict[str, dict]
 def evaluate_reference_points(truth: dict[str, dict], limit: int | None = None, workers: int = 1) -> dict[str, dict]:
     """Score every :data:`REFERENCE_POINTS` video of each sample: one run result per reference point,
     named ``"ref: <name>"``, in :func:`evaluate_run`'s form."""
-    jobs = list(truth.items())[:limit]
-    if workers > 1:
-        with multiprocessing.get_context("fork").Pool(workers, initializer=_single_threaded) as pool:
-            scored = pool.map(_score_reference_points, jobs, chunksize=4)
-    else:
-        scored = list(map(_score_reference_points, jobs))
+    scored = _map_samples(_score_reference_points, truth, limit, workers)
     runs = {}
     for name in REFERENCE_POINTS:
         results = {sample_id: per_point[name] for sample_id, per_point in scored}
