@@ -68,8 +68,9 @@ root_of() {  # variant seed -> run folder (the variant config's own for seed 0)
   if [ "${2:-0}" = 0 ]; then echo "$root"; else echo "$root-seed$2"; fi
 }
 
-run_variant() {  # variant seed: train, then sample the test split
+run_variant() {  # variant seed [gpu]: train, then sample the test split
   local variant=$1 seed=$2 root
+  [ -n "${3:-}" ] && export CUDA_VISIBLE_DEVICES=$3  # a parallel job runs in its own subshell
   root=$(root_of "$variant" "$seed")
   local configs=(-c configs/sprites.yaml)
   [ "$variant" != full ] && configs+=(-c "configs/sprites/$variant.yaml")
@@ -116,11 +117,9 @@ if [ "$PARALLEL" = 1 ]; then
   pids=()
   for i in "${!jobs[@]}"; do
     read -r variant seed <<< "${jobs[$i]}"
-    if [ -z "${CUDA_VISIBLE_DEVICES:-}" ] && [ "$gpus" -gt 1 ]; then  # round-robin over the host's GPUs
-      CUDA_VISIBLE_DEVICES=$((i % gpus)) run_variant "$variant" "$seed" > "$(log_of "$variant" "$seed")" 2>&1 &
-    else
-      run_variant "$variant" "$seed" > "$(log_of "$variant" "$seed")" 2>&1 &
-    fi
+    gpu=""  # round-robin over the host's GPUs, unless the user chose them
+    [ -z "${CUDA_VISIBLE_DEVICES:-}" ] && [ "$gpus" -gt 1 ] && gpu=$((i % gpus))
+    run_variant "$variant" "$seed" "$gpu" > "$(log_of "$variant" "$seed")" 2>&1 &
     pids+=($!)
   done
   failed=0
