@@ -10,7 +10,8 @@ bindweave data cache -c configs/my-model.yaml --urls 'data/train/shard-*.tar' --
 paths relative to the manifest) or a folder laid out like an unpacked shard (``<key>.mp4``,
 ``<key>.ref0.png``, ``<key>.json`` or ``<key>.txt``), validates every item (the video decodes and
 holds a clip, the images open, 1–4 references, a prompt) and writes shards atomically, with a
-summary of what was written and what was rejected and why. See docs/data.md.
+summary of what was written and what was rejected and why. If every item is rejected nothing is
+written (no shard, no summary file) and the command exits with status 1. See docs/data.md.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from bindweave.batch import to_rgb
+from bindweave.errors import UserError, report
 from bindweave.shards import (
     FEATURES, IMAGE_EXTENSIONS, MAX_REFERENCES, REASONS, VIDEO_EXTENSIONS, BrokenSample, ShardWriter, expand_urls,
     parse_record, parse_sample, read_image, sample_key,
@@ -45,7 +47,12 @@ def read_manifest(path: Path) -> Iterator[dict]:
     entries allowed), ``prompt`` and any other fields (kept in the record). Paths are relative to
     the manifest's folder. A line that does not parse becomes an item that is rejected."""
     base = path.parent
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise UserError(f"--input {path}: not a text file; give a JSONL manifest (one JSON object per line) "
+                        f"or a folder of <key>.<ext> files.") from None
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -94,6 +101,8 @@ def read_folder(folder: Path) -> Iterator[dict]:
 def _read(path: str | None, what: str) -> bytes:
     if not path:
         raise BrokenSample("missing_file", f"no {what} given")
+    if not isinstance(path, str):
+        raise BrokenSample("bad_json", f"the {what} must be a path (a string), got {path!r}")
     try:
         return Path(path).read_bytes()
     except OSError as error:
@@ -173,19 +182,37 @@ def _check_item_safe(args: tuple) -> tuple[str, dict | None, dict | None]:
         return str(item.get("id")), None, broken.report()
 
 
+class NothingPacked(UserError):
+    """:func:`pack` rejected every item, so it wrote nothing; ``summary`` says why (its ``rejected``)."""
+
+    def __init__(self, message: str, summary: dict) -> None:
+        super().__init__(message)
+        self.summary = summary
+
+
 def pack(
     input: str, output: str, prefix: str = "shard", samples_per_shard: int = 1000, max_shard_bytes: int = 2**30,
     num_frames: int = 81, fps: float | None = 16.0, max_references: int = MAX_REFERENCES, workers: int = 1,
     overwrite: bool = False, progress: bool = True,
 ) -> dict:
     """Validate items and write them into shards; returns the summary (also saved as
-    ``<output>/<prefix>.pack.json``). See :func:`main` for the arguments."""
+    ``<output>/<prefix>.pack.json``). See :func:`main` for the arguments.
+
+    Raises :class:`NothingPacked` if every item is rejected: then nothing is written (no shard, no
+    summary file, an existing shard set is left as it was) and the exception carries the summary.
+    A missing input, an input without items or an output that is a file is a
+    :class:`~bindweave.errors.UserError`."""
     source = Path(input)
     if not source.exists():
-        raise ValueError(f"--input {input} does not exist: give a JSONL manifest or a folder of <key>.<ext> files.")
+        raise UserError(f"--input {input}: no such file or folder; give a JSONL manifest or a folder of "
+                        f"<key>.<ext> files.")
+    if Path(output).exists() and not Path(output).is_dir():
+        raise UserError(f"--output {output}: a file, not a folder; give the folder the shards go into.")
     items = list(read_manifest(source) if source.is_file() else read_folder(source))
     if not items:
-        raise ValueError(f"{input} holds no items.")
+        what = "no JSON lines" if source.is_file() else "no <key>.<ext> files"
+        raise UserError(f"--input {input}: {what}, so nothing to pack; give a JSONL manifest or a folder of "
+                        f"<key>.<ext> files.")
     writer = ShardWriter(output, prefix=prefix, max_samples=samples_per_shard, max_bytes=max_shard_bytes, overwrite=overwrite)
     rejected, seen = [], set()
     jobs = [(item, num_frames, fps, max_references) for item in items]
@@ -206,24 +233,46 @@ def pack(
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
-    shards = writer.close()
-    summary = {
-        "output": str(output), "samples": sum(s.samples for s in shards), "bytes": sum(s.bytes for s in shards),
-        "shards": [{"path": s.path, "samples": s.samples, "bytes": s.bytes} for s in shards],
-        "rejected": rejected, "rejected_by_reason": dict(Counter(r["reason"] for r in rejected)),
-    }
+    if not seen:  # nothing to write: keep an existing shard set and its summary as they are
+        writer.abort()
+        summary = _summary(output, [], rejected)
+        counts = ", ".join(f"{reason} {count}" for reason, count in sorted(summary["rejected_by_reason"].items()))
+        raise NothingPacked(
+            f"--input {input}: all {len(items)} item(s) rejected ({counts}; each is listed above), so nothing "
+            f"was written to {output}; fix the items, or the clip length (--num_frames, --fps) they must hold, "
+            f"and pack again.",
+            summary,
+        )
+    summary = _summary(output, writer.close(), rejected)
     Path(output, f"{prefix}.pack.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
-def format_pack_summary(summary: dict) -> str:
-    lines = [f"Wrote {summary['samples']} samples to {len(summary['shards'])} shard(s) in {summary['output']} "
-             f"({summary['bytes'] / 1e6:.1f} MB)."]
-    if summary["rejected"]:
-        lines.append(f"Rejected {len(summary['rejected'])}:")
+def _summary(output: str, shards: list, rejected: list[dict]) -> dict:
+    return {
+        "output": str(output), "samples": sum(s.samples for s in shards), "bytes": sum(s.bytes for s in shards),
+        "shards": [{"path": s.path, "samples": s.samples, "bytes": s.bytes} for s in shards],
+        "rejected": rejected, "rejected_by_reason": dict(Counter(r["reason"] for r in rejected)),
+    }
+
+
+def format_pack_summary(summary: dict, max_listed: int = 20, summary_file: str | None = None) -> str:
+    """What was written; the rejections counted by reason, then each rejected item (the first
+    ``max_listed``; ``summary_file``, if given, is named as holding them all) with why."""
+    if summary["samples"]:
+        lines = [f"Wrote {summary['samples']} samples to {len(summary['shards'])} shard(s) in {summary['output']} "
+                 f"({summary['bytes'] / 1e6:.1f} MB)."]
+    else:
+        lines = [f"Wrote nothing to {summary['output']}: every item was rejected."]
+    rejected = summary["rejected"]
+    if rejected:
+        lines.append(f"Rejected {len(rejected)}:")
         for reason, count in sorted(summary["rejected_by_reason"].items()):
-            example = next(r for r in summary["rejected"] if r["reason"] == reason)
-            lines.append(f"  {reason}: {count} ({REASONS[reason]}), e.g. {example['key']}: {example['message']}")
+            lines.append(f"  {reason}: {count} ({REASONS[reason]})")
+        lines += [f"  - {r['key']}: {r['reason']}: {r['message']}" for r in rejected[:max_listed]]
+        if len(rejected) > max_listed:
+            where = f" (all in {summary_file})" if summary_file and summary["samples"] else ""
+            lines.append(f"  ... and {len(rejected) - max_listed} more{where}")
     return "\n".join(lines)
 
 
@@ -409,23 +458,32 @@ def build_parser() -> ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``bindweave data pack|inspect|cache``; a user error (bad path, existing shards) exits with
-    its message and status 1."""
+    """``bindweave data pack|inspect|cache|sprites``; a user error (bad path, existing shards, every
+    item rejected) prints one line ``bindweave data <command>: error: ...`` and exits with status 1."""
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
         run(args)
+    except UserError as error:
+        raise report(f"data {args.command}", error) from None
     except (ValueError, FileExistsError) as error:
-        print(f"bindweave data {args.command}: error: {error}", file=sys.stderr)
-        raise SystemExit(1) from error
+        if args.command == "pack":
+            raise  # pack raises UserError for the user's mistakes: anything else is a bug
+        # inspect, cache and sprites (feature_cache, sprites, the config's datamodule) still raise these for them
+        raise report(f"data {args.command}", error) from None
 
 
 def run(args) -> None:
     """Run the parsed subcommand."""
     sub = args[args.command]
     if args.command == "pack":
-        summary = pack(sub.input, sub.output, sub.prefix, sub.samples_per_shard, sub.max_shard_bytes, sub.num_frames,
-                       sub.fps, sub.max_references, sub.workers, sub.overwrite, sub.progress)
-        print(format_pack_summary(summary))
+        summary_file = str(Path(sub.output, f"{sub.prefix}.pack.json"))
+        try:
+            summary = pack(sub.input, sub.output, sub.prefix, sub.samples_per_shard, sub.max_shard_bytes,
+                           sub.num_frames, sub.fps, sub.max_references, sub.workers, sub.overwrite, sub.progress)
+        except NothingPacked as nothing:
+            print(format_pack_summary(nothing.summary))
+            raise
+        print(format_pack_summary(summary, summary_file=summary_file))
     elif args.command == "sprites":
         from bindweave.sprites import run_sprites
 
@@ -437,8 +495,8 @@ def run(args) -> None:
         summary = cache(sub.config, sub.urls, sub.output, sub.device, sub.overwrite, sub.part, sub.progress, sub.dtype)
         print(f"Cached {summary.samples} samples into {summary.shards_written} shard(s) in {sub.output} "
               f"({summary.shards_skipped} already there) in {summary.seconds:.1f} s; rejected {len(summary.rejected)}.")
-        for report in summary.rejected[:10]:
-            print(f"  {report['shard']}:{report['key']}: {report['reason']}: {report['message']}")
+        for rejected in summary.rejected[:10]:
+            print(f"  {rejected['shard']}:{rejected['key']}: {rejected['reason']}: {rejected['message']}")
 
 
 if __name__ == "__main__":

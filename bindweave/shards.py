@@ -26,6 +26,8 @@ import webdataset as wds
 from braceexpand import braceexpand
 from PIL import Image
 
+from bindweave.errors import UserError
+
 VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "mov")
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 FEATURES = "safetensors"
@@ -175,12 +177,13 @@ def read_image(data: bytes, what: str = "image") -> Image.Image:
 def expand_urls(urls: str | list[str]) -> list[str]:
     """Expand brace ranges (``shard-{000000..000099}.tar``) and globs into shard paths.
 
-    Local paths must exist: a pattern matching no file is a ``ValueError`` naming it. Remote
+    Local paths must exist: a pattern matching no file is a :class:`~bindweave.errors.UserError`
+    (a ``ValueError``) naming it. Remote
     URLs (``http://``, ``s3://``, ``pipe:``) are passed through unchecked.
     """
     patterns = [urls] if isinstance(urls, str) else list(urls)
     if not patterns:
-        raise ValueError("No shard URLs given.")
+        raise UserError("no shard URLs given; name the shards, e.g. 'data/train/shard-{000000..000009}.tar'.")
     found, missing = [], []
     for pattern in patterns:
         for url in braceexpand(str(pattern)):
@@ -196,7 +199,7 @@ def expand_urls(urls: str | list[str]) -> list[str]:
                 missing.append(url)
             found.extend(matches)
     if missing:
-        raise ValueError(
+        raise UserError(
             f"{len(missing)} shard URL(s) match no file, e.g. {missing[:3]} (from {patterns}). Check the folder "
             f"and the brace range (e.g. shards/shard-{{000000..000009}}.tar) or the glob."
         )
@@ -276,8 +279,9 @@ class ShardWriter:
     """Writes samples into ``<directory>/<prefix>-000000.tar``, ``-000001.tar``, ..., starting a new
     shard after ``max_samples`` samples or ``max_bytes`` bytes. Each shard is atomic.
 
-    Existing ``<prefix>-*.tar`` shards are an error unless ``overwrite``; then those not rewritten
-    are removed at the end, so the folder holds exactly the new set.
+    Existing ``<prefix>-*.tar`` shards are an error (:class:`~bindweave.errors.UserError`) unless
+    ``overwrite``; then those not rewritten are removed by :meth:`close`, so the folder holds exactly
+    the new set (:meth:`abort` keeps them).
 
     Args:
         directory: output folder (created).
@@ -290,12 +294,12 @@ class ShardWriter:
     def __init__(self, directory: str | Path, prefix: str = "shard", max_samples: int = 1000,
                  max_bytes: int = 2**30, overwrite: bool = False) -> None:
         if max_samples < 1:
-            raise ValueError(f"max_samples must be >= 1, got {max_samples}.")
+            raise UserError(f"--samples_per_shard must be >= 1, got {max_samples}.")
         self.directory, self.prefix = Path(directory), prefix
         self.max_samples, self.max_bytes, self.overwrite = max_samples, max_bytes, overwrite
         self._stale = set(self.directory.glob(f"{prefix}-*.tar"))
         if self._stale and not overwrite:
-            raise FileExistsError(
+            raise UserError(
                 f"{self.directory} already holds {len(self._stale)} shard(s) named {prefix}-*.tar; pass --overwrite to "
                 f"replace them or choose another output folder or prefix."
             )

@@ -3,18 +3,21 @@
 ``check`` looks at a folder (and the folders in it, two levels deep) without loading any weights:
 it reads safetensors headers and ``config.json`` files, finds each component (DiT, VAE, T5 +
 tokenizer, CLIP, MLLM, a BindWeave export or the released BindWeave DiT), says in which format it is
-and what is wrong with it (missing shards, corrupt files, unexpected layouts), then tells for every
-config preset what is still missing, with the exact file names to download.
+and what is wrong with it (missing shards, corrupt files, unexpected layouts). Every ``.safetensors``
+file, safetensors index and ``config.json`` it passes is read, so a damaged download is named even
+where no component is recognised. It then tells which config presets are ready; ``--verbose`` lists
+what each other preset still needs, with the exact file names to download. The exit status is 1 if
+anything is wrong (every problem is listed, the first is repeated as the error line), else 0.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from bindweave.errors import UserError, report
 from bindweave.loading import Checkpoint, WeightsError, detect_dit_format, dit_arguments_from_checkpoint
 
 # ----------------------------------------------------------------------------------------------
@@ -52,7 +55,7 @@ MLLM_PRESETS = {"qwen2.5-vl-7b": ("qwen2_5_vl", 3584, "Qwen/Qwen2.5-VL-7B-Instru
 class Component:
     """One component found in the folder."""
 
-    kind: str  # dit | vae | t5 | clip | mllm | export | connector
+    kind: str  # dit | vae | t5 | clip | mllm | export | connector | file (an unreadable file of no component)
     format: str
     path: str
     details: dict = field(default_factory=dict)
@@ -67,6 +70,11 @@ class FolderReport:
 
     def usable(self, kind: str) -> list[Component]:
         return [c for c in self.components if c.kind == kind and not c.problems]
+
+    @property
+    def problems(self) -> list[str]:
+        """Everything wrong, in the order found ([] = the folder is fine, whatever it lacks)."""
+        return [p for c in self.components for p in c.problems]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -227,6 +235,46 @@ def _scan(folder: Path, report: FolderReport) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# Unreadable files, whether or not a component was recognised around them
+# ----------------------------------------------------------------------------------------------
+
+_FIX = "download it again, or delete it if nothing needs it"
+
+
+def _unreadable(path: Path) -> str | None:
+    """Why ``path`` (a ``.safetensors`` file or a JSON file) cannot be read, or None. Reads the
+    safetensors header and checks that its tensors cover the file; reads no weights."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt"):
+                return None
+        if not isinstance(json.loads(path.read_text()), dict):
+            return "not a JSON object"
+        return None
+    except SafetensorError as e:
+        return f"not a readable safetensors file ({e})"
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return f"not valid JSON ({e})"
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+
+
+def _check_files(folders: list[Path], report: FolderReport) -> None:
+    """Add a ``file`` component for each unreadable ``*.safetensors``, ``*.safetensors.index.json`` or
+    ``config.json`` in ``folders`` that no component's problem names already."""
+    named = "\n".join(report.problems)
+    for folder in folders:
+        paths = {*folder.glob("*.safetensors"), *folder.glob("*.safetensors.index.json"), folder / "config.json"}
+        for path in sorted(p for p in paths if p.is_file() and str(p) not in named):
+            why = _unreadable(path)
+            if why is not None:
+                kind = "safetensors" if path.suffix == ".safetensors" else "json"
+                report.components.append(Component("file", kind, str(path), problems=[f"{path}: {why}; {_FIX}."]))
+
+
+# ----------------------------------------------------------------------------------------------
 # Presets
 # ----------------------------------------------------------------------------------------------
 
@@ -275,10 +323,13 @@ def evaluate_presets(report: FolderReport) -> None:
 
 
 def check_folder(path: str | Path) -> FolderReport:
-    """Inspect ``path`` (and two levels of subfolders) and evaluate the presets."""
+    """Inspect ``path`` (and two levels of subfolders) and evaluate the presets. A ``path`` that is
+    not a folder is a :class:`~bindweave.errors.UserError`; what is wrong inside is in the report."""
     root = Path(path)
+    if not root.exists():
+        raise UserError(f"{root}: no such folder; give the folder that holds the downloaded weights.")
     if not root.is_dir():
-        raise WeightsError(f"{root}: not a folder.")
+        raise UserError(f"{root}: a file, not a folder; give the folder that holds it ({root.parent}).")
     report = FolderReport(str(root))
     folders = [root] + sorted(p for p in root.iterdir() if p.is_dir())
     folders += sorted(q for p in folders[1:] for q in p.iterdir() if q.is_dir())
@@ -288,11 +339,13 @@ def check_folder(path: str | Path) -> FolderReport:
         if folder != root and folder.name in diffusers_parts:
             continue  # scanned as part of their parent
         _scan(folder, report)
+    _check_files(folders, report)
     evaluate_presets(report)
     return report
 
 
-def format_report(report: FolderReport) -> str:
+def format_report(report: FolderReport, verbose: bool = True) -> str:
+    """The report as text; ``verbose``: what each preset still needs (else one line of ready presets)."""
     lines = [f"{report.root}"]
     if not report.components:
         lines.append("  no model components found")
@@ -301,6 +354,12 @@ def format_report(report: FolderReport) -> str:
         details = ", ".join(f"{k} {v}" for k, v in c.details.items() if k != "files")
         lines.append(f"  [{status}] {c.kind:<6} {c.format:<18} {c.path}" + (f"  ({details})" if details else ""))
         lines += [f"           {line}" for p in c.problems for line in p.splitlines()]
+    if not verbose:
+        ready = [preset for preset, needs in report.presets.items() if not needs]
+        waiting = len(report.presets) - len(ready)
+        lines.append(f"presets ready: {', '.join(ready) or 'none'}"
+                     + (f" ({waiting} not; --verbose lists what each still needs)" if waiting else ""))
+        return "\n".join(lines)
     lines.append("presets:")
     for preset, needs in report.presets.items():
         lines.append(f"  {preset}: {'ready' if not needs else 'missing'}")
@@ -314,11 +373,15 @@ def format_report(report: FolderReport) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``bindweave weights check|export``; exit status 1 with one error line when the folder holds a
+    problem or the user's input is wrong (:class:`~bindweave.errors.UserError`)."""
     parser = argparse.ArgumentParser(prog="bindweave weights", description="Inspect and export model weights.")
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check", help="which components a folder holds, in which format, what is missing")
     check.add_argument("folder")
     check.add_argument("--json", action="store_true", help="machine-readable output")
+    check.add_argument("-v", "--verbose", action="store_true",
+                       help="for every preset, what is still missing and where to download it")
     export = sub.add_parser("export", help="a Lightning .ckpt of `bindweave fit` (or an export folder) -> safetensors + config.yaml")
     export.add_argument("checkpoint")
     export.add_argument("output")
@@ -330,17 +393,33 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         if args.command == "check":
-            report = check_folder(args.folder)
-            print(json.dumps(asdict(report), indent=2) if args.json else format_report(report))
+            run_check(args)
         else:
-            from bindweave.export import export_checkpoint
+            run_export(args)
+    except (UserError, WeightsError) as e:
+        raise report(f"weights {args.command}", e) from None
 
-            out = export_checkpoint(args.checkpoint, args.output, int(args.max_shard_gb * 1024**3), args.dtype, args.int8)
-            print(f"exported {args.checkpoint} -> {out} (load with bindweave.export.load_pretrained)")
-    except (WeightsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
 
+def run_check(args: argparse.Namespace) -> None:
+    """Print the report; a :class:`~bindweave.errors.UserError` naming the first problem if there is one."""
+    result = check_folder(args.folder)
+    print(json.dumps(asdict(result), indent=2) if args.json else format_report(result, args.verbose))
+    problems = result.problems
+    if problems:
+        more = f" ({len(problems)} problems in {result.root}, all listed above)" if len(problems) > 1 else ""
+        raise UserError(problems[0] + more)
+
+
+def run_export(args: argparse.Namespace) -> None:
+    from bindweave.export import export_checkpoint
+
+    try:
+        out = export_checkpoint(args.checkpoint, args.output, int(args.max_shard_gb * 1024**3), args.dtype, args.int8)
+    except (UserError, WeightsError):
+        raise
+    except ValueError as e:  # export.py still raises some of the user's mistakes (a config-less model) as ValueError
+        raise UserError(str(e)) from None
+    print(f"exported {args.checkpoint} -> {out} (load with bindweave.export.load_pretrained)")
 
 if __name__ == "__main__":
     main()
