@@ -9,20 +9,87 @@ Tools that are not training loops have their own subcommand modules (``TOOLS``),
 
 from __future__ import annotations
 
+import difflib
 import faulthandler
 import importlib
 import os
+import re
 import signal
 import sys
+from typing import NoReturn
 
 import lightning as L
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 import callbacks  # noqa: F401  (registers short names for trainer.callbacks)
 import conditioners  # noqa: F401  (registers short names for model.conditioners)
 import encoders  # noqa: F401
+from bindweave.errors import EXIT_USAGE, UserError, one_line, report
+from bindweave.loading import check_lightning_checkpoint
 from bindweave.module import BindWeave
 from bindweave.synthetic import SyntheticDataModule  # noqa: F401
+
+
+# ----------------------------------------------------------------------------------------------
+# Config errors: the one line that matters, not an 80-line usage dump
+# ----------------------------------------------------------------------------------------------
+
+_UNKNOWN_OPTION = re.compile(r"does not accept option '([^']+)'|unrecognized arguments: (--?[^\s=]+)")
+_BAD_CLASS_PATH = re.compile(r"Problem with given class_path '([^']+)':\s*\n\s*(.+)")
+_MISSING_CONFIG = re.compile(r"Parser key \"config\":\s*File does not exist: '([^']+)'")
+_BAD_KEY = re.compile(r'^Parser key "([^"]+)":\s*(.*)', re.S)
+
+
+def _known_keys(parser) -> list[str]:
+    """Every option key a (sub)command parser accepts, e.g. ``trainer.max_steps``."""
+    return sorted(set(re.findall(r"--([\w.]+)", parser.format_help())))
+
+
+def _close_class(class_path: str) -> str | None:
+    """The class of the same module whose name is closest to a misspelt ``class_path``."""
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        return None
+    names = [n for n, v in vars(module).items() if isinstance(v, type)]
+    match = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
+    return f"{module_name}.{match[0]}" if match else None
+
+
+def condense_parser_error(message: str, parser) -> str:
+    """jsonargparse's multi-line message as one line, with a "did you mean" where a close name exists."""
+    unknown = _UNKNOWN_OPTION.search(message)
+    if unknown:
+        key = (unknown.group(1) or unknown.group(2)).lstrip("-")
+        close = difflib.get_close_matches(key, _known_keys(parser), n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        return f"unknown option {key!r}{hint}"
+    missing = _MISSING_CONFIG.search(message)
+    if missing:
+        return f"-c {missing.group(1)}: no such config file; check the path (configs live in configs/)"
+    bad_class = _BAD_CLASS_PATH.search(message)
+    if bad_class:
+        key = _BAD_KEY.match(message)
+        where = f"{key.group(1)}: " if key else ""
+        close = _close_class(bad_class.group(1))
+        hint = f"; did you mean {close!r}?" if close else ""
+        return f"{where}class_path {bad_class.group(1)!r} cannot be used ({bad_class.group(2).strip()}){hint}"
+    return one_line(message)
+
+
+class BindWeaveArgumentParser(LightningArgumentParser):
+    """Lightning's parser whose errors are one line (the key, the problem, a close valid name),
+    exit status 2; ``--help`` still prints every option."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error:
+            super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        words = parser.prog.replace(" [options]", "").split()
+        command = words[-1] if len(words) > 1 else ""  # "bindweave fit" -> "fit"
+        line = condense_parser_error(message, parser)
+        raise report(command, f"{line} (`bindweave {command + ' ' if command else ''}--help` lists every option)", EXIT_USAGE) from None
 
 
 class BindWeaveCLI(LightningCLI):
@@ -37,6 +104,10 @@ class BindWeaveCLI(LightningCLI):
     def parse_arguments(self, parser, args) -> None:
         self._command_line = args
         super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry"):
+            check_lightning_checkpoint(ckpt_path)  # one clear line before Lightning reads it
 
     def _parse_ckpt_path(self) -> None:
         before = self.config
@@ -56,6 +127,7 @@ def run_cli(args: list[str] | None = None) -> BindWeaveCLI:
         L.LightningDataModule,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
+        parser_class=BindWeaveArgumentParser,
         args=args,
     )
 
@@ -79,10 +151,22 @@ def main() -> None:
     every = os.environ.get("BINDWEAVE_DUMP_STACKS_EVERY")
     if every:
         faulthandler.dump_traceback_later(float(every), repeat=True)
-    if len(sys.argv) > 1 and sys.argv[1] in TOOLS:
-        importlib.import_module(TOOLS[sys.argv[1]]).main(sys.argv[2:])
-        return
-    run_cli()
+    run_command()
+
+
+def run_command(argv: list[str] | None = None) -> None:
+    """``bindweave <argv>`` (default: the command line): a tool of :data:`TOOLS` or a LightningCLI
+    subcommand. A :class:`~bindweave.errors.UserError` ends it with one line on stderr and exit
+    status 1."""
+    words = sys.argv[1:] if argv is None else argv
+    command = words[0] if words else ""
+    try:
+        if command in TOOLS:
+            importlib.import_module(TOOLS[command]).main(words[1:])
+            return
+        run_cli(argv)
+    except UserError as error:  # a mistake the user can fix: one line, no traceback
+        raise report(command, error) from None
 
 
 if __name__ == "__main__":

@@ -216,10 +216,13 @@ def load_trainable_weights(module, directory: str | Path) -> None:
             f"{directory}: these weights do not belong to this model config (missing {missing[:8]}, unexpected "
             f"{unexpected[:8]}): use the config the export was made with ({directory / CONFIG_NAME})."
         )
-    wrong = [f"{checkpoint.file_of(k)}: {k} has shape {tuple(checkpoint.shape(k))}, expected {tuple(v.shape)}"
+    wrong = [f"{k} is {tuple(checkpoint.shape(k))} in {checkpoint.file_of(k).name}, {tuple(v.shape)} here"
              for k, v in state.items() if checkpoint.shape(k) != tuple(v.shape)]
     if wrong:
-        raise WeightsError("\n".join([f"{directory}: wrong shapes for this model config:"] + wrong[:12]))
+        raise WeightsError(
+            f"{directory}: {len(wrong)} weights have other shapes than this model config's (e.g. {wrong[0]}): "
+            f"use the config the export was made with ({directory / CONFIG_NAME})."
+        )
     with torch.no_grad():
         for key, tensor in state.items():
             tensor.copy_(checkpoint.read(key, tensor.dtype))

@@ -22,6 +22,7 @@ import json
 import math
 import re
 import struct
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Literal
@@ -30,13 +31,14 @@ import torch
 from torch import nn
 
 from bindweave.dit import CrossAttentionBranch, WanDiT
+from bindweave.errors import UserError
 
 # ----------------------------------------------------------------------------------------------
 # Errors and reports
 # ----------------------------------------------------------------------------------------------
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError):
     """A checkpoint that cannot be loaded as asked: missing/corrupt files, wrong keys or shapes."""
 
 
@@ -109,14 +111,16 @@ def _read_safetensors_header(path: Path) -> dict[str, _Entry]:
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) < 8:
-            raise WeightsError(f"{path}: corrupt safetensors file (only {size} bytes, no header).")
+            raise WeightsError(f"{path}: corrupt safetensors file (only {size} bytes, no header); download or export it again.")
         (length,) = struct.unpack("<Q", raw)
         if length > min(size - 8, 100_000_000):
-            raise WeightsError(f"{path}: corrupt safetensors file (header length {length} in a {size}-byte file).")
+            raise WeightsError(
+                f"{path}: corrupt safetensors file (header length {length} in a {size}-byte file); download or export it again."
+            )
         try:
             header = json.loads(f.read(length))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise WeightsError(f"{path}: corrupt safetensors file (unreadable header: {e}).") from None
+            raise WeightsError(f"{path}: corrupt safetensors file (unreadable header: {e}); download or export it again.") from None
     entries, data_size = {}, size - 8 - length
     for key, meta in header.items():
         if key == "__metadata__":
@@ -130,7 +134,7 @@ def _read_safetensors_header(path: Path) -> dict[str, _Entry]:
         if not 0 <= begin <= end <= data_size or end - begin != expected:
             raise WeightsError(
                 f"{path}: corrupt or truncated safetensors file: tensor {key!r} {_shape(shape)} needs bytes "
-                f"{begin}..{begin + expected} of a {data_size}-byte data section."
+                f"{begin}..{begin + expected} of a {data_size}-byte data section; download or export it again."
             )
         entries[key] = _Entry(path, dtype, shape, start=8 + length + begin)
     return entries
@@ -176,7 +180,7 @@ class Checkpoint:
         """
         path = Path(path)
         if not path.exists():
-            raise WeightsError(f"{path}: no such file or folder.")
+            raise WeightsError(f"{path}: no such file or folder; check the path (weights are never downloaded at run time).")
         if path.is_dir():
             files = cls._resolve_folder(path, prefix)
         elif path.name.endswith(".safetensors.index.json"):
@@ -289,7 +293,8 @@ class Checkpoint:
         if entry.tensor is not None:
             tensor = entry.tensor
         else:
-            tensor = torch.empty(entry.shape, dtype=entry.dtype)
+            # A host buffer whatever the default device (Lightning builds models under the GPU's).
+            tensor = torch.empty(entry.shape, dtype=entry.dtype, device="cpu")
             buffer = tensor.reshape(-1).view(torch.uint8).numpy()
             with open(entry.file, "rb") as f:
                 f.seek(entry.start)
@@ -297,9 +302,36 @@ class Checkpoint:
                 while done < len(buffer):
                     n = f.readinto(view[done:])
                     if not n:
-                        raise WeightsError(f"{entry.file}: truncated while reading {key!r}.")
+                        raise WeightsError(f"{entry.file}: truncated while reading {key!r}; download or export it again.")
                     done += n
         return tensor
+
+
+def check_lightning_checkpoint(path: str | Path) -> None:
+    """Raise :class:`WeightsError` (one line: the file, what is wrong, the fix) unless ``path`` looks
+    like a whole Lightning checkpoint: a non-empty ``torch.save`` zip whose central directory is
+    intact (a truncated copy loses it). Reads only the zip's directory, not the weights. A folder
+    (a sharded distributed checkpoint) is left to its loader."""
+    path = Path(path)
+    if path.is_dir():
+        return
+    if not path.exists():
+        raise WeightsError(f"{path}: no such checkpoint; check --ckpt_path (e.g. <default_root_dir>/checkpoints/last.ckpt).")
+    size = path.stat().st_size
+    if size == 0:
+        raise WeightsError(f"{path}: the checkpoint is an empty file (an interrupted copy or save?); use another checkpoint.")
+    if not zipfile.is_zipfile(path):
+        raise WeightsError(
+            f"{path}: not a readable PyTorch checkpoint ({size} bytes without a zip directory: truncated or "
+            f"not a .ckpt); copy it again or use another checkpoint."
+        )
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError) as e:
+        raise WeightsError(f"{path}: corrupt checkpoint ({e}); copy it again or use another checkpoint.") from None
+    if not any(n.endswith("data.pkl") for n in names):
+        raise WeightsError(f"{path}: a zip file but not a PyTorch checkpoint (no data.pkl); pass a .ckpt of `bindweave fit`.")
 
 
 def _fold_int8_scales(entries: dict[str, _Entry], source: Path) -> dict[str, _Entry]:

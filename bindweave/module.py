@@ -9,6 +9,7 @@ x_σ = (1−σ)x₀ + σε ──[x_σ ; slots] on time, [noisy | mask | ref lat
 
 from __future__ import annotations
 
+import os
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from torch import nn
 
 from bindweave.batch import check_num_frames, check_spatial_size
 from bindweave.dit import WanDiT
+from bindweave.errors import UserError
 from bindweave.flow import RectifiedFlow, foreground_weights, velocity_from_sample
 from bindweave.sampling import SamplingConfig, predict_batch, sample_videos
 from conditioners.base import Conditioner, Conditioning, merge
@@ -70,6 +72,26 @@ class ParallelismConfig:
     fsdp_param_dtype: str | None = "bfloat16"
     fsdp_reshard_after_forward: bool = True
     fsdp_shard_encoders: bool = True
+
+
+def _flatten(config: object, prefix: str = "") -> dict[str, object]:
+    """Nested config dicts as ``{"dit.init_args.dim": 64, ...}`` (lists are leaves)."""
+    if not isinstance(config, dict):
+        return {prefix: config}
+    flat: dict[str, object] = {}
+    for key, value in config.items():
+        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def config_differences(stored: dict, current: dict) -> list[str]:
+    """``"key=stored (this config: current)"`` for each model setting that differs, shape-defining
+    ones (the DiT's, then the conditioners') first."""
+    before, after = _flatten(stored), _flatten(current)
+    keys = [k for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)
+            and not k.startswith(("sampling", "_", "init_weights", "feature_cache"))]
+    keys.sort(key=lambda k: (not k.startswith("dit"), k))
+    return [f"{k.replace('.init_args', '')}={before.get(k)!r} (this config: {after.get(k)!r})" for k in keys]
 
 
 class BindWeave(L.LightningModule):
@@ -184,6 +206,11 @@ class BindWeave(L.LightningModule):
         if self.init_weights is not None:
             from bindweave.export import load_trainable_weights
 
+            if not os.path.exists(self.init_weights):
+                raise UserError(
+                    f"model.init_weights: {self.init_weights}: no such export folder (relative paths start at "
+                    f"{os.getcwd()}); give the folder of `bindweave weights export` or run from the repository root."
+                )
             load_trainable_weights(self, self.init_weights)
         self._apply_parallelism()
 
@@ -450,12 +477,20 @@ class BindWeave(L.LightningModule):
         if self.dit is None or "state_dict" not in checkpoint:  # sharded checkpoints load the model separately
             return
         prefixes = tuple(self._frozen_prefixes())
-        expected = {k for k in self.state_dict() if not k.startswith(prefixes)}
-        missing = sorted(expected - set(checkpoint["state_dict"]))
-        if missing:
-            raise ValueError(
-                f"The checkpoint lacks {len(missing)} trainable weights, e.g. {missing[:5]}; it was made "
-                f"with a different model config than the one given."
+        own = {k: v for k, v in self.state_dict().items() if not k.startswith(prefixes)}
+        stored = checkpoint["state_dict"]
+        missing = sorted(set(own) - set(stored))
+        wrong = [k for k, v in own.items() if k in stored and tuple(stored[k].shape) != tuple(v.shape)]
+        if missing or wrong:
+            what = (f"{len(wrong)} weights of other shapes (e.g. {wrong[0]}: {tuple(stored[wrong[0]].shape)} "
+                    f"stored, {tuple(own[wrong[0]].shape)} here)" if wrong else
+                    f"no {len(missing)} of this model's trainable weights (e.g. {missing[0]})")
+            differences = config_differences(checkpoint.get("hyper_parameters", {}), dict(self.hparams))
+            made_with = f"; made with {', '.join(differences[:4])}" if differences else ""
+            source = self._trainer.ckpt_path if self._trainer is not None else None
+            raise UserError(
+                f"{source or 'the checkpoint'}: it holds {what}{made_with}: pass the config it was trained with "
+                f"(its config.yaml beside the checkpoints) or a checkpoint of this config."
             )
 
     # -- sampling ------------------------------------------------------------------------------
