@@ -14,6 +14,8 @@ A predict batch has the same keys except ``video``, plus ``seed``: list[int] (op
 
 from __future__ import annotations
 
+import math
+
 import torch
 from PIL import Image
 
@@ -44,7 +46,8 @@ def check_spatial_size(height: int, width: int, multiple: int) -> None:
 
 def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
     """Convert a reference image to RGB: alpha is composited on ``background``, grey/palette/CMYK
-    are converted; modes with no sensible RGB meaning (e.g. 16-bit depth maps) raise."""
+    are converted (:func:`reference_warnings` says which conversions a user should hear about);
+    modes with no sensible RGB meaning (e.g. 16-bit depth maps) raise."""
     if image.mode == "RGB":
         return image
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
@@ -58,6 +61,49 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255
         f"Reference image mode {image.mode!r} is not a colour photo (e.g. 16-bit or float data); "
         f"save the reference as an 8-bit RGB/RGBA/greyscale PNG or JPEG."
     )
+
+
+MAX_UPSCALE = 4.0
+"""A reference enlarged more than this (per side) to fit the video gets a warning: it has under a
+quarter of the pixels per side it is shown at, so its subject reaches the model blurred."""
+
+CONVERTED_MODES = {
+    "CMYK": "CMYK, converted to RGB without its colour profile, so colours may shift; save it as RGB",
+    "P": "a palette image (at most 256 colours), converted to RGB; use a full-colour original if it looks banded",
+    "PA": "a palette image (at most 256 colours), converted to RGB; use a full-colour original if it looks banded",
+    "1": "black-and-white (1 bit per pixel), converted to RGB; save it as greyscale or RGB",
+    "YCbCr": "in YCbCr, converted to RGB; save it as RGB",
+    "LAB": "in LAB colour, converted to RGB without a colour profile; save it as RGB",
+    "HSV": "in HSV, converted to RGB; save it as RGB",
+}
+"""Colour modes :func:`to_rgb` converts that :func:`reference_warnings` reports, with the fix (RGB,
+RGBA and 8-bit greyscale are ordinary; a 16-bit RGB PNG opens as 8-bit RGB, what the model reads)."""
+
+
+def reference_warnings(image: Image.Image, height: int, width: int) -> list[str]:
+    """What fitting ``image`` into (height, width) does that its user should hear about, one phrase
+    each (empty for an ordinary RGB, RGBA or greyscale image of a reasonable size):
+
+    * an unusual colour mode converted by :func:`to_rgb` (:data:`CONVERTED_MODES`);
+    * transparency that hides the whole image (it becomes a blank white reference);
+    * an upscale of more than :data:`MAX_UPSCALE` per side to fit the video.
+
+    Modes :func:`to_rgb` rejects are not reported here: :func:`fit_reference` raises for them.
+    """
+    notes = []
+    if image.mode in CONVERTED_MODES:
+        notes.append(CONVERTED_MODES[image.mode])
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        if image.convert("RGBA").getchannel("A").getextrema()[1] == 0:
+            notes.append("fully transparent, so it becomes a blank white image; check its alpha channel")
+    scale = min(height / image.height, width / image.width)
+    if scale > MAX_UPSCALE:
+        least = [math.ceil(side * scale / MAX_UPSCALE) for side in image.size]
+        notes.append(
+            f"{image.width}x{image.height} pixels, enlarged {scale:.1f}x to fit the {width}x{height} video "
+            f"(more than {MAX_UPSCALE:g}x: expect a blurred subject); give one of at least {least[0]}x{least[1]} pixels"
+        )
+    return notes
 
 
 def fit_reference(image: Image.Image, height: int, width: int, fill: int = 255) -> tuple[torch.Tensor, torch.Tensor]:

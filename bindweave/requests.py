@@ -7,7 +7,9 @@ Each line is a JSON object; only ``prompt`` is required::
 
 * ``references``: 0–4 image paths (PNG, JPEG, ...), relative to the JSONL file's folder; each is
   converted to RGB (:func:`bindweave.batch.to_rgb`) and fitted into the video size on a white
-  canvas (:func:`bindweave.batch.fit_reference`).
+  canvas (:func:`bindweave.batch.fit_reference`). A conversion or an upscale the user should know
+  about (:func:`bindweave.batch.reference_warnings`: CMYK, palette, enlarged more than 4×, ...)
+  travels with the request as ``warnings`` into its ``<id>.json`` and the run's summary.
 * ``seed``: noise seed (default 0); ``num_frames``, ``height``, ``width``: default to the
   datamodule's, else the model's ``sampling`` settings.
 * ``id``: names the output files ``<id>.mp4``/``.png``/``.json``; default: a slug of the prompt plus
@@ -15,8 +17,10 @@ Each line is a JSON object; only ``prompt`` is required::
 
 A request that cannot be read (bad JSON, missing or unreadable image, empty prompt, bad size) does
 not stop the run: it reaches ``predict_step`` as a ``failed`` entry naming the request, its line and
-the fix, and is listed in the summary. Requests whose outputs already exist are skipped, so a run can
-be restarted after a crash or after fixing a bad line.
+the fix, and is listed in the summary. A file that cannot be a requests file (missing, a folder,
+unreadable, not UTF-8 text, no request in it, no line of JSON) stops the run before any model work
+with one :class:`~bindweave.errors.UserError`. Requests whose outputs already exist are skipped, so a
+run can be restarted after a crash or after fixing a bad line.
 """
 
 from __future__ import annotations
@@ -24,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -34,7 +37,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from bindweave.batch import check_num_frames, collate, fit_reference
+from bindweave.batch import check_num_frames, collate, fit_reference, reference_warnings
+from bindweave.errors import UserError
 
 KEYS = ("id", "prompt", "references", "seed", "num_frames", "height", "width")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -67,20 +71,31 @@ def default_id(fields: dict) -> str:
     return f"{slug}-{digest}" if slug else digest
 
 
-def load_reference(source: str | Path | Image.Image, height: int, width: int) -> torch.Tensor:
+def load_reference(
+    source: str | Path | Image.Image, height: int, width: int, notes: list[str] | None = None
+) -> torch.Tensor:
     """A reference image (path or PIL image) fitted into (height, width): (3, H, W) in [-1, 1].
 
     Raises ValueError naming the file and the fix when it is missing, unreadable or not a colour image.
+    With ``notes``, what :func:`bindweave.batch.reference_warnings` says about the image (a colour
+    mode converted, a large upscale) is appended to it, each prefixed by the file's name.
     """
+    name = "the reference" if isinstance(source, Image.Image) else f"reference {Path(source).name!r}"
+
+    def fit(image: Image.Image) -> torch.Tensor:
+        if notes is not None:
+            notes.extend(f"{name}: {note}" for note in reference_warnings(image, height, width))
+        return fit_reference(image, height, width)[0]
+
     if isinstance(source, Image.Image):
-        return fit_reference(source, height, width)[0]
+        return fit(source)
     path = Path(source)
     if not path.is_file():
         raise ValueError(f"reference image {str(source)!r} does not exist; fix the path.")
     try:
         with Image.open(path) as image:
             image.load()
-            return fit_reference(image, height, width)[0]
+            return fit(image)
     except (OSError, Image.DecompressionBombError) as error:
         raise ValueError(
             f"reference image {str(source)!r} cannot be read as an image ({error}); "
@@ -138,15 +153,19 @@ def read_requests(
     path: str | Path, num_frames: int, height: int, width: int, max_references: int | None = None
 ) -> list[Request | dict]:
     """Parse a JSONL requests file. Each entry is a :class:`Request`, or a ``{"id", "error",
-    "request"}`` dict for a line that is not a valid request (reported, not raised)."""
+    "request"}`` dict for a line that is not a valid request (reported, not raised).
+
+    Raises :class:`~bindweave.errors.UserError` (one line: the file and the fix) when the file as a
+    whole cannot be a requests file: missing, a folder, unreadable, not UTF-8 text, without a
+    request (empty or comments only), or without a single line of JSON (e.g. a pretty-printed
+    ``.json`` file or a YAML file).
+    """
+    lines = read_lines(path)
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"Requests file {str(path)!r} does not exist; pass the path of a JSONL file.")
     entries: list[Request | dict] = []
     seen: dict[str, str] = {}
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
+    parsed = 0
+    for number, line in lines:
         where = f"line {number} of {path.name}"
         fields: object = None
         try:
@@ -154,6 +173,7 @@ def read_requests(
                 fields = json.loads(line)
             except json.JSONDecodeError as error:
                 raise ValueError(f"{where}: not valid JSON ({error.msg} at column {error.colno}).") from None
+            parsed += 1
             request = parse_request(fields, where, path.parent, num_frames, height, width, max_references)
             if request.id in seen:
                 raise ValueError(f"{where}: id {request.id!r} is already used by {seen[request.id]}; ids must be unique.")
@@ -163,7 +183,51 @@ def read_requests(
             request_id = fields.get("id") if isinstance(fields, dict) and isinstance(fields.get("id"), str) else None
             request_id = request_id or f"line-{number}"
             entries.append({"id": request_id, "error": str(error), "request": fields})
+    if not parsed:  # not one line of JSON: not a JSONL file (a pretty-printed .json, YAML, a list of paths)
+        first = entries[0]["error"].rstrip(".")
+        raise UserError(
+            f"requests file {str(path)!r} has no line of JSON ({first}); write one JSON object per line, "
+            f'e.g. {{"prompt": "a red circle moves left", "references": ["red.png"]}}.'
+        )
     return entries
+
+
+def check_requests_file(path: str | Path, fix: str) -> None:
+    """:class:`~bindweave.errors.UserError` ending in ``fix`` unless ``path`` is an existing file (a
+    relative path is shown with the folder it was looked for in)."""
+    path = Path(path)
+    looked = "" if path.is_absolute() else f" (looked in {Path.cwd()})"
+    if path.is_dir():
+        raise UserError(f"requests file {str(path)!r}{looked} is a folder; {fix}.")
+    if not path.is_file():
+        raise UserError(f"requests file {str(path)!r}{looked} does not exist; {fix}.")
+
+
+def read_lines(path: str | Path) -> list[tuple[int, str]]:
+    """The numbered request lines of a requests file (blank lines and ``#`` comments left out);
+    :class:`~bindweave.errors.UserError` naming the file and the fix when there are none or the
+    file cannot be read as text."""
+    path = Path(path)
+    check_requests_file(path, "pass the path of a JSONL file of requests")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise UserError(
+            f"requests file {str(path)!r} is not UTF-8 text (byte {error.start}); "
+            f"save it as a UTF-8 JSONL file, one request per line."
+        ) from None
+    except OSError as error:
+        raise UserError(
+            f"requests file {str(path)!r} cannot be read ({error.strerror or error}); check its permissions."
+        ) from None
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), start=1)
+             if line.strip() and not line.lstrip().startswith("#")]
+    if not lines:
+        raise UserError(
+            f"requests file {str(path)!r} has no requests (it is empty or all comments); add one JSON "
+            f'object per line, e.g. {{"prompt": "a red circle moves left", "references": ["red.png"]}}.'
+        )
+    return lines
 
 
 def is_done(output_dir: str | Path, request_id: str) -> bool:
@@ -174,6 +238,10 @@ def is_done(output_dir: str | Path, request_id: str) -> bool:
 
 class RequestDataset(Dataset):
     """Requests read from a JSONL file; item i is a predict sample or a ``failed`` entry.
+
+    A sample's ``warnings`` lists what its user should know about its references (a colour mode
+    converted, an upscale of more than 4×: :func:`bindweave.batch.reference_warnings`), each
+    naming the file; predict writes them into ``<id>.json`` and the summary.
 
     Args:
         path: the JSONL file.
@@ -205,8 +273,9 @@ class RequestDataset(Dataset):
         entry = self.entries[index]
         if not isinstance(entry, Request):
             return {"failed": entry}
+        notes: list[str] = []
         try:
-            references = [load_reference(p, entry.height, entry.width) for p in entry.references]
+            references = [load_reference(p, entry.height, entry.width, notes) for p in entry.references]
         except ValueError as error:
             return {"failed": {"id": entry.id, "error": f"request {entry.id!r} ({entry.where}): {error}",
                                "request": entry.record()}}
@@ -215,6 +284,7 @@ class RequestDataset(Dataset):
             "id": entry.id, "prompt": entry.prompt, "references": refs,  # (n, 3, H, W) in [-1, 1]
             "reference_paths": list(entry.references), "seed": entry.seed, "where": entry.where,
             "num_frames": entry.num_frames, "height": entry.height, "width": entry.width,
+            "warnings": list(dict.fromkeys(notes)),  # once per request, even for a file given twice
         }
 
 
@@ -230,13 +300,20 @@ def collate_requests(samples: list[dict]) -> dict:
 
 
 class SizeBatchSampler(Sampler[list[int]]):
-    """Batches of up to ``batch_size`` requests of one video size, in file order of first appearance."""
+    """Batches of up to ``batch_size`` requests of one video size, in file order of first appearance.
+
+    A dataset with nothing left to do (every request already done) gives one empty batch: predict
+    then runs its hooks as usual (the writer's summary says "all N already done") instead of
+    Lightning skipping a loader of length zero with a warning.
+    """
 
     def __init__(self, dataset: RequestDataset, batch_size: int) -> None:
         groups: dict[tuple, list[int]] = {}
         for i in range(len(dataset)):
             groups.setdefault(dataset.size_key(i), []).append(i)
         self.batches = [idx[j : j + batch_size] for idx in groups.values() for j in range(0, len(idx), batch_size)]
+        if not self.batches:
+            self.batches = [[]]
 
     def __iter__(self) -> Iterator[list[int]]:
         return iter(self.batches)
@@ -275,10 +352,18 @@ class RequestDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+            raise UserError(f"data.batch_size must be >= 1, got {batch_size}; pass --data.batch_size 1 or more.")
         self.save_hyperparameters()
         self.skipped: list[str] = []
         self.dataset: RequestDataset | None = None
+
+    def setup(self, stage: str) -> None:
+        """Check the requests file before the model is built and its weights are loaded: a missing,
+        empty or unreadable file is one :class:`~bindweave.errors.UserError`. (Not in ``__init__``:
+        jsonargparse would bury the line in a traceback of its own.)"""
+        if stage == "predict":
+            check_requests_file(self.hparams.requests, "pass an existing JSONL file of requests with --data.requests")
+            read_lines(self.hparams.requests)
 
     def _defaults(self) -> tuple[int, int, int]:
         sampling = getattr(getattr(self.trainer, "lightning_module", None), "sampling", None) if self.trainer else None
@@ -287,7 +372,8 @@ class RequestDataModule(L.LightningDataModule):
         for key in ("num_frames", "height", "width"):
             value = hp[key] if hp[key] is not None else getattr(sampling, key, None)
             if value is None:
-                raise ValueError(f"RequestDataModule needs `{key}` (no model with a sampling config to take it from).")
+                raise UserError(f"RequestDataModule needs `{key}` (no model with a sampling config to take it from); "
+                                f"pass --data.{key}.")
             picked.append(value)
         return tuple(picked)
 
@@ -311,8 +397,6 @@ class RequestDataModule(L.LightningDataModule):
         return dataset
 
     def predict_dataloader(self) -> DataLoader:
-        # SizeBatchSampler yields every index: Lightning's drop_last caveat for custom samplers does not apply.
-        warnings.filterwarnings("ignore", message="You are using a custom batch sampler")
         self.dataset = self.build_dataset()
         return DataLoader(
             self.dataset,

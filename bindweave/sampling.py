@@ -16,14 +16,18 @@ Noise is drawn per request from its own seed, so a request's video does not depe
 batched with. Memory options change peak memory, not the video: ``offload_encoders`` gives identical
 frames, ``vae_slicing`` frames within 1/255 (a batch of one convolves with other rounding),
 ``vae_tiling`` blends overlapping tiles, so pixels near tile seams differ slightly.
+
+Progress: ``progress=True`` shows a tqdm bar over the steps; code that runs sampling indirectly (a
+Lightning callback around ``predict``) hears every step through :func:`listen_to_steps`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Iterator, Literal
+from typing import TYPE_CHECKING, Callable, Iterator, Literal
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
@@ -150,6 +154,29 @@ def encoders_on(encoders: list[FrozenEncoder], device: torch.device, offload: bo
 
 
 # ----------------------------------------------------------------------------------------------
+# Progress: who hears about denoising steps
+# ----------------------------------------------------------------------------------------------
+
+StepListener = Callable[[int, int, list[str]], None]
+"""``listener(done, total, ids)``: ``done`` steps of ``total`` for the videos of the requests ``ids``."""
+
+_STEP_LISTENERS: ContextVar[tuple[StepListener, ...]] = ContextVar("bindweave_step_listeners", default=())
+
+
+@contextlib.contextmanager
+def listen_to_steps(listener: StepListener) -> Iterator[None]:
+    """Within the block, every :func:`sample_videos` call reports to ``listener(done, total, ids)``:
+    once with ``done=0`` before the first step, then after each step (host-side, no device sync).
+    ``ids`` are the batch's request ids (empty when the batch has none). ``callbacks.PredictProgress``
+    uses it to show the steps of ``bindweave predict``, whose ``predict_step`` runs the loop."""
+    token = _STEP_LISTENERS.set(_STEP_LISTENERS.get() + (listener,))
+    try:
+        yield
+    finally:
+        _STEP_LISTENERS.reset(token)
+
+
+# ----------------------------------------------------------------------------------------------
 # The sampling loop
 # ----------------------------------------------------------------------------------------------
 
@@ -221,6 +248,10 @@ def sample_videos(
     scheduler = make_scheduler(config.sampler, config.num_steps, config.shift, device)
     dit_call = _dit_call(dit, config)
     sigmas = scheduler.sigmas.to(device, torch.float32)  # σ of each step (UniPC's timesteps are rounded)
+    listeners, total = _STEP_LISTENERS.get(), len(scheduler.timesteps)
+    ids = [str(i) for i in batch.get("id") or []] if listeners else []
+    for listener in listeners:
+        listener(0, total, ids)
     for i, t in enumerate(tqdm(scheduler.timesteps, desc=description, disable=not progress, leave=False)):
         model_x = torch.cat([x, x]) if guided else x  # (2B or B, z, T, h, w)
         dit_in, frame_mask = module.assemble_input(model_x.to(dtype), cond)  # (2B or B, C_in, T+N, h, w)
@@ -232,6 +263,8 @@ def sample_videos(
             conditional, unconditional = velocity.chunk(2)
             velocity = unconditional + config.guidance_scale * (conditional - unconditional)  # (B, z, T, h, w)
         x = scheduler.step(velocity, t, x, return_dict=False)[0]
+        for listener in listeners:
+            listener(i + 1, total, ids)
 
     # 3. Decoding.
     with encoders_on([vae], device, config.offload_encoders):
@@ -317,9 +350,11 @@ def predict_batch(module: "BindWeave", batch: dict, batch_idx: int, config: Samp
     A batch that fails is retried request by request, so one bad request does not take its batch
     mates down. Returns ``video`` (B, F, H, W, 3) uint8 and ``references`` (B, N, H, W, 3) uint8 of
     the requests that succeeded, their ``id``, ``prompt``, ``seed``, ``num_references``,
-    ``request`` (the JSONL record that reproduces each), ``seconds`` per video and the ``sampling``
-    settings; ``failed`` lists ``{"id", "error", "request"}`` of the others (including requests the
-    data side could not load: ``batch["failed"]``).
+    ``request`` (the JSONL record that reproduces each), ``warnings`` (what the data side noticed
+    about each request's references, e.g. a CMYK image converted; empty lists when the batch has
+    no ``warnings``), ``seconds`` per video and the ``sampling`` settings; ``failed`` lists
+    ``{"id", "error", "request"}`` of the others (including requests the data side could not load:
+    ``batch["failed"]``).
     """
     failed = list(batch.get("failed", []))
     size = len(batch["prompt"])
@@ -347,6 +382,7 @@ def predict_batch(module: "BindWeave", batch: dict, batch_idx: int, config: Samp
         for j, i in enumerate(indices):
             done[i] = (frames[j], seconds)
     ok = sorted(done)
+    notes = batch.get("warnings") or [[] for _ in range(size)]
     num_references = [int(n) for n in batch["num_references"]] if size else []
     references = references_uint8(batch["references"]) if ok else None
     return {
@@ -357,6 +393,7 @@ def predict_batch(module: "BindWeave", batch: dict, batch_idx: int, config: Samp
         "seed": [records[i]["seed"] for i in ok],
         "num_references": [num_references[i] for i in ok],
         "request": [records[i] for i in ok],
+        "warnings": [list(notes[i]) for i in ok],
         "seconds": [done[i][1] for i in ok],
         "sampling": asdict(config),
         "failed": failed,

@@ -3,6 +3,8 @@
 from callbacks.checkpoint import RunCheckpoint
 from callbacks.denoise_probe import DenoiseProbe
 from callbacks.metrics import CLIPTextImageModel, IdentitySimilarity, MotionMagnitude, PromptVideoSimilarity, VideoMetrics
+from callbacks.resume import StepSeed
+from callbacks.predict_progress import PredictProgress
 from callbacks.sampling import SamplingCallback
 from callbacks.video_writer import VideoWriter
 
@@ -11,6 +13,7 @@ __all__ = [
     "DenoiseProbe",
     "IdentitySimilarity",
     "MotionMagnitude",
+    "PredictProgress",
     "PromptVideoSimilarity",
     "RunCheckpoint",
     "SamplingCallback",

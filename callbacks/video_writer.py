@@ -132,8 +132,10 @@ class VideoWriter(BasePredictionWriter):
     failed gets ``<id>.error.json`` with its error instead. Every file is written atomically
     (temporary file + rename), the json last, so an interrupted run never leaves a truncated video
     and a rerun (``RequestDataModule(skip_done=True)``) skips exactly the finished requests.
-    At the end, a table of every request (done, failed, skipped) is printed and saved as
-    ``summary.md``.
+    At the end, a table of every request (done, failed, skipped) and the warnings about requests'
+    references (a CMYK image converted, a tiny image enlarged: ``warnings`` in ``<id>.json`` too)
+    are printed and saved as ``summary.md``. When every request was already done, one line says so
+    and ``summary.md`` is rewritten with the skipped requests.
 
     Args:
         output_dir: folder the videos are written to (created if missing); default
@@ -188,14 +190,17 @@ class VideoWriter(BasePredictionWriter):
                 k: prediction[k][i] for k in ("prompt", "seed") if k in prediction
             }
             seconds = prediction["seconds"][i] if "seconds" in prediction else None
+            warnings = list(prediction["warnings"][i]) if "warnings" in prediction else []
             record = {
-                "id": sample_id, "request": request, "sampling": prediction.get("sampling"), "seconds": seconds,
-                "files": {"video": f"{sample_id}.mp4", "contact_sheet": f"{sample_id}.png"}, **context,
+                "id": sample_id, "request": request, "warnings": warnings, "sampling": prediction.get("sampling"),
+                "seconds": seconds, "files": {"video": f"{sample_id}.mp4", "contact_sheet": f"{sample_id}.png"},
+                **context,
             }
             path = write_outputs(self.output_dir, sample_id, frames, references, record, self.fps, self.sheet_frames)
             self.rows.append({
                 "id": sample_id, "status": "done", "video": "x".join(str(s) for s in frames.shape[:3]),
                 "seconds": f"{seconds:.2f}" if seconds is not None else "", "output": path.name,
+                "warnings": warnings,
             })
         for failure in prediction.get("failed", []):
             log.warning("Predict: %s", failure["error"])
@@ -209,11 +214,23 @@ class VideoWriter(BasePredictionWriter):
         if not rows:
             return
         counts = {status: sum(r["status"] == status for r in rows) for status in ("done", "FAILED", "skipped")}
-        title = ", ".join(f"{n} {status.lower()}" for status, n in counts.items() if n)
+        warned = [r for r in rows if r.get("warnings")]
+        if counts["skipped"] == len(rows):
+            title = f"all {len(rows)} already done"
+        else:
+            title = ", ".join(f"{n} {status.lower()}" for status, n in counts.items() if n)
+            title += f", {len(warned)} with warnings" if warned else ""
         table = format_table(rows, ("id", "status", "video", "seconds", "output"))
+        notes = "".join(f"- {r['id']}: {'; '.join(r['warnings'])}\n" for r in warned)
+        notes = f"\nWarnings:\n{notes}" if notes else ""
         suffix = f"-rank{trainer.global_rank}" if trainer.world_size > 1 else ""
-        write_atomic(self.output_dir / f"summary{suffix}.md", f"# Predict: {title}\n\n{table}\n".encode())
-        print(f"\nPredict summary ({title}) -> {self.output_dir}\n{table}", flush=True)
+        summary = f"# Predict: {title}\n\n{table}\n{notes}"
+        summary = write_atomic(self.output_dir / f"summary{suffix}.md", summary.encode())
+        if counts["skipped"] == len(rows):
+            print(f"Predict: {title} in {self.output_dir}, nothing to generate (--data.skip_done false redoes "
+                  f"them); {summary.name} rewritten.", flush=True)
+        else:
+            print(f"\nPredict summary ({title}) -> {self.output_dir}\n{table}\n{notes}", end="", flush=True)
 
 
 def _safe(name: str) -> bool:

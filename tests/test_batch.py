@@ -4,7 +4,9 @@ import pytest
 import torch
 from PIL import Image
 
-from bindweave.batch import check_num_frames, check_spatial_size, collate, fit_reference, to_rgb
+from bindweave.batch import (
+    MAX_UPSCALE, check_num_frames, check_spatial_size, collate, fit_reference, reference_warnings, to_rgb,
+)
 from bindweave.video_io import read_video, write_video
 
 
@@ -24,6 +26,22 @@ def test_fit_reference_keeps_aspect_and_marks_the_subject():
     assert tensor.shape == (3, 32, 32) and mask.shape == (32, 32)
     assert mask.sum() == 32 * 16  # 20x10 scaled to 32x16, centred
     assert tensor[:, mask].max() == -1 and tensor[:, ~mask].min() == 1
+
+
+def test_reference_warnings_name_odd_modes_blank_images_and_large_upscales():
+    for ordinary in (Image.new("RGB", (40, 30)), Image.new("RGBA", (40, 30), (255, 0, 0, 128)), Image.new("L", (8, 8))):
+        assert reference_warnings(ordinary, 32, 32) == [], ordinary.mode  # 8x8 -> 32x32 is exactly 4x: fine
+    assert MAX_UPSCALE == 4
+    cmyk, = reference_warnings(Image.new("CMYK", (32, 32)), 32, 32)
+    assert cmyk.startswith("CMYK, converted to RGB without its colour profile")
+    assert "palette image" in reference_warnings(Image.new("RGB", (32, 32)).convert("P"), 32, 32)[0]
+    assert "1 bit per pixel" in reference_warnings(Image.new("1", (32, 32)), 32, 32)[0]
+    assert "blank white image" in reference_warnings(Image.new("RGBA", (32, 32), (255, 0, 0, 0)), 32, 32)[0]
+    tiny, = reference_warnings(Image.new("RGB", (3, 3)), 480, 832)
+    assert tiny == ("3x3 pixels, enlarged 160.0x to fit the 832x480 video (more than 4x: expect a blurred subject); "
+                    "give one of at least 120x120 pixels")
+    assert reference_warnings(Image.new("RGB", (120, 120)), 480, 832) == []  # the size it asks for is enough
+    assert reference_warnings(Image.new("RGB", (1000, 7)), 480, 832) == []  # fitted by its width: shrunk
 
 
 def test_collate_pads_references_and_counts_them():

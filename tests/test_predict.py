@@ -9,6 +9,7 @@ import yaml
 from PIL import Image
 
 from bindweave.cli import run_cli
+from bindweave.errors import UserError
 from bindweave.pipeline import BindWeavePipeline
 from bindweave.requests import RequestDataset, SizeBatchSampler, collate_requests, default_id, read_requests
 from bindweave.sampling import predict_batch
@@ -133,6 +134,49 @@ def test_requests_file_is_checked_line_by_line(tmp_path):
     assert sorted(i for b in batches for i in b) == list(range(len(dataset)))
     with pytest.raises(ValueError, match="does not exist"):
         read_requests(tmp_path / "nope.jsonl", 5, 32, 32)
+
+
+def test_a_file_that_cannot_be_a_requests_file_is_one_user_error(tmp_path):
+    """Problems of the whole file stop the run with one line naming the file and the fix; problems
+    of one line stay that line's (test above)."""
+    (tmp_path / "pretty.json").write_text(json.dumps([{"prompt": "x"}], indent=2))
+    (tmp_path / "latin1.jsonl").write_bytes('{"prompt": "caf\xe9"}\n'.encode("latin-1"))
+    (tmp_path / "comments.jsonl").write_text("# nothing yet\n\n")
+    (tmp_path / "folder").mkdir()
+    cases = {"nope.jsonl": "does not exist", "folder": "is a folder", "comments.jsonl": "has no requests",
+             "latin1.jsonl": "is not UTF-8 text",
+             "pretty.json": "has no line of JSON (line 1 of pretty.json: not valid JSON"}
+    for name, expected in cases.items():
+        with pytest.raises(UserError) as caught:
+            read_requests(tmp_path / name, 5, 32, 32)
+        message = str(caught.value)
+        assert expected in message and name in message and "\n" not in message, message
+    # One line that is a JSON list is that line's problem, not the file's.
+    write_jsonl(tmp_path / "list.jsonl", [[{"prompt": "x"}], {"prompt": "y"}])
+    entries = read_requests(tmp_path / "list.jsonl", 5, 32, 32)
+    assert "a request is a JSON object" in entries[0]["error"] and entries[1].prompt == "y"
+
+
+def test_nothing_left_to_do_is_one_empty_batch_and_warnings_travel_with_the_request(module, tmp_path):
+    """An empty dataset gives one empty batch (Lightning then runs predict's hooks: the summary says
+    "all N already done"); reference warnings reach predict's output, once per request."""
+    write_jsonl(tmp_path / "r.jsonl", [{"id": "done", "prompt": "x"}])
+    dataset = RequestDataset(tmp_path / "r.jsonl", 5, 32, 32, skip=lambda request_id: True)
+    assert len(dataset) == 0 and dataset.skipped == ["done"] and list(SizeBatchSampler(dataset, 4)) == [[]]
+    empty = predict_batch(module, collate_requests([]), 0, module.sampling)
+    assert empty["id"] == [] and empty["failed"] == [] and empty["video"] is None
+
+    Image.new("RGB", (4, 4), (220, 40, 40)).save(tmp_path / "small.png")
+    draw_reference(tmp_path / "red.png", (220, 40, 40))
+    write_jsonl(tmp_path / "w.jsonl", [
+        {"id": "small", "prompt": "a small red circle", "references": ["small.png", "red.png", "small.png"]},
+        {"id": "fine", "prompt": "the red circle", "references": ["red.png"]},
+    ])
+    dataset = RequestDataset(tmp_path / "w.jsonl", 5, 32, 32)
+    assert dataset[0]["warnings"] == ["reference 'small.png': 4x4 pixels, enlarged 8.0x to fit the 32x32 video "
+                                      "(more than 4x: expect a blurred subject); give one of at least 8x8 pixels"]
+    out = predict_batch(module, collate_requests([dataset[0], dataset[1]]), 0, module.sampling)
+    assert out["id"] == ["small", "fine"] and out["warnings"] == [dataset[0]["warnings"], []]
 
 
 def test_request_datamodule_takes_sizes_from_the_model(module, tmp_path):
