@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import faulthandler
 import importlib
+import logging
 import os
 import re
 import signal
@@ -151,6 +152,7 @@ def main() -> None:
     every = os.environ.get("BINDWEAVE_DUMP_STACKS_EVERY")
     if every:
         faulthandler.dump_traceback_later(float(every), repeat=True)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropAdvertisement())
     run_command()
 
 
@@ -167,6 +169,29 @@ def run_command(argv: list[str] | None = None) -> None:
         run_cli(argv)
     except UserError as error:  # a mistake the user can fix: one line, no traceback
         raise report(command, error) from None
+    except ValueError as error:  # jsonargparse wraps what a constructor raised while instantiating
+        cause = _user_error_cause(error)
+        if cause is None:
+            raise
+        raise report(command, cause) from None
+
+
+def _user_error_cause(error: BaseException) -> UserError | None:
+    """The :class:`UserError` that ``error`` was raised from (its ``__cause__``/``__context__`` chain)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, UserError):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+class _DropAdvertisement(logging.Filter):
+    """Lightning's "Tip: try installing litlogger" line, printed by every ``Trainer()``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
 
 
 if __name__ == "__main__":

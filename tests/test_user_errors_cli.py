@@ -190,3 +190,11 @@ def test_no_config_fixes_a_checkpoint_folder(config):
         if "Checkpoint" in str(callback.get("class_path", "")):
             assert callback["class_path"] == "callbacks.RunCheckpoint", config
             assert "dirpath" not in (callback.get("init_args") or {}), config
+
+
+def test_a_constructor_mistake_is_one_line_too(tmp_path, capsys, monkeypatch):
+    """A UserError raised while jsonargparse instantiates a class (here the requests datamodule)."""
+    status, err = run_main(["predict", "-c", TINY, "-c", str(ROOT / "configs/predict.yaml"), "--data.batch_size", "0",
+                            "--trainer.default_root_dir", str(tmp_path)], capsys, monkeypatch)
+    assert status == EXIT_USER_ERROR
+    assert "data.batch_size must be >= 1" in error_line(err)
