@@ -2,13 +2,16 @@
 
 Per DataLoader worker (``ShardStream``), for each of its batches:
 
-1. the batch's global position gives its optimizer step and so its curriculum stage;
+1. the batch's position (training batches are numbered over the whole run) gives its optimizer
+   step and so its curriculum stage;
 2. the stage's shards (shuffled per pass with a seed shared by all ranks) are split by rank and by
    worker, so one pass reads every sample exactly once over the whole job; shard sets of a stage
    with weights are mixed sample by sample;
 3. samples are shuffled in a buffer, decoded (``SampleDecoder``: PyAV clip at the target fps, resize
    + crop to the nearest aspect-ratio bucket, references fitted and augmented), broken ones skipped
-   and reported, and batched per bucket.
+   and reported, and batched per bucket;
+4. the batch carries its position and its worker's stream state, which the datamodule keeps in
+   checkpoints: a resumed run reads exactly what an uninterrupted one would (:mod:`bindweave.resume`).
 
 Batches hold uint8 pixels (``frames`` (B, F, H, W, 3), ``references`` (B, N, 3, H, W)): 4× less to
 copy between processes and to the GPU. ``on_after_batch_transfer`` turns them into the float batch
@@ -25,20 +28,20 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Iterator, Literal
+from typing import Any, Iterator, Literal
 
-import lightning as L
 import numpy as np
 import torch
 import webdataset as wds
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image, ImageEnhance
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
 from bindweave.batch import check_num_frames, collate, to_rgb
 from bindweave.curriculum import Curriculum, Stage
 from bindweave.feature_cache import collate_features, read_features
+from bindweave.resume import ResumableDataModule, StreamLoader, StreamStart, data_parallel_rank, worker_positions
 from bindweave.shards import MAX_REFERENCES, REASONS, BrokenSample, expand_urls, parse_sample, read_image
 from bindweave.video_decode import VideoDecodeError, decode_clip
 
@@ -234,10 +237,24 @@ def split_by_rank(src: Iterator, rank: int, world_size: int) -> Iterator:
 class ShardStream(IterableDataset):
     """Batches from curriculum stages of shards for one rank (see the module docstring).
 
-    Each DataLoader worker yields the batches at global positions ``worker, worker + workers, ...``
-    (the DataLoader takes them round-robin, in order), so batch ``p`` of an iteration is optimizer
-    step ``start_step + p // accumulate`` and comes from that step's stage, whatever the number of
-    workers. ``start_step`` and ``epoch`` are set before each iteration by :class:`StreamLoader`.
+    **Positions.** Training batches are numbered over the whole run (:mod:`bindweave.resume`): an
+    iteration yields the positions from ``start.batches`` (set by :class:`StreamLoader`) to the end
+    of that data epoch (``batches`` positions each; endless when None). With W DataLoader workers,
+    position ``p`` belongs to *worker stream* ``p mod W`` (counted from the data epoch's start), which
+    reads its own share of the rank's shards. The DataLoader takes batches from its workers
+    round-robin, in order, so whichever process yields position ``p`` carries on stream ``p mod W``.
+    Batch ``p`` is optimizer step ``start.step + (p - start.batches) // accumulate`` and comes from
+    that step's curriculum stage, whatever the number of workers.
+
+    **Exact continuation.** A worker stream starts afresh in each (data epoch, stage): pass ``k``
+    over a shard set has one shard order (seed, epoch, stage, set, k), the same on every rank and
+    stream, which then keep their shares; its samples are shuffled in a buffer seeded by the pass,
+    the rank and the stream, and each sample's crop and augmentation are drawn from (pass, shard,
+    key) alone. Each batch carries the state of its stream after it (``batch["resume"]``: per shard
+    set the pass and how many samples were taken from it, the mixture draws, and which samples wait
+    in a bucket for a batch). An iteration that starts from such a state (a new epoch, a resumed run)
+    re-reads the pass up to there without decoding, decodes the waiting samples again, and goes on
+    exactly as the uninterrupted stream would: no sample twice, none skipped.
 
     Args:
         stages: per stage, per shard set, the shard paths.
@@ -247,7 +264,7 @@ class ShardStream(IterableDataset):
         batch_size: samples per batch.
         rank: data-parallel rank.
         world_size: data-parallel size.
-        batches: batches per iteration (the fixed epoch length); None streams without end.
+        batches: batches per data epoch (the fixed epoch length); None streams without end.
         finite: one pass over the shards in order, no shuffling (validation); last batches partial.
         shuffle_buffer: samples in the shuffle buffer (before decoding).
         seed: base seed of shard order, sample shuffling, crops and augmentation.
@@ -276,8 +293,7 @@ class ShardStream(IterableDataset):
         self.batch_size, self.rank, self.world_size, self.batches, self.finite = batch_size, rank, world_size, batches, finite
         self.shuffle_buffer, self.seed, self.accumulate = shuffle_buffer, seed, accumulate
         self.max_consecutive_broken = max_consecutive_broken
-        self.start_step = 0
-        self.epoch = 0
+        self.start = StreamStart()
         self._reports: list[dict] = []
         self._broken_in_a_row = 0
 
@@ -303,89 +319,91 @@ class ShardStream(IterableDataset):
                 f"look unusable. Check them with `bindweave data inspect --check`."
             )
 
-    def _pass(self, urls: list[str], pass_index: int, rng: random.Random) -> Iterator[dict]:
-        """Decoded samples of one pass over this worker's share of ``urls``."""
-        shard_seed = None if self.finite else random.Random(f"{self.seed}/{self.epoch}/{self.start_step}/{pass_index}").getrandbits(32)
-        stages = [
+    def _raw(self, urls: list[str], shard_seed: int | None, part: int, parts: int,
+             shuffle: random.Random | None) -> Iterator[dict]:
+        """Undecoded samples of one pass over share ``part`` of ``parts`` of this rank's share of
+        ``urls``: shards in the order of ``shard_seed`` (None: as given), samples shuffled in the
+        buffer by ``shuffle`` (None: in shard order)."""
+        pipeline = [
             wds.SimpleShardList(urls, seed=shard_seed),  # same order on every rank and worker
             partial(split_by_rank, rank=self.rank, world_size=self.world_size),
-            wds.split_by_worker,
+            partial(split_by_rank, rank=part, world_size=parts),  # then this worker's share of the rank's
             wds.tarfile_to_samples(handler=self._on_shard_error),
         ]
-        if not self.finite and self.shuffle_buffer > 1:
-            stages.append(wds.shuffle(self.shuffle_buffer, initial=max(1, self.shuffle_buffer // 4), rng=rng))
-        for sample in wds.DataPipeline(*stages):
-            try:
-                decoded = self.decoder(sample, rng)
-            except BrokenSample as broken:
-                self._skip(broken)
-                continue
-            self._broken_in_a_row = 0
-            yield decoded
+        if shuffle is not None and self.shuffle_buffer > 1:
+            pipeline.append(wds.shuffle(self.shuffle_buffer, initial=max(1, self.shuffle_buffer // 4), rng=shuffle))
+        return iter(wds.DataPipeline(*pipeline))
 
-    def _set_samples(self, urls: list[str], rng: random.Random) -> Iterator[dict]:
-        """Samples of a shard set: one pass (finite) or pass after pass."""
-        for pass_index in itertools.count():
-            valid = 0
-            for sample in self._pass(urls, pass_index, rng):
-                valid += 1
-                yield sample
-            if self.finite:
-                return
-            if valid == 0:
-                raise RuntimeError(
-                    f"A whole pass over this worker's shards of {urls[:3]}{'...' if len(urls) > 3 else ''} gave no valid sample "
-                    f"(skipped: {dict(Counter(r['reason'] for r in self._reports))})."
-                )
+    def _decode(self, sample: dict, pass_seed: int | None) -> dict | None:
+        """The decoded sample, or None for a broken one (skipped and reported). Its random choices
+        (crop, augmentation) come from (pass, shard, key) alone."""
+        rng = random.Random(f"{pass_seed}/{sample.get('__url__')}/{sample.get('__key__')}")
+        try:
+            decoded = self.decoder(sample, rng)
+        except BrokenSample as broken:
+            self._skip(broken)
+            return None
+        self._broken_in_a_row = 0
+        return decoded
 
-    def _stage_samples(self, stage: int, rng: random.Random) -> Iterator[dict]:
-        """Samples of a stage: its shard sets pooled, or mixed sample by sample by their weights."""
-        sets, weights = self.stages[stage], self.weights[stage]
-        if self.finite or weights is None or len(sets) == 1:
-            yield from self._set_samples([url for urls in sets for url in urls], rng)
-            return
-        streams = [self._set_samples(urls, rng) for urls in sets]
-        choices = range(len(streams))
-        while True:
-            yield next(streams[rng.choices(choices, weights)[0]])
+    def decoded(self, part: int = 0, parts: int = 1) -> Iterator[dict]:
+        """Decoded samples of one pass, in order, over share ``part`` of ``parts`` of this rank's
+        shards of the first stage, its sets pooled (finite streams: validation, start-up checks,
+        in-memory loading)."""
+        for sample in self._raw([url for urls in self.stages[0] for url in urls], None, part, parts, None):
+            decoded = self._decode(sample, None)
+            if decoded is not None:
+                yield decoded
 
-    def _batched(self, samples: Iterator[dict]) -> Iterator[dict]:
-        """Batches of one size bucket each; leftovers come out at the end of a finite stream."""
-        buffers: dict[tuple, list[dict]] = {}
+    def _size(self, sample: dict) -> tuple:
+        """The size bucket of a decoded sample."""
+        return tuple(sample["video_latents"].shape) if self.decoder.cached else tuple(sample["frames"].shape)
+
+    def _batched(self, samples: Iterator[tuple[Any, dict]], buckets: dict[tuple, list], flush: bool = False) -> Iterator[dict]:
+        """Batches of one size bucket each from (coordinate, sample) pairs; ``buckets`` holds the
+        samples waiting for a batch (and may start with some). ``flush`` yields the leftovers last."""
         make = collate_cached if self.decoder.cached else collate
-        for sample in samples:
-            size = tuple(sample["video_latents"].shape) if self.decoder.cached else tuple(sample["frames"].shape)
-            bucket = buffers.setdefault(size, [])
-            bucket.append(sample)
+        for coordinate, sample in samples:
+            size = self._size(sample)
+            bucket = buckets.setdefault(size, [])
+            bucket.append((coordinate, sample))
             if len(bucket) == self.batch_size:
-                yield make(bucket)
-                buffers[size] = []
-        for bucket in buffers.values():
-            if bucket:
-                yield make(bucket)
+                buckets[size] = []
+                yield make([s for _, s in bucket])
+        if flush:
+            for bucket in buckets.values():
+                if bucket:
+                    yield make([s for _, s in bucket])
 
     # -- batches --
 
     def __iter__(self) -> Iterator[dict]:
+        self._reports, self._broken_in_a_row = [], 0
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        rng = random.Random(f"{self.seed}/{self.rank}/{worker}/{self.epoch}/{self.start_step}")
-        self._reports, self._broken_in_a_row = [], 0
         if self.finite:
-            for batch in self._batched(self._stage_samples(0, rng)):
+            for batch in self._batched(((None, s) for s in self.decoded(worker, workers)), {}, flush=True):
                 yield self._finish(batch, 0)
             for report in self._reports:  # after the last batch: nothing carries them to the monitor
                 log.warning("skipped sample %s of shard %s: %s: %s", report["key"], report["shard"], report["reason"],
                             report["message"])
             return
-        streams: dict[int, Iterator[dict]] = {}
-        position = worker
-        while self.batches is None or position < self.batches:
-            stage = self.curriculum.stage_at(self.start_step + position // self.accumulate)
-            if stage not in streams:
-                streams[stage] = self._batched(self._stage_samples(stage, rng))
-            yield self._finish(next(streams[stage]), stage)
-            position += workers
+        start = self.start
+        end = None if self.batches is None else (start.batches // self.batches + 1) * self.batches
+        stream: _WorkerStream | None = None
+        for position in worker_positions(start.batches, end):
+            epoch, offset = divmod(position, self.batches) if self.batches is not None else (0, position)
+            stage = self.curriculum.stage_at(start.step + (position - start.batches) // self.accumulate)
+            part = offset % workers
+            if stream is None or (stream.epoch, stream.stage, stream.part) != (epoch, stage, part):
+                stream = _WorkerStream(self, epoch, stage, part, workers)
+                record = start.streams.get(part)
+                if record is not None and record["position"] < position and stream.continues(record["state"]):
+                    stream.restore(record["state"])
+                batches = self._batched(stream.samples(), stream.buckets)
+            batch = next(batches)
+            batch["resume"] = {"position": position, "stream": part, "state": stream.state()}
+            yield self._finish(batch, stage)
 
     def _finish(self, batch: dict, stage: int) -> dict:
         batch["stage"] = stage
@@ -393,24 +411,109 @@ class ShardStream(IterableDataset):
         return batch
 
 
-class StreamLoader(DataLoader):
-    """A DataLoader over a :class:`ShardStream` that tells it, each time it is iterated, the global
-    step and epoch (from ``state``), so a resumed or new epoch continues the curriculum exactly.
+class _WorkerStream:
+    """The samples of one worker stream (share ``part`` of ``parts`` of a rank's shards) in one data
+    epoch and curriculum stage, and the state that continues it exactly (:meth:`state`,
+    :meth:`restore`). A sample's coordinate is [shard set, pass, index in the pass]."""
 
-    Args:
-        dataset: the stream (it batches itself).
-        state: returns (global step, epoch); None keeps (0, 0).
-        **kwargs: DataLoader arguments (``num_workers``, ``pin_memory``, ...).
-    """
+    def __init__(self, owner: ShardStream, epoch: int, stage: int, part: int, parts: int) -> None:
+        self.owner, self.epoch, self.stage, self.part, self.parts = owner, epoch, stage, part, parts
+        sets, weights = owner.stages[stage], owner.weights[stage]
+        pooled = weights is None or len(sets) == 1
+        self.sets = [[url for urls in sets for url in urls]] if pooled else sets
+        self.weights = None if pooled else weights
+        self.cursors = [[0, 0] for _ in self.sets]  # per set: [pass, samples taken from it]
+        self.draws = 0  # samples drawn from the weighted mixture
+        self.buckets: dict[tuple, list[tuple[list[int], dict]]] = {}  # size -> [(coordinate, sample)] waiting
 
-    def __init__(self, dataset: ShardStream, state: Callable[[], tuple[int, int]] | None = None, **kwargs) -> None:
-        super().__init__(dataset, batch_size=None, **kwargs)
-        self.state = state
+    def _pass_seed(self, index: int, pass_index: int) -> int:
+        return random.Random(f"{self.owner.seed}/{self.epoch}/{self.stage}/{index}/{pass_index}").getrandbits(32)
 
-    def __iter__(self):
-        if self.state is not None:
-            self.dataset.start_step, self.dataset.epoch = self.state()
-        return super().__iter__()
+    def _raw(self, index: int, pass_index: int) -> Iterator[dict]:
+        seed = self._pass_seed(index, pass_index)
+        return self.owner._raw(self.sets[index], seed, self.part, self.parts,
+                               random.Random(f"{seed}/{self.owner.rank}/{self.part}"))
+
+    def _reread(self, raw: Iterator[dict]) -> Iterator[dict]:
+        """Samples that were taken before a restore, read again (not decoded): a shard error met
+        on the way was reported then and is not reported again."""
+        reports, broken = len(self.owner._reports), self.owner._broken_in_a_row
+        yield from raw
+        del self.owner._reports[reports:]
+        self.owner._broken_in_a_row = broken
+
+    def _set_samples(self, index: int) -> Iterator[tuple[list[int], dict]]:
+        """(coordinate, decoded sample) of shard set ``index``, pass after pass, from its cursor."""
+        while True:
+            pass_index, taken = self.cursors[index]
+            raw = self._raw(index, pass_index)
+            for _ in self._reread(itertools.islice(raw, taken)):  # taken before a restore
+                pass
+            valid = 0
+            seed = self._pass_seed(index, pass_index)
+            for number, sample in enumerate(raw, start=taken):
+                self.cursors[index] = [pass_index, number + 1]
+                decoded = self.owner._decode(sample, seed)
+                if decoded is not None:
+                    valid += 1
+                    yield [index, pass_index, number], decoded
+            urls = self.sets[index]
+            if valid == 0 and taken == 0:
+                raise RuntimeError(
+                    f"A whole pass over this worker's shards of {urls[:3]}{'...' if len(urls) > 3 else ''} gave no valid sample "
+                    f"(skipped: {dict(Counter(r['reason'] for r in self.owner._reports))})."
+                )
+            self.cursors[index] = [pass_index + 1, 0]
+
+    def samples(self) -> Iterator[tuple[list[int], dict]]:
+        """(coordinate, decoded sample) of the stage: its one (pooled) set, or its sets mixed sample
+        by sample, draw ``n`` choosing by (seed, rank, stream, epoch, stage, n)."""
+        streams = [self._set_samples(i) for i in range(len(self.sets))]
+        if self.weights is None:
+            yield from streams[0]
+            return
+        owner = self.owner
+        while True:
+            rng = random.Random(f"{owner.seed}/{owner.rank}/{self.part}/{self.epoch}/{self.stage}/{self.draws}")
+            choice = rng.choices(range(len(streams)), self.weights)[0]
+            self.draws += 1
+            yield next(streams[choice])
+
+    def state(self) -> dict:
+        """What continues this stream exactly after the batch just made (plain lists and ints)."""
+        return {
+            "epoch": self.epoch, "stage": self.stage, "parts": self.parts, "cursors": [list(c) for c in self.cursors],
+            "draws": self.draws, "waiting": [c for bucket in self.buckets.values() for c, _ in bucket],
+            "broken": self.owner._broken_in_a_row,
+        }
+
+    def continues(self, state: dict) -> bool:
+        """Whether ``state`` was saved by this stream (same data epoch, stage and number of streams)."""
+        return (state["epoch"], state["stage"], state["parts"]) == (self.epoch, self.stage, self.parts)
+
+    def restore(self, state: dict) -> None:
+        """Go on from ``state``: the cursors and draws as they were, the waiting samples read and
+        decoded again into their buckets (in the order they came)."""
+        self.cursors, self.draws = [list(c) for c in state["cursors"]], state["draws"]
+        self.owner._broken_in_a_row = state["broken"]
+        waiting = [tuple(c) for c in state["waiting"]]
+        wanted: dict[tuple[int, int], set[int]] = {}
+        for index, pass_index, number in waiting:
+            wanted.setdefault((index, pass_index), set()).add(number)
+        found: dict[tuple[int, int, int], dict] = {}
+        for (index, pass_index), numbers in wanted.items():
+            raw = itertools.islice(self._raw(index, pass_index), max(numbers) + 1)
+            for number, sample in enumerate(self._reread(raw)):
+                if number in numbers:
+                    found[index, pass_index, number] = sample
+        for coordinate in waiting:
+            sample = found.get(coordinate)
+            decoded = self.owner._decode(sample, self._pass_seed(*coordinate[:2])) if sample is not None else None
+            if decoded is None:
+                log.warning("sample %s, which waited for a batch at the checkpoint, is gone or broken now: the shards "
+                            "changed since; the stream goes on without it", coordinate)
+                continue
+            self.buckets.setdefault(self.owner._size(decoded), []).append((list(coordinate), decoded))
 
 
 # -- monitoring -------------------------------------------------------------------------------
@@ -463,18 +566,13 @@ class DataMonitor(Callback):
 # -- the datamodule ---------------------------------------------------------------------------
 
 
-def data_parallel_rank(trainer) -> tuple[int, int]:
-    """Data-parallel (rank, size) from ``trainer``'s strategy (what DistributedSampler would use);
-    (0, 1) without a Trainer."""
-    if trainer is None:
-        return 0, 1
-    kwargs = getattr(trainer.strategy, "distributed_sampler_kwargs", None) or {}
-    return int(kwargs.get("rank", 0)), int(kwargs.get("num_replicas", 1))
-
-
-class WebDataModule(L.LightningDataModule):
+class WebDataModule(ResumableDataModule):
     """Video + references + prompt samples from webdataset shards (``bindweave data pack``), or
     their cached features (``bindweave data cache``), with an optional curriculum.
+
+    The training position (batches trained, and the state of each worker's stream) is kept in
+    checkpoints, so a resumed run continues sample for sample when it has the same number of ranks
+    and workers (:class:`ShardStream`; otherwise it goes on from the same position with a warning).
 
     Args:
         urls: training shards (brace ranges, globs, lists) for a single-stage run; exclusive with
@@ -492,7 +590,8 @@ class WebDataModule(L.LightningDataModule):
         use_masks: paste referenced subjects onto white where a sample has masks.
         batch_size: samples per batch (per rank).
         samples_per_epoch: training samples per epoch over all ranks (the fixed epoch length of a
-            stream); None streams in one endless epoch (set ``trainer.max_steps``).
+            stream; each epoch starts new passes over the shards); None streams in one endless
+            epoch (set ``trainer.max_steps``).
         num_workers: DataLoader worker processes per rank.
         decode_threads: FFmpeg threads per video decode.
         shuffle_buffer: samples (before decoding) in each worker's shuffle buffer.
@@ -564,7 +663,7 @@ class WebDataModule(L.LightningDataModule):
             return
         stream = ShardStream([[urls]], [None], Curriculum([Stage(urls=urls)]), decoder, 1, finite=True,
                              max_consecutive_broken=self.check_samples + 1)
-        for _ in stream._pass(urls, 0, random.Random(0)):
+        for _ in stream.decoded():
             return
         seen = len(stream._reports)
         reasons = Counter(r["reason"] for r in stream._reports)
@@ -601,8 +700,18 @@ class WebDataModule(L.LightningDataModule):
 
     # -- loaders --
 
-    def _state(self) -> tuple[int, int]:
-        return (self.trainer.global_step, self.trainer.current_epoch) if self.trainer is not None else (0, 0)
+    def _stream_start(self) -> StreamStart:
+        """Where the next training iteration starts; worker stream states saved with another number
+        of workers do not fit (each worker reads a share of the shards that depends on it)."""
+        start = self._start()
+        saved = {record["state"]["parts"] for record in start.streams.values()}
+        if saved and saved != {max(1, self.num_workers)}:
+            log.warning("The checkpoint's data streams are of %s worker(s), this run has %d: the data goes on from "
+                        "batch %d with new shuffles, not sample for sample (resume with as many workers for that).",
+                        sorted(saved), max(1, self.num_workers), start.batches)
+            start.streams = {}
+            self.position.streams = {}
+        return start
 
     def train_stream(self) -> ShardStream:
         """The training stream of this rank (no DataLoader around it)."""
@@ -619,7 +728,7 @@ class WebDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> StreamLoader:
-        return StreamLoader(self.train_stream(), self._state, **self._loader_options(self.num_workers))
+        return StreamLoader(self.train_stream(), self._stream_start, **self._loader_options(self.num_workers))
 
     def _loader_options(self, workers: int) -> dict:
         context = self.worker_start_method if workers > 0 else None

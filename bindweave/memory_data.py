@@ -11,25 +11,25 @@ Batches are exactly what :func:`bindweave.datamodule.collate_cached` makes of th
 streaming and at predict time); the store keeps every sample's real sizes on the host, so
 trimming needs no device sync. Training draws every sample once per pass, in an order fixed by
 (seed, pass) and shared by all ranks, each rank taking every ``world_size``-th batch position; a
-resumed run continues the same order from its global step. Broken samples are skipped and counted
-at load time (logged by :class:`~bindweave.datamodule.DataMonitor` with the first batch).
+resumed run continues the same order from the batches it had trained (kept in the checkpoint,
+:mod:`bindweave.resume`). Broken samples are skipped and counted at load time (logged by
+:class:`~bindweave.datamodule.DataMonitor` with the first batch).
 
 Memory: about the size of the cache's shards (``bytes`` in the setup log line), per process.
 """
 
 from __future__ import annotations
 
-import random
 from collections import Counter
 from typing import Callable, Iterator, Literal
 
-import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from bindweave.curriculum import Curriculum, Stage
-from bindweave.datamodule import DataMonitor, SampleDecoder, ShardStream, data_parallel_rank, to_model_batch
+from bindweave.datamodule import DataMonitor, SampleDecoder, ShardStream, to_model_batch
 from bindweave.feature_cache import _pad_to
+from bindweave.resume import PositionedLoader, ResumableDataModule, StreamStart, data_parallel_rank, pass_order
 from bindweave.shards import MAX_REFERENCES, expand_urls
 
 HOST_KEYS = ("id", "prompt", "shard", "fps", "num_references", "height", "width")
@@ -98,23 +98,24 @@ class FeatureStore:
         return batch
 
 
-class MemoryBatches:
+class MemoryBatches(PositionedLoader):
     """Batches of a :class:`FeatureStore`: shuffled passes without end (training) or one pass in
-    order (validation). Each iteration starts at the optimizer step ``step()`` returns (the
-    Trainer's global step: a resumed run continues the same order); None starts at 0."""
+    order (validation). Training batch ``p`` (its position) is batch ``p % per_pass`` of pass
+    ``p // per_pass``; each iteration starts at the position ``start()`` returns (the batches the
+    rank has trained: a resumed run continues the same order) and marks each batch with it
+    (``batch["resume"]``, see :mod:`bindweave.resume`); None starts at 0."""
 
     def __init__(self, store: FeatureStore, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 finite: bool = False, step: Callable[[], int] | None = None, skipped: list[dict] | None = None) -> None:
+                 finite: bool = False, start: Callable[[], StreamStart] | None = None,
+                 skipped: list[dict] | None = None) -> None:
         self.store, self.batch_size, self.seed, self.rank, self.world_size = store, batch_size, seed, rank, world_size
-        self.finite, self.step, self.skipped = finite, step, list(skipped or [])
+        self.finite, self.start, self.skipped = finite, start, list(skipped or [])
         self._pass: tuple[int, list[int], torch.Tensor] | None = None  # (pass index, host order, device order)
 
     def _order(self, pass_index: int) -> tuple[list[int], torch.Tensor]:
         """Sample order of one pass (the same on every rank) on the host and on the device."""
         if self._pass is None or self._pass[0] != pass_index:
-            order = list(range(len(self.store)))
-            if not self.finite:
-                random.Random(f"{self.seed}/{pass_index}").shuffle(order)
+            order = pass_order(len(self.store), self.seed, pass_index, shuffle=not self.finite)
             device = next(iter(self.store.tensors.values())).device
             self._pass = (pass_index, order, torch.tensor(order, device=device))  # one copy per pass
         return self._pass[1], self._pass[2]
@@ -127,15 +128,19 @@ class MemoryBatches:
                 order, device_order = self._order(0)
                 yield self._finish(self.store.batch(order[start:start + size], device_order[start:start + size]))
             return
-        per_pass = max(1, n // (size * self.world_size))  # whole batches per rank and pass; the rest waits a pass
-        step = self.step() if self.step is not None else 0
+        if n < size * self.world_size:
+            raise ValueError(f"The in-memory training set has {n} samples, fewer than one batch of {size} for each of "
+                             f"{self.world_size} rank(s); lower batch_size or add samples.")
+        per_pass = n // (size * self.world_size)  # whole batches per rank and pass; the rest waits a pass
+        position = self.start().batches if self.start is not None else 0
         while True:
-            pass_index, position = divmod(step, per_pass)
-            start = (position * self.world_size + self.rank) * size
+            pass_index, batch = divmod(position, per_pass)
+            first = (batch * self.world_size + self.rank) * size
             order, device_order = self._order(pass_index)
-            end = min(start + size, n)
-            yield self._finish(self.store.batch(order[start:end], device_order[start:end]))
-            step += 1
+            out = self._finish(self.store.batch(order[first:first + size], device_order[first:first + size]))
+            out["resume"] = {"position": position}
+            yield out
+            position += 1
 
     def _finish(self, batch: dict) -> dict:
         batch["stage"] = 0
@@ -143,7 +148,7 @@ class MemoryBatches:
         return batch
 
 
-class MemoryCacheDataModule(L.LightningDataModule):
+class MemoryCacheDataModule(ResumableDataModule):
     """Feature-cached shards (``bindweave data cache``) read once into memory — the GPU's by
     default — and batched there: the fast path for small models and caches that fit (see the
     module docstring). One clip size, one training set (no curriculum); the model needs
@@ -188,7 +193,7 @@ class MemoryCacheDataModule(L.LightningDataModule):
         decoder = SampleDecoder(num_frames=1, fps=None, buckets=[(1, 1)], max_references=self.max_references, cached=True)
         stream = ShardStream([[shards]], [None], Curriculum([Stage(urls=shards)]), decoder, 1, finite=True,
                              max_consecutive_broken=self.max_consecutive_broken)
-        samples = list(stream._stage_samples(0, random.Random(0)))
+        samples = list(stream.decoded())
         self._skipped[what] = stream._reports
         if not samples:
             reasons = dict(Counter(r["reason"] for r in stream._reports))
@@ -214,8 +219,7 @@ class MemoryCacheDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> MemoryBatches:
         rank, world = data_parallel_rank(self.trainer)
-        step = (lambda: self.trainer.global_step) if self.trainer is not None else None
-        return MemoryBatches(self.train_store, self.batch_size, self.seed, rank, world, step=step,
+        return MemoryBatches(self.train_store, self.batch_size, self.seed, rank, world, start=self._start,
                              skipped=self._skipped.pop("training", []))
 
     def val_dataloader(self) -> MemoryBatches | list:

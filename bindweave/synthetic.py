@@ -2,17 +2,19 @@
 
 Deterministic from a seed, needs no files: it is what ``configs/tiny.yaml`` trains on, so the whole
 pipeline (encoders, conditioners, DiT, loss, sampler, video writing) runs on a CPU in seconds.
+Training batches are positioned (:class:`bindweave.resume.IndexedBatches`): a run resumed from a
+checkpoint reads exactly the batches an uninterrupted run would.
 """
 
 from __future__ import annotations
 
 import random
 
-import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from bindweave.batch import check_num_frames, collate
+from bindweave.resume import IndexedBatches, ResumableDataModule, StreamLoader, data_parallel_rank
 
 COLOURS = {
     "red": (220, 40, 40), "green": (40, 190, 70), "blue": (40, 80, 220), "yellow": (235, 210, 40),
@@ -89,8 +91,12 @@ class SyntheticSubjects(Dataset):
         return sample
 
 
-class SyntheticDataModule(L.LightningDataModule):
+class SyntheticDataModule(ResumableDataModule):
     """Synthetic shapes-that-move data for smoke tests and the tiny config.
+
+    Training passes are reshuffled by (seed, pass) and split over data-parallel ranks by the
+    datamodule itself (:class:`bindweave.resume.IndexedBatches`: ``num_samples // (batch_size x
+    ranks)`` batches per rank and epoch); the position is kept in checkpoints.
 
     Args:
         num_samples: training samples per epoch.
@@ -102,7 +108,8 @@ class SyntheticDataModule(L.LightningDataModule):
         max_references: most subjects/references per sample.
         batch_size: samples per batch.
         num_workers: DataLoader worker processes.
-        seed: base seed (validation and predict use seed + 1 and seed + 2).
+        seed: base seed of the samples and the training order (validation and predict use
+            seed + 1 and seed + 2).
     """
 
     def __init__(
@@ -125,19 +132,19 @@ class SyntheticDataModule(L.LightningDataModule):
         self.val_set = SyntheticSubjects(num_val_samples, seed=seed + 1, **common)
         self.predict_set = SyntheticSubjects(num_predict_samples, seed=seed + 2, with_video=False, **common)
 
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            dataset, batch_size=self.hparams.batch_size, shuffle=shuffle, num_workers=self.hparams.num_workers, collate_fn=collate
-        )
+    def _loader(self, dataset: Dataset) -> DataLoader:
+        return DataLoader(dataset, batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers, collate_fn=collate)
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+    def train_dataloader(self) -> StreamLoader:
+        rank, world = data_parallel_rank(self.trainer)
+        batches = IndexedBatches(self.train_set, self.hparams.batch_size, collate, self.hparams.seed, rank, world)
+        return StreamLoader(batches, self._start, num_workers=self.hparams.num_workers)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
+        return self._loader(self.val_set)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
+        return self._loader(self.val_set)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.predict_set, shuffle=False)
+        return self._loader(self.predict_set)

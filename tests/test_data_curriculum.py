@@ -8,6 +8,7 @@ from lightning.pytorch.callbacks import Callback
 from bindweave.cli import run_cli
 from bindweave.curriculum import Curriculum, Stage
 from bindweave.datamodule import DataMonitor, SampleDecoder, ShardStream, StreamLoader
+from bindweave.resume import StreamStart
 from tests.data_helpers import TINY, TINY_SHARDS, make_video, raw_sample, write_tar
 
 
@@ -43,13 +44,14 @@ def test_batches_switch_stage_exactly_at_the_step_boundary(two_sets, start_step)
     decoder = SampleDecoder(num_frames=5, fps=8, buckets=[(32, 48)])
     stream = ShardStream([[two_sets["a"]], [two_sets["b"]]], [None, None], curriculum, decoder, batch_size=1,
                          batches=10, accumulate=2, shuffle_buffer=4)
-    state = lambda: (start_step, 0)  # noqa: E731 (as the Trainer reports after a resume at this step)
-    batches = list(StreamLoader(stream, state, num_workers=2))
-    assert len(batches) == 10
-    for position, batch in enumerate(batches):
-        step = start_step + position // 2  # two batches per optimizer step
+    # As after a resume at this step: 2 batches per step trained; the epoch's other batches follow.
+    start = lambda: StreamStart(batches=2 * start_step, step=start_step)  # noqa: E731
+    batches = list(StreamLoader(stream, start, num_workers=2))
+    assert len(batches) == 10 - 2 * start_step
+    for i, batch in enumerate(batches):
+        step = start_step + i // 2  # two batches per optimizer step
         expected = "a" if step < 3 else "b"
-        assert batch["stage"] == (step >= 3) and batch["id"][0][0] == expected, (position, step, batch["id"])
+        assert batch["stage"] == (step >= 3) and batch["id"][0][0] == expected, (i, step, batch["id"])
 
 
 class StageRecorder(Callback):

@@ -60,11 +60,17 @@ def test_fixed_length_epochs_and_reshuffled_passes(eight_shards):
     module.setup("fit")
     loader = module.train_dataloader()
     assert len(loader) == 5
-    first, second = list(loader), list(loader)
-    assert len(first) == len(second) == 5 and all(len(b["id"]) == 2 for b in first)
-    module.trainer = type("T", (), {"global_step": 5, "current_epoch": 1, "accumulate_grad_batches": 1,
-                                    "strategy": None, "callbacks": []})()
-    assert ids(first) != ids(list(module.train_dataloader()))  # another epoch, another order
+    first, again = list(loader), list(loader)
+    assert len(first) == 5 and all(len(b["id"]) == 2 for b in first)
+    assert ids(first) == ids(again)  # nothing was trained: the loader starts at the same position
+    # The Trainer trains the batches (the datamodule records them): the next epoch goes on from there.
+    module.trainer = type("T", (), {"global_step": 5, "accumulate_grad_batches": 1, "strategy": None, "callbacks": [],
+                                    "training": True})()
+    for batch in first:
+        module.on_before_batch_transfer(batch, 0)
+    second = list(module.train_dataloader())
+    assert len(second) == 5 and ids(first) != ids(second)  # another epoch, new passes in another order
+    assert [b["resume"]["position"] for b in second] == list(range(5, 10))
 
 
 def test_broken_samples_are_skipped_counted_and_reported(tmp_path, video):

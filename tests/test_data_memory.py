@@ -16,6 +16,7 @@ from bindweave.data_cli import pack
 from bindweave.datamodule import SampleDecoder, ShardStream, collate_cached
 from bindweave.feature_cache import cache_shards
 from bindweave.memory_data import FeatureStore, MemoryBatches, MemoryCacheDataModule
+from bindweave.resume import StreamStart
 from bindweave.shards import FEATURES, expand_urls
 from tests.data_helpers import TINY, TINY_CACHED, TINY_SHARDS, make_clips
 from tests.helpers import tiny_module
@@ -37,7 +38,7 @@ def decoded(cache) -> list[dict]:
     shards = expand_urls(str(cache / "shard-*.tar"))
     stream = ShardStream([[shards]], [None], Curriculum([Stage(urls=shards)]), SampleDecoder(**DECODER, cached=True), 1,
                          finite=True)
-    return list(stream._stage_samples(0, None))
+    return list(stream.decoded())
 
 
 def test_a_batch_is_the_streaming_collate_of_the_same_samples(cache):
@@ -69,7 +70,7 @@ def test_passes_cover_every_sample_split_over_ranks_and_resume_in_order(cache):
 
     one = ids(MemoryBatches(store, 2, seed=3), 4)  # 5 samples: 2 whole batches per pass
     assert len(set(one[0] + one[1])) == 4 and len(set(one[2] + one[3])) == 4 and one[:2] != one[2:]
-    assert ids(MemoryBatches(store, 2, seed=3, step=lambda: 2), 2) == one[2:]  # resumed at step 2
+    assert ids(MemoryBatches(store, 2, seed=3, start=lambda: StreamStart(batches=2)), 2) == one[2:]  # resumed at batch 2
     assert ids(MemoryBatches(store, 2, seed=4), 2) != one[:2]
     rank0 = ids(MemoryBatches(store, 1, seed=3, rank=0, world_size=2), 2)
     rank1 = ids(MemoryBatches(store, 1, seed=3, rank=1, world_size=2), 2)
