@@ -17,6 +17,7 @@ __all__ = [
     "PromptVideoSimilarity",
     "RunCheckpoint",
     "SamplingCallback",
+    "StepSeed",
     "VideoMetrics",
     "VideoWriter",
 ]

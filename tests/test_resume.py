@@ -64,7 +64,7 @@ def assert_resumes_exactly(tmp_path: Path, monkeypatch, config: list[str], steps
     checkpoint (a job killed after it). Each trains the same batches at the same steps."""
     half = str(steps // 2)
     common = [*config, "--trainer.enable_progress_bar", "false", "--trainer.logger", "false",
-              "--trainer.callbacks+=callbacks.StepSeed", "--trainer.callbacks+=tests.test_resume.Recorder"]
+              "--trainer.callbacks+=tests.test_resume.Recorder"]  # configs/tiny.yaml names callbacks.StepSeed
     midway = ["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint", "--trainer.callbacks.dirpath", "midway",
               "--trainer.callbacks.every_n_train_steps", half, "--trainer.callbacks.save_top_k", "-1"] if preempted else []
     _, expected, seen = fit(tmp_path / "whole", monkeypatch, [*common, *midway, "--trainer.max_steps", str(steps)])
