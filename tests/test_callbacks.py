@@ -4,15 +4,30 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+import torch.nn.functional as F
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from bindweave.cli import run_cli
-from callbacks import CLIPTextImageModel, IdentitySimilarity, MotionMagnitude, PromptVideoSimilarity, SamplingCallback
+from callbacks import (CLIPTextImageModel, IdentitySimilarity, MotionMagnitude, PromptVideoSimilarity, SamplingCallback,
+                       VideoMetrics)
 from tests.pipeline_helpers import ROOT, TINY, cli_module, tiny_model_config
 
 
 def test_sampling_and_metric_callbacks_log_on_a_tiny_fit(tmp_path, monkeypatch):
+    import callbacks.metrics as metrics_module
+
     monkeypatch.chdir(tmp_path)
+    # What VideoMetrics measured (its requests, the frames it gave the CLIP), to recompute its metric.
+    seen = {"requests": [], "images": []}
+
+    def recording(function, key):
+        def wrapper(*args):
+            seen[key].append(function(*args))
+            return seen[key][-1]
+        return wrapper
+
+    monkeypatch.setattr(metrics_module, "predict_batch_of", recording(metrics_module.predict_batch_of, "requests"))
+    monkeypatch.setattr(metrics_module, "frames_to_images", recording(metrics_module.frames_to_images, "images"))
     cli = run_cli(["fit", "-c", str(TINY), "-c", str(ROOT / "configs" / "monitor.yaml"),
                    "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
                    "--trainer.num_sanity_val_steps", "0", "--model.sampling.num_steps", "2",
@@ -26,7 +41,14 @@ def test_sampling_and_metric_callbacks_log_on_a_tiny_fit(tmp_path, monkeypatch):
     assert len(gifs) == 2 and events.Images(gifs[0])[0].encoded_image_string.startswith(b"GIF89a")
     metrics = cli.trainer.callback_metrics
     assert 0.5 < metrics["val/identity_similarity"] <= 1.0 + 1e-5
-    assert -1.0 <= metrics["val/prompt_similarity"] <= 1.0
+    # val/prompt_similarity is the mean over the videos of the mean cosine of their frames to their prompt.
+    clip = next(c for c in cli.trainer.callbacks if isinstance(c, VideoMetrics)).clip
+    images = torch.cat(seen["images"])  # (B, F', 3, H, W)
+    prompts = [prompt for requests in seen["requests"] for prompt in requests["prompt"]]
+    assert len(prompts) == len(images) == 2
+    frames = clip.encode_images(images.flatten(0, 1)).unflatten(0, images.shape[:2])  # (B, F', D)
+    expected = F.cosine_similarity(frames, clip.encode_text(prompts)[:, None], dim=-1).mean()
+    torch.testing.assert_close(metrics["val/prompt_similarity"].cpu(), expected, atol=1e-5, rtol=0)
     assert metrics["val/motion"] >= 0.0
     assert {"val/identity_similarity", "val/prompt_similarity", "val/motion"} <= set(events.Tags()["scalars"])
 
@@ -52,11 +74,25 @@ def test_similarity_metrics():
     references = torch.cat([features[:, :1], torch.randn(2, 1, 8)], dim=1)  # second reference is padding
     identity.update(features[:, :1].expand(2, 4, 8), references, torch.tensor([[True, False], [True, False]]))
     torch.testing.assert_close(identity.compute(), torch.tensor(1.0))
+    # Exact values on constructed features: frames · references cosines 1, 1/√2 (frame 1) and 0, 1/√2
+    # (frame 2), the padded third reference ignored; a video without references does not count.
+    identity = IdentitySimilarity()
+    identity.update(torch.tensor([[[1.0, 0.0], [0.0, 2.0]], [[1.0, 0.0], [1.0, 0.0]]]),
+                    torch.tensor([[[3.0, 0.0], [1.0, 1.0], [-1.0, 0.0]], [[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]]]),
+                    torch.tensor([[True, True, False], [False, False, False]]))
+    torch.testing.assert_close(identity.compute(), torch.tensor((1 + 2 * 0.5**0.5) / 4))
+    # Prompt–video: video 1's frames at cosines 1 and 1/√2 to its prompt, video 2's at 1 and -1.
+    prompt = PromptVideoSimilarity()
+    prompt.update(torch.tensor([[[1.0, 0.0], [1.0, 1.0]], [[0.0, 1.0], [0.0, -1.0]]]),
+                  torch.tensor([[2.0, 0.0], [0.0, 3.0]]))
+    torch.testing.assert_close(prompt.compute(), torch.tensor((1 + 0.5**0.5) / 4))
+    # Through a CLIP's image and text towers: the mean over videos of the mean frame–prompt cosine.
     prompt = PromptVideoSimilarity()
     clip = CLIPTextImageModel.tiny()
     frames = clip.encode_images(torch.rand(6, 3, 32, 32) * 2 - 1).view(2, 3, -1)
-    prompt.update(frames, clip.encode_text(["a red circle", "a blue square"]))
-    assert -1 <= prompt.compute() <= 1
+    text = clip.encode_text(["a red circle", "a blue square"])
+    prompt.update(frames, text)
+    torch.testing.assert_close(prompt.compute(), F.cosine_similarity(frames, text[:, None], dim=-1).mean())
 
 
 def test_sampling_callback_runs_on_rank_zero_only_and_leaves_the_rng_alone(tmp_path):

@@ -6,7 +6,7 @@ import torch
 import conditioners
 from conditioners import Conditioner, Conditioning, IdentityConditioner, MultiReferenceConditioner, RelationalConditioner
 from encoders import T5TextEncoder, WanVAE
-from tests.helpers import synthetic_batch
+from tests.helpers import synthetic_batch, valid_tokens
 
 
 def concrete_subclasses(cls):
@@ -69,6 +69,28 @@ def test_relational_concatenates_connector_tokens_before_t5():
     # Zero-init connector: the MLLM tokens carry no information at step 0.
     assert out.tokens[:, : mllm.tokens.shape[1]].abs().max() == 0
     assert c.connector[0].weight.requires_grad
+
+
+def test_a_dropped_relational_condition_is_the_empty_prompt_read_without_images():
+    """Condition dropout replaces exactly the dropped rows by the documented null condition (the
+    empty ``null_prompt`` read without images: ``[connector(MLLM("")) ; T5("")]``), built here from the
+    encoders themselves; the other rows keep their own condition."""
+    c = RelationalConditioner.tiny()
+    c.build(WanVAE.tiny())
+    torch.nn.init.normal_(c.connector[2].weight, std=0.5)  # MLLM tokens that carry information
+    batch = synthetic_batch(size=3)
+    with torch.no_grad():
+        t5, mllm = c.text_encoder([""]), c.mllm([""], None, None)
+        null = torch.cat([c.connector(mllm.tokens), t5.tokens], 1)[0][torch.cat([mllm.mask, t5.mask], 1)[0]]
+    kept = c(batch).context["text"]
+    drop = [True, False, True]
+    dropped = c(batch, drop=drop).context["text"]
+    for i, is_dropped in enumerate(drop):
+        expected = null if is_dropped else valid_tokens(kept, i)
+        assert valid_tokens(dropped, i).shape == expected.shape, (i, is_dropped)
+        torch.testing.assert_close(valid_tokens(dropped, i), expected, msg=f"row {i} (dropped: {is_dropped})")
+    for i in range(3):  # the null condition is not what any prompt of the batch gives
+        assert valid_tokens(kept, i).shape != null.shape or not torch.allclose(valid_tokens(kept, i), null)
 
 
 def test_t5_only_conditioner_trains_from_a_cache_made_with_an_mllm():

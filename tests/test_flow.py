@@ -12,6 +12,39 @@ def test_shift_keeps_endpoints_and_moves_towards_noise():
     torch.testing.assert_close(shift_sigmas(s, 1.0), s)
 
 
+def test_shift_is_wans_closed_form():
+    """σ' = sσ / (1 + (s − 1)σ), at values worked out by hand (s = 3: 1/4 → 1/2, 1/2 → 3/4, 3/4 → 9/10)."""
+    s = torch.tensor([0.25, 0.5, 0.75])
+    torch.testing.assert_close(shift_sigmas(s, 3.0), torch.tensor([0.5, 0.75, 0.9]))
+    torch.testing.assert_close(shift_sigmas(s, 5.0), torch.tensor([0.625, 2.5 / 3, 0.9375]))
+    torch.testing.assert_close(euler_sigmas(4, 3.0), torch.tensor([1.0, 0.9, 0.75, 0.5, 0.0]))
+
+
+def test_sampler_grids_are_the_shifted_flow_grids():
+    """diffusers' schedulers as ``make_scheduler`` sets them up, against the closed form: Euler on
+    linspace(1, 0, n + 1) shifted, at t = 1000σ; UniPC on diffusers' flow grid linspace(1, 1/1000, n + 1)[:-1]
+    shifted (its first σ nudged 1e-6 below 1), then 0, integer timesteps."""
+    from bindweave.sampling import make_scheduler
+
+    euler = make_scheduler("euler", 4, 3.0)
+    torch.testing.assert_close(euler.sigmas, torch.tensor([1.0, 0.9, 0.75, 0.5, 0.0]))
+    torch.testing.assert_close(euler.timesteps, torch.tensor([1000.0, 900.0, 750.0, 500.0]))
+    unipc = make_scheduler("unipc", 4, 3.0)
+    grid = torch.linspace(1, 1 / 1000, 5, dtype=torch.float64)[:-1]
+    expected = torch.cat([3 * grid / (1 + 2 * grid), torch.zeros(1, dtype=torch.float64)])
+    expected[0] -= 1e-6
+    torch.testing.assert_close(unipc.sigmas.double(), expected, atol=1e-6, rtol=0)
+    assert ((unipc.timesteps.double() - 1000 * expected[:-1]).abs() < 1).all()
+
+
+def test_training_sigmas_follow_the_shifted_uniform():
+    """σ' = sσ/(1 + (s − 1)σ) of σ ~ U(0, 1) is below x with probability x / (s − (s − 1)x): at s = 5,
+    1/6 below 1/2 and 9/14 below 9/10 (20 000 draws; bounds ~5 standard deviations)."""
+    sigmas = RectifiedFlow(shift=5.0).sample_sigmas(20000, torch.device("cpu"), torch.Generator().manual_seed(0))
+    assert abs((sigmas < 0.5).float().mean().item() - 1 / 6) < 0.013
+    assert abs((sigmas < 0.9).float().mean().item() - 9 / 14) < 0.017
+
+
 def test_noising_and_velocity_are_consistent():
     x0, noise = torch.randn(3, 4, 2, 2, 2), torch.randn(3, 4, 2, 2, 2)
     sigmas = torch.tensor([0.0, 0.5, 1.0])

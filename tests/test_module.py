@@ -12,7 +12,7 @@ from bindweave.sampling import decode
 from conditioners import RelationalConditioner
 from conditioners.base import merge
 from encoders import T5TextEncoder
-from tests.helpers import TINY_DIT, synthetic_batch, tiny_module
+from tests.helpers import TINY_DIT, hand_null_conditioning, synthetic_batch, tiny_module, valid_tokens
 
 
 def fixed_loss(module, batch, repeats=4):
@@ -147,7 +147,8 @@ def test_batched_cfg_equals_two_separate_passes():
     # Reference: the conditional and unconditional passes as separate DiT calls, unpadded.
     features = module.encode_features(batch)
     parts = [c.condition(batch, features[name]) for name, c in module.conditioners.items()]
-    cond, uncond = merge(parts), module._null_conditions(batch, features, parts)
+    # The unconditional side built by hand from the encoders (not with the code under test).
+    cond, uncond = merge(parts), hand_null_conditioning(module, batch)
     s = module.sampling
     x = torch.stack([torch.randn(4, 2, 4, 4, generator=torch.Generator().manual_seed(seed)) for seed in batch["seed"]])
     sigmas = torch.linspace(1, 0, s.num_steps + 1)
@@ -165,6 +166,90 @@ def test_batched_cfg_equals_two_separate_passes():
         video = module.vae.decode(x)
     expected = ((video + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 4, 1)
     assert (batched.int() - expected.int()).abs().max() <= 1
+
+
+def test_the_unconditional_side_nulls_the_prompt_and_keeps_the_references():
+    """CFG's unconditional side: the guided relational condition is the empty prompt read without
+    images on every row; the identity tokens and reference slots (``guided=False``) are the
+    conditional ones, unchanged. Compared with a null condition built by hand from the encoders."""
+    module = tiny_module()
+    torch.nn.init.normal_(module.conditioners["relational"].connector[2].weight, std=0.5)
+    batch = synthetic_batch(size=2, with_video=False)
+    features = module.encode_features(batch)
+    parts = [c.condition(batch, features[name]) for name, c in module.conditioners.items()]
+    uncond, expected = module._null_conditions(batch, features, parts), hand_null_conditioning(module, batch)
+    assert set(uncond.context) == set(expected.context) == {"text", "image"}
+    for i in range(2):
+        torch.testing.assert_close(valid_tokens(uncond.context["text"], i), valid_tokens(expected.context["text"], i))
+    torch.testing.assert_close(uncond.context["image"].mask, expected.context["image"].mask,
+                               msg="the unconditional side must keep the references' CLIP tokens (guided=False)")
+    torch.testing.assert_close(uncond.context["image"].tokens, expected.context["image"].tokens)
+    torch.testing.assert_close(uncond.slots, expected.slots,
+                               msg="the unconditional side must keep the reference slots (guided=False)")
+    assert expected.slots.abs().max() > 0 and expected.context["image"].mask.any()  # references to keep
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
+def test_training_drops_each_condition_with_its_own_probability():
+    """``training_step`` drops conditioner i's condition for a sample with probability ``dropout``
+    (20 000 draws: the share is within ~5 standard deviations, 0.01 at p = 0.1); dropout 0 draws none."""
+    from bindweave.module import BindWeave
+    from conditioners import IdentityConditioner, MultiReferenceConditioner
+    from encoders import CLIPVisionEncoder
+
+    module = BindWeave(dit=None, vae=None, relational=RelationalConditioner.tiny(),  # nothing is built
+                       identity=IdentityConditioner(image_encoder=CLIPVisionEncoder.tiny, dropout=0.3),
+                       multi_reference=MultiReferenceConditioner(dropout=0.0))
+    assert module.conditioners["relational"].dropout == 0.1  # the paper's rate, RelationalConditioner's default
+    seen = []
+    module.flow_loss = lambda batch, drops=None, generator=None: (seen.append(drops), torch.zeros(()))[1]
+    n = 20000
+    module.training_step({"prompt": [""] * n}, 0)
+    relational, identity, references = seen[0]
+    assert len(relational) == len(identity) == n and references is None
+    assert abs(sum(relational) / n - 0.1) < 0.01, sum(relational) / n
+    assert abs(sum(identity) / n - 0.3) < 0.015, sum(identity) / n
+
+
+def _timesteps_seen(dit) -> list[torch.Tensor]:
+    """The ``timestep`` argument of every call of ``dit`` from now on."""
+    seen = []
+
+    def hook(_module, args, kwargs):
+        seen.append((args[1] if len(args) > 1 else kwargs["timestep"]).detach().clone())
+
+    dit.register_forward_pre_hook(hook, with_kwargs=True)
+    return seen
+
+
+def test_training_runs_the_dit_at_t_1000_sigma(monkeypatch):
+    module = tiny_module()
+    seen = _timesteps_seen(module.dit)
+    monkeypatch.setattr(module.flow, "sample_sigmas", lambda *args, **kwargs: torch.tensor([0.3, 0.7]))
+    module.flow_loss(synthetic_batch(size=2))
+    assert len(seen) == 1
+    torch.testing.assert_close(seen[0], torch.tensor([300.0, 700.0]), msg="training must call the DiT at t = 1000·σ")
+
+
+@pytest.mark.parametrize("sampler", ["euler", "unipc"])
+def test_sampling_runs_the_dit_at_t_1000_sigma(sampler):
+    """The timesteps the sampler gives the DiT, from the closed-form grid: Euler at σ = 1, 2/3, 1/3
+    shifted by 5 (5σ/(1 + 4σ): 1, 10/11, 5/7); UniPC at diffusers' flow grid linspace(1, 1/1000, 4)[:3]
+    shifted the same way, its timesteps truncated to integers (within 1 of 1000·σ)."""
+    module = tiny_module(num_steps=3, guidance_scale=4.0)
+    module.sampling = replace(module.sampling, sampler=sampler, shift=5.0)
+    seen = _timesteps_seen(module.dit)
+    module.generate(synthetic_batch(size=2, with_video=False))
+    assert len(seen) == 3 and all(t.shape == (4,) for t in seen)  # both CFG halves of 2 videos per step
+    if sampler == "euler":
+        expected = torch.tensor([1000.0, 10000 / 11, 5000 / 7])
+        torch.testing.assert_close(torch.stack([t[0] for t in seen]), expected,
+                                   msg="sampling must call the DiT at t = 1000·σ")
+    else:
+        grid = torch.linspace(1, 1 / 1000, 4, dtype=torch.float64)[:-1]
+        expected = 1000 * 5 * grid / (1 + 4 * grid)
+        assert (torch.stack([t[0] for t in seen]).double() - expected).abs().max() <= 1, (seen, expected)
+    assert all((t == t[0]).all() for t in seen)
 
 
 def test_encoders_run_once_per_video_not_per_step():

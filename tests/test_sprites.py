@@ -285,7 +285,7 @@ def test_in_memory_config_layers_over_a_variant(monkeypatch):
 
 def test_denoise_probe_logs_what_the_model_knows_at_pure_noise(shards, tmp_path, monkeypatch):
     """callbacks.DenoiseProbe during a sprites fit: per-σ subject / background MSE and layout AUC of
-    x̂₀ on the first validation batch land in the logger's metrics."""
+    x̂₀ on the first validation batch land in the logger's metrics, at each step those of the model then."""
     import csv
 
     from bindweave.cli import run_cli
@@ -296,18 +296,26 @@ def test_denoise_probe_logs_what_the_model_knows_at_pure_noise(shards, tmp_path,
     args = list(TINY)
     at = args.index("--trainer.logger")
     del args[at : at + 2]  # log to CSV here
-    run_cli(["fit", "-c", str(ROOT / "configs/sprites.yaml"), *args, "--trainer.max_steps", "2",
-             "--trainer.limit_val_batches", "0", "--data.init_args.urls", urls, "--data.init_args.val_urls", urls,
-             "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.init_args.save_dir", "logs",
-             "--trainer.callbacks+=callbacks.DenoiseProbe", "--trainer.callbacks.every_n_steps", "1",
-             "--trainer.callbacks.sigmas", "[1.0, 0.5]", "--trainer.callbacks.batches", "1"])
+    cli = run_cli(["fit", "-c", str(ROOT / "configs/sprites.yaml"), *args, "--trainer.max_steps", "2",
+                   "--trainer.limit_val_batches", "0", "--data.init_args.urls", urls, "--data.init_args.val_urls", urls,
+                   "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.init_args.save_dir",
+                   "logs", "--trainer.callbacks+=callbacks.DenoiseProbe", "--trainer.callbacks.every_n_steps", "1",
+                   "--trainer.callbacks.sigmas", "[1.0, 0.5]", "--trainer.callbacks.batches", "1"])
     rows = list(csv.DictReader(open(next(Path("logs").rglob("metrics.csv")))))
     probed = [row for row in rows if row.get("probe/layout_auc@1.0")]
     assert [int(row["step"]) for row in probed] == [1, 2]
-    for row in probed:
-        for sigma in ("1.0", "0.5"):
-            assert 0.0 <= float(row[f"probe/layout_auc@{sigma}"]) <= 1.0
-            assert float(row[f"probe/subject_mse@{sigma}"]) > 0 and float(row[f"probe/background_mse@{sigma}"]) >= 0
+    # Step 2's row is what the measures give for the trained model on the first validation batch, whose
+    # noise is drawn from seed 0 (the measures themselves: test_denoise_measures_*).
+    from callbacks.denoise_probe import denoise_measures
+    from bindweave.datamodule import to_model_batch
+
+    model = cli.model.eval()
+    batch = to_model_batch(next(iter(cli.trainer.datamodule.val_dataloader())))
+    expected = denoise_measures(model, model.vae, batch, (1.0, 0.5), 0)
+    for sigma in (1.0, 0.5):
+        names = ("subject_mse", "background_mse", "layout_auc")
+        logged = [float(probed[-1][f"probe/{name}@{sigma}"]) for name in names]
+        assert logged == pytest.approx(expected[sigma], rel=1e-5), (sigma, logged, expected[sigma])
 
 
 def test_denoise_probe_measures():
@@ -322,6 +330,48 @@ def test_denoise_probe_measures():
     assert layout_auc(torch.full_like(video, -0.4), background, subjects) == 0.5  # nothing anywhere
     subject_mse, background_mse = masked_mse(torch.full_like(video, -0.4), video, subjects)
     assert subject_mse == pytest.approx(1.0) and background_mse == 0.0
+    # Tied scores share their mean rank: subject scores 0.2, 0.5, 0.9 against background 0.0, 0.2, 0.1
+    # win 8 of the 9 (subject, background) pairs and tie one: AUC 8.5/9; the complement, 0.5/9.
+    scores = torch.tensor([0.0, 0.2, 0.2, 0.5, 0.9, 0.1]).view(1, 1, 1, 1, 6).expand(1, 3, 1, 1, 6)
+    truth = torch.tensor([False, True, False, True, True, False]).view(1, 1, 1, 1, 6)
+    assert layout_auc(-0.3 + scores, torch.full((1, 3, 1, 1, 1), -0.3), truth) == pytest.approx(8.5 / 9)
+    assert layout_auc(-0.3 - scores, torch.full((1, 3, 1, 1, 1), -0.3), ~truth) == pytest.approx(0.5 / 9)
+
+
+@pytest.mark.parametrize("prediction", ["sample", "velocity"])
+def test_denoise_measures_of_an_oracle_and_of_a_blind_denoiser(prediction):
+    """denoise_measures through the model: a DiT that knows the clean clip (x̂₀ = x₀, or the exact
+    velocity (x_σ − x₀)/σ with σ read from its timestep t = 1000σ) gives back the clip at every σ:
+    subject and background MSE 0, layout AUC 1. One that predicts the zero latent (pixels 0 on a
+    -0.4 background with 0.6 subjects) knows nothing: AUC 0.5, MSEs 0.6² and 0.4²."""
+    from functools import partial
+
+    from bindweave.dit import WanDiT
+    from callbacks.denoise_probe import denoise_measures
+    from encoders import PatchVAE
+    from tests.helpers import TINY_DIT, synthetic_batch, tiny_module
+
+    dit = partial(WanDiT, **{**TINY_DIT, "in_channels": 192 + 4 + 192, "out_channels": 192})
+    module = tiny_module(dit=dit, vae=partial(PatchVAE, spatial=4, temporal=4), prediction=prediction)
+    batch = synthetic_batch(size=2)
+    batch["video"] = torch.full_like(batch["video"], -0.4)
+    batch["video"][:, :, :, 8:16, 4:20] = 0.6  # a subject in every frame, 128 of 1024 pixels
+    x0 = module.vae.encode(batch["video"])  # (B, z, T, h, w)
+    z, t = x0.shape[1:3]
+
+    def oracle(x, timestep, *args, **kwargs):  # (B, z + C_slot, T + N, h, w) -> (B, z, T + N, h, w)
+        out = torch.zeros(x.shape[0], z, *x.shape[2:])
+        sigma = (timestep / 1000).view(-1, 1, 1, 1, 1)
+        out[:, :, :t] = x0 if prediction == "sample" else (x[:, :z, :t] - x0) / sigma
+        return out
+
+    module.dit.forward = oracle
+    for sigma, (subject_mse, background_mse, auc) in denoise_measures(module, module.vae, batch, (1.0, 0.5), 0).items():
+        assert (subject_mse, background_mse, auc) == pytest.approx((0.0, 0.0, 1.0), abs=1e-9), sigma
+    if prediction == "sample":
+        module.dit.forward = lambda x, *args, **kwargs: torch.zeros(x.shape[0], z, *x.shape[2:])
+        for sigma, measures in denoise_measures(module, module.vae, batch, (1.0, 0.5), 0).items():
+            assert measures == pytest.approx((0.36, 0.16, 0.5)), sigma
 
 
 def test_denoise_probe_measures_are_nan_when_undefined():
