@@ -86,6 +86,7 @@ def measure(size: str, option: str, device: str) -> dict:
     from lightning.pytorch.cli import instantiate_module
 
     from bindweave.module import BindWeave
+    from bindweave.sampling import sample_videos
     from bindweave.pipeline import BindWeavePipeline
     from bindweave.requests import load_reference
     from bindweave.synthetic import COLOURS, _draw
@@ -96,7 +97,7 @@ def measure(size: str, option: str, device: str) -> dict:
     torch.manual_seed(0)
     module = instantiate_module(BindWeave, config)
     module.configure_model()
-    pipe = BindWeavePipeline(module, replace(module.sampling, **settings)).to(device, dtype)
+    pipe = BindWeavePipeline.from_module(module, replace(module.sampling, **settings)).to(device, dtype)
     if settings.get("vae_tiling"):  # tiles smaller than the frame, so tiling happens at this size
         s = pipe.sampling.height // 2
         module.vae.vae.enable_tiling(s, s, s * 3 // 4, s * 3 // 4)
@@ -116,7 +117,7 @@ def measure(size: str, option: str, device: str) -> dict:
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
         before = _status("VmRSS")
     start = time.perf_counter()
-    frames = pipe.module.generate(batch, pipe.sampling)
+    frames = sample_videos(pipe.model, batch, pipe.sampling)
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() if cuda else _status("VmHWM")
     params = sum(p.numel() for p in module.parameters())

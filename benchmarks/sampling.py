@@ -121,7 +121,7 @@ def run(smoke: bool) -> dict:
     }
     # Wrap the three phases; everything else (scheduler, assembly, CFG arithmetic) counts as "other".
     # On CUDA each phase also records the memory allocated when it starts and its peak.
-    encode, dit_forward, decode = module.encode_features, module.dit.forward, module.vae.decode
+    encode, dit_forward, decode = module.model.encode_features, module.dit.forward, module.vae.decode
     times: dict[str, float] = {}
     memory: dict[str, float] = {}  # per phase: allocated at its first call, peak over its calls
 
@@ -135,7 +135,7 @@ def run(smoke: bool) -> dict:
             memory[f"{key}_peak_gib"] = max(memory.get(f"{key}_peak_gib", 0.0), gib(torch.cuda.max_memory_allocated()))
         return out
 
-    module.encode_features = partial(phase, "encoders", encode)
+    module.model.encode_features = partial(phase, "encoders", encode)
     module.dit.forward = partial(phase, "dit", dit_forward)
     module.vae.decode = partial(phase, "vae_decode", decode)
     runs = {}
@@ -145,7 +145,7 @@ def run(smoke: bool) -> dict:
         memory.clear()
         config = dataclasses.replace(sampling, offload_encoders=offload)
         with timed(device, times, "total"):
-            video = sample_videos(module, batch, config)
+            video = sample_videos(module.model, batch, config)
         # The MultiReference conditioner encodes references through the VAE inside encode_features.
         times["other"] = times["total"] - times["encoders"] - times["dit"] - times["vae_decode"]
         runs[name] = {

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import copy
 import inspect
+import warnings
 from pathlib import Path
 
 import torch
 import yaml
 
-from encoders.base import resolve_dtype
+from encoders.base import frozen_prefixes, resolve_dtype
 
 from bindweave.dit import WanDiT
 from bindweave.loading import Checkpoint, WeightsError, load_into, save_sharded
@@ -60,10 +61,18 @@ def export_config(hparams: dict) -> dict:
     return {"format": FORMAT, "model": config}
 
 
-def trainable_state_dict(module) -> dict[str, torch.Tensor]:
-    """The weights an export holds: everything but the frozen encoders (DiT, connector, ...)."""
-    prefixes = tuple(module._frozen_prefixes())
-    return {k: v for k, v in module.state_dict().items() if not k.startswith(prefixes)}
+def model_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A LightningModule state dict with the keys of its :class:`~bindweave.model.BindWeaveModel`
+    (``model.dit.x`` -> ``dit.x``), the keys exports use; checkpoints written before the model object
+    existed already have them."""
+    return {k.removeprefix("model."): v for k, v in state.items()}
+
+
+def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights an export holds: a :class:`~bindweave.model.BindWeaveModel`'s state dict but the
+    frozen encoders (DiT, connector, ...)."""
+    prefixes = tuple(frozen_prefixes(model))
+    return {k: v for k, v in model.state_dict().items() if not k.startswith(prefixes)}
 
 
 def save_pretrained(module, directory: str | Path, config: dict | None = None,
@@ -80,7 +89,7 @@ def save_pretrained(module, directory: str | Path, config: dict | None = None,
     if module.dit is None:
         raise ValueError("save_pretrained needs a built model: call module.configure_model() first.")
     content = export_config(config if config is not None else module.hparams)
-    return write_export(trainable_state_dict(module), content, directory, max_shard_bytes)
+    return write_export(trainable_state_dict(module.model), content, directory, max_shard_bytes)
 
 
 def write_export(state: dict[str, torch.Tensor], content: dict, directory: str | Path,
@@ -151,7 +160,7 @@ def export_checkpoint(checkpoint_path: str | Path, directory: str | Path,
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
         raise WeightsError(f"{path}: not a Lightning checkpoint of a BindWeave model (no state_dict/hyper_parameters).")
     content = export_config(checkpoint["hyper_parameters"])
-    state = checkpoint["state_dict"]
+    state = model_keys(checkpoint["state_dict"])
     if not any(k.startswith("dit.") for k in state):
         raise WeightsError(f"{path}: the checkpoint holds no DiT weights (dit.*).")
     return _write_converted(state, content, directory, max_shard_bytes, dtype, int8)
@@ -188,7 +197,7 @@ def read_sharded_checkpoint(directory: str | Path) -> dict:
         dcp_to_torch_save(directory, consolidated)
         state = torch.load(consolidated, map_location="cpu", weights_only=True)["state_dict"]
     frozen = tuple(meta.get("frozen_prefixes", ()))
-    meta["state_dict"] = {k: v for k, v in state.items() if not k.startswith(frozen)} if frozen else state
+    meta["state_dict"] = model_keys({k: v for k, v in state.items() if not k.startswith(frozen)} if frozen else state)
     return meta
 
 
@@ -209,7 +218,7 @@ def load_trainable_weights(module, directory: str | Path) -> None:
     ``BindWeave(init_weights=...)`` runs in ``configure_model``)."""
     directory = Path(directory)
     checkpoint = Checkpoint.open(directory, prefix=WEIGHTS_NAME)
-    state = trainable_state_dict(module)
+    state = trainable_state_dict(module.model)
     missing, unexpected = sorted(set(state) - set(checkpoint.keys())), sorted(set(checkpoint.keys()) - set(state))
     if missing or unexpected:
         raise WeightsError(
@@ -274,8 +283,8 @@ def load_pretrained(directory: str | Path, dtype: str | None = None, model_overr
     module.configure_model()
     module.dit_factory = build_dit
     # The rest of the trainable weights (connector, ...): strict both ways.
-    frozen = tuple(module._frozen_prefixes())
-    others = {k: k for k in module.state_dict() if not k.startswith(frozen) and not k.startswith("dit.")}
+    frozen = tuple(frozen_prefixes(module.model))
+    others = {k: k for k in module.model.state_dict() if not k.startswith(frozen) and not k.startswith("dit.")}
     rest = [k for k in checkpoint.keys() if not k.startswith("dit.")]
     missing = sorted(set(others) - set(rest))
     unexpected = sorted(set(rest) - set(others))
@@ -283,7 +292,7 @@ def load_pretrained(directory: str | Path, dtype: str | None = None, model_overr
         raise WeightsError(
             f"{directory}: the export does not match its config: missing {missing[:8]}, unexpected {unexpected[:8]}."
         )
-    state = module.state_dict()
+    state = module.model.state_dict()
     wrong = [f"{checkpoint.file_of(k)}: {k} has shape {tuple(checkpoint.shape(k))}, expected {tuple(state[k].shape)}"
              for k in rest if checkpoint.shape(k) != tuple(state[k].shape)]
     if wrong:
@@ -292,3 +301,47 @@ def load_pretrained(directory: str | Path, dtype: str | None = None, model_overr
         for key in rest:
             state[key].copy_(checkpoint.read(key, state[key].dtype))
     return module.eval()
+
+
+def load_checkpoint(path: str | Path, config: str | Path | dict | None = None):
+    """A built :class:`~bindweave.module.BindWeave` with a Lightning checkpoint's weights, from the
+    checkpoint's stored config or ``config`` (a YAML file with a ``model:`` section, or that section)."""
+    from lightning.pytorch.cli import instantiate_module
+
+    from bindweave.module import BindWeave
+
+    path = Path(path)
+    if config is None:
+        try:
+            with warnings.catch_warnings():  # frozen encoders are never in checkpoints, by design
+                warnings.filterwarnings("ignore", message="Found keys that are in the model state dict")
+                # A model trained from a feature cache samples with its encoders.
+                return BindWeave.load_from_checkpoint(path, map_location="cpu", feature_cache=None)
+        except TypeError as error:
+            raise ValueError(
+                f"{path} holds no model config ({error}): it was saved from a model built in Python. Pass "
+                f"config= (the YAML it was trained with, e.g. configs/tiny.yaml)."
+            ) from None
+    source = config if isinstance(config, dict) else yaml.safe_load(Path(config).read_text())
+    model_config = source.get("model", source) if isinstance(source, dict) else None
+    if not isinstance(model_config, dict):
+        raise ValueError(f"Config {config!r} has no `model:` section.")
+    module = instantiate_module(BindWeave, {**model_config, "feature_cache": None})
+    module.configure_model()
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    state = checkpoint.get("state_dict", checkpoint)
+    hint = (f"Checkpoint {str(path)!r} does not match the config {str(config) if not isinstance(config, dict) else 'given'}: "
+            f"{{}}. Use the config it was trained with, or leave config out to use the one stored in the checkpoint.")
+    try:
+        upgraded = {"state_dict": state}
+        module.on_load_checkpoint(upgraded)  # checks, and upgrades an older key layout
+        state = upgraded["state_dict"]
+        frozen = tuple(frozen_prefixes(module))
+        result = module.load_state_dict(state, strict=False)
+    except (ValueError, RuntimeError) as error:
+        first = str(error).strip().splitlines()
+        raise ValueError(hint.format(" ".join(line.strip() for line in first[:3]))) from None
+    unexpected = [k for k in result.unexpected_keys if not k.startswith(frozen)]
+    if unexpected:
+        raise ValueError(hint.format(f"the model has no weights {unexpected[:5]}"))
+    return module

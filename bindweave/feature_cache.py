@@ -63,6 +63,7 @@ class LatentSpace:
     latent_channels: int
     temporal_compression: int
     spatial_compression: int
+    can_encode = False  # a stand-in: no networks (encoders.base.VideoAutoencoder)
 
     def encode(self, *args, **kwargs):
         raise ValueError(NO_ENCODERS)

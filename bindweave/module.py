@@ -1,10 +1,13 @@
 """The BindWeave LightningModule: conditioners + Wan DiT, trained with rectified flow.
 
-Batch ──conditioners──▶ Conditioning (context per branch, reference slots)
-      ──VAE──▶ video latent x₀ (B, z, T, h, w)
-x_σ = (1−σ)x₀ + σε ──[x_σ ; slots] on time, [noisy | mask | ref latent] on channels──▶ DiT
-      ──▶ velocity (B, z, T+N, h, w) ──[:, :, :T]──▶ MSE against ε − x₀ (reference slots excluded)
-(with ``prediction="sample"`` the DiT outputs x̂₀ and the velocity is (x_σ − x̂₀)/σ)
+Batch ──VAE──▶ video latent x₀ (B, z, T, h, w)
+x_σ = (1−σ)x₀ + σε ──BindWeaveModel.velocity (conditioners, slots, DiT)──▶ v (B, z, T, h, w)
+      ──▶ MSE against ε − x₀ (reference slots excluded)
+
+The network is a :class:`bindweave.model.BindWeaveModel` (``self.model``), the same object the
+sampler and the pipeline use; this module adds what is Lightning's: building it in
+``configure_model`` (factories, feature caches, exports, parallelism), the loss and condition
+dropout, optimisers, and checkpoints (frozen encoders left out, old layouts upgraded).
 """
 
 from __future__ import annotations
@@ -22,13 +25,13 @@ from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import nn
 
-from bindweave.batch import check_num_frames, check_spatial_size
 from bindweave.dit import WanDiT
 from bindweave.errors import UserError
-from bindweave.flow import RectifiedFlow, foreground_weights, velocity_from_sample
+from bindweave.flow import RectifiedFlow, foreground_weights
+from bindweave.model import BindWeaveModel
 from bindweave.sampling import SamplingConfig, predict_batch, sample_videos
-from conditioners.base import Conditioner, Conditioning, merge
-from encoders.base import FrozenEncoder
+from conditioners.base import Conditioner
+from encoders.base import FrozenEncoder, VideoAutoencoder, frozen_prefixes
 
 
 # Frozen encoder weights are deliberately absent from checkpoints; on_load_checkpoint checks that
@@ -42,11 +45,6 @@ def _fixed_seed() -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         yield
-
-
-def _as_float32(features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Cached features as computed in float32 (a cache may store them in bfloat16)."""
-    return {k: v.float() if v.is_floating_point() else v for k, v in features.items()}
 
 
 __all__ = ["BindWeave", "SamplingConfig"]  # SamplingConfig lives in bindweave.sampling; re-exported
@@ -92,6 +90,15 @@ def config_differences(stored: dict, current: dict) -> list[str]:
             and not k.startswith(("sampling", "_", "init_weights", "feature_cache"))]
     keys.sort(key=lambda k: (not k.startswith("dit"), k))
     return [f"{k.replace('.init_args', '')}={before.get(k)!r} (this config: {after.get(k)!r})" for k in keys]
+
+
+def upgrade_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A LightningModule state dict in today's layout: checkpoints written before
+    :class:`~bindweave.model.BindWeaveModel` held the parts (``dit.*``, ``conditioners.*``,
+    ``vae.*``) get the ``model.`` prefix; today's are returned as they are."""
+    if any(k.startswith("model.") for k in state):
+        return state
+    return {f"model.{k}": v for k, v in state.items()}
 
 
 class BindWeave(L.LightningModule):
@@ -171,28 +178,39 @@ class BindWeave(L.LightningModule):
         self.dit_factory, self.vae_factory = dit, vae
         named = {"relational": relational, "identity": identity, "multi_reference": multi_reference}
         named.update({f"extra_{i}": c for i, c in enumerate(extra_conditioners or [])})
-        self.conditioners = nn.ModuleDict({name: c for name, c in named.items() if c is not None})
-        if not self.conditioners:
-            raise ValueError("BindWeave needs at least one conditioner (e.g. `relational` for the prompt).")
+        # The network training and sampling share; the DiT and the VAE join it in configure_model.
+        self.model = BindWeaveModel({name: c for name, c in named.items() if c is not None}, prediction,
+                                    mask_context_padding)
         self.optimizer_factory = optimizer
         self.flow = RectifiedFlow(shift=flow_shift, timestep_sampling=timestep_sampling,
                                   pure_noise_fraction=pure_noise_fraction)
-        if prediction not in ("velocity", "sample"):
-            raise ValueError(f"prediction must be 'velocity' or 'sample', got {prediction!r}.")
-        self.prediction = prediction
         if foreground_weight <= 0 or foreground_threshold < 0:
             raise ValueError(f"foreground_weight must be > 0 and foreground_threshold >= 0, got "
                              f"{foreground_weight} and {foreground_threshold}.")
         self.foreground_weight, self.foreground_threshold = foreground_weight, foreground_threshold
-        self.mask_context_padding = mask_context_padding
         self.sampling = sampling
         self.parallelism = parallelism
         self.feature_cache = feature_cache
         self.init_weights = init_weights
-        self.dit: WanDiT | None = None
-        self.vae: FrozenEncoder | None = None
         # Checkpoints hold trainable weights only; frozen encoders come from their own files.
         self.strict_loading = False
+
+    # -- the model's parts (read-only views of self.model) --------------------------------------
+
+    @property
+    def dit(self) -> WanDiT | None:
+        """The model's DiT (None until ``configure_model``)."""
+        return self.model.dit
+
+    @property
+    def vae(self) -> VideoAutoencoder | None:
+        """The model's VAE (None until ``configure_model``)."""
+        return self.model.vae
+
+    @property
+    def conditioners(self) -> nn.ModuleDict:
+        """The model's conditioners, by name (``relational``, ``identity``, ..., ``extra_<i>``)."""
+        return self.model.conditioners
 
     # -- building ------------------------------------------------------------------------------
 
@@ -200,9 +218,8 @@ class BindWeave(L.LightningModule):
         """Build the DiT, the VAE and the conditioners' encoders, then check they fit together."""
         if self.dit is not None:
             return
-        self.dit = self.dit_factory()
-        self.build_encoders()
-        self._check_dimensions()
+        dit = self.dit_factory()
+        self.model.attach(dit, self.build_encoders())
         if self.init_weights is not None:
             from bindweave.export import load_trainable_weights
 
@@ -214,16 +231,19 @@ class BindWeave(L.LightningModule):
             load_trainable_weights(self, self.init_weights)
         self._apply_parallelism()
 
-    def build_encoders(self) -> None:
-        """Build the VAE and the conditioners (frozen encoders and trainable parts); with
-        ``feature_cache``, only the conditioners' trainable parts, sized from the cache."""
+    def build_encoders(self) -> VideoAutoencoder:
+        """Build the VAE and the conditioners (frozen encoders and trainable parts) and give the
+        model its VAE; with ``feature_cache``, only the conditioners' trainable parts, sized from the
+        cache (the VAE is then a stand-in that cannot encode). Returns the VAE. ``bindweave data
+        cache`` calls it alone (no DiT)."""
         if self.feature_cache is not None and not self._predicting():
             from bindweave.feature_cache import build_from_cache
 
             with _fixed_seed():
-                self.vae = build_from_cache(self.conditioners, self.feature_cache)  # sizes only
-            return
-        self.vae = self._build_vae_and_conditioners()
+                self.model.vae = build_from_cache(self.conditioners, self.feature_cache)  # sizes only
+        else:
+            self.model.vae = self._build_vae_and_conditioners()
+        return self.vae
 
     def _build_vae_and_conditioners(self) -> FrozenEncoder:
         """Build the VAE and every conditioner (encoders and trainable parts); returns the VAE.
@@ -241,9 +261,7 @@ class BindWeave(L.LightningModule):
         in the middle of ``fit`` (``SamplingCallback``). The trainable parameters stay the very
         objects the optimizer holds, with their trained values. Returns False when the encoders
         were already there. Not for sharded (FSDP) models."""
-        from bindweave.feature_cache import LatentSpace
-
-        if not isinstance(self.vae, LatentSpace):
+        if self.vae.can_encode:
             return False
         device = self.dit.patch_embedding.weight.device
         trained = dict(self.conditioners.named_parameters())  # name -> Parameter (optimizer's objects)
@@ -254,8 +272,8 @@ class BindWeave(L.LightningModule):
             rebuilt = getattr(module, attr, None)
             if rebuilt is None or rebuilt.shape != parameter.shape:
                 raise RuntimeError(f"Rebuilding the conditioners with encoders changed the trainable weight {name!r}.")
-            module._parameters[attr] = parameter
-        self.vae = vae
+            module.register_parameter(attr, parameter)  # the optimizer's object, not the rebuilt one
+        self.model.vae = vae
         self.vae.to(device)
         self.conditioners.to(device)
         return True
@@ -280,109 +298,7 @@ class BindWeave(L.LightningModule):
                 reshard_after_forward=p.fsdp_reshard_after_forward, shard_encoders=p.fsdp_shard_encoders,
             )
 
-    def _check_dimensions(self) -> None:
-        fed: dict[str, int] = {}
-        slot_channels = 0
-        for conditioner in self.conditioners.values():
-            spec = conditioner.spec()
-            slot_channels += spec.slot_channels
-            for branch, size in spec.branches.items():
-                name = type(conditioner).__name__
-                if branch not in self.dit.branches:
-                    raise ValueError(
-                        f"{name} feeds branch {branch!r}, but the DiT only has {sorted(self.dit.branches)}; "
-                        f"add the branch to the DiT's `branches` or change the conditioner's `branch`."
-                    )
-                if fed.setdefault(branch, size) != size:
-                    raise ValueError(f"Conditioners feed branch {branch!r} with token sizes {fed[branch]} and {size}.")
-                expected = self.dit.branches[branch].context_dim
-                if size != expected:
-                    raise ValueError(
-                        f"{name} produces {size}-d tokens for branch {branch!r}, but the DiT branch "
-                        f"expects context_dim={expected}; set the branch's context_dim to {size}."
-                    )
-        unfed = set(self.dit.branches) - set(fed)
-        if unfed:
-            raise ValueError(f"No conditioner feeds the DiT branches {sorted(unfed)}; add one or remove the branches.")
-        latent = self.vae.latent_channels
-        if self.dit.in_channels != latent + slot_channels:
-            raise ValueError(
-                f"The DiT takes {self.dit.in_channels} input channels but the VAE latent ({latent}) plus "
-                f"the conditioners' slot channels ({slot_channels}) make {latent + slot_channels}; set the "
-                f"DiT's in_channels to {latent + slot_channels}."
-            )
-        if self.dit.out_channels != latent:
-            raise ValueError(f"The DiT predicts {self.dit.out_channels} channels but the VAE latent has {latent}.")
-
-    # -- conditioning --------------------------------------------------------------------------
-
-    def encode_features(self, batch: dict) -> dict[str, dict[str, torch.Tensor]]:
-        """Frozen-encoder features of every conditioner: ``batch["features"][name]`` when the batch
-        comes from a feature cache, else computed now (once)."""
-        cached = batch.get("features", {})
-        from bindweave.feature_cache import LatentSpace
-
-        if isinstance(self.vae, LatentSpace) and set(self.conditioners) - set(cached):  # built from a cache
-            from bindweave.feature_cache import NO_ENCODERS
-
-            raise ValueError(f"The batch has no cached features of {sorted(set(self.conditioners) - set(cached))}. {NO_ENCODERS}")
-        return {name: _as_float32(cached[name]) if name in cached else c.encode(batch)
-                for name, c in self.conditioners.items()}
-
-    def encode_conditions(self, batch: dict, drops: list[list[bool] | None] | None = None) -> Conditioning:
-        """Conditioning of the batch; ``drops[i]`` is conditioner i's condition-dropout list."""
-        drops = drops or [None] * len(self.conditioners)
-        features = self.encode_features(batch)
-        parts = [c.condition(batch, features[name], drop) for (name, c), drop in zip(self.conditioners.items(), drops)]
-        return merge(parts)
-
-    def _training_drops(self, batch_size: int) -> list[list[bool] | None]:
-        """Condition dropout decided on the host (no device sync)."""
-        return [
-            (torch.rand(batch_size) < c.dropout).tolist() if c.dropout > 0 else None for c in self.conditioners.values()
-        ]
-
-    def assemble_input(self, noisy: torch.Tensor, cond: Conditioning) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """[noisy latent ; empty slots] over time, [noisy | slot channels] over channels.
-
-        noisy (B, z, T, h, w) -> DiT input (B, z + C_slot, T + N, h, w) and frame mask (B, T + N) or None.
-        """
-        if cond.slots is None:
-            return noisy, None
-        b, z, t, h, w = noisy.shape
-        slots = cond.slots.to(noisy.dtype)  # (B, C_slot, N, h, w)
-        if slots.shape[-2:] != (h, w):
-            raise ValueError(
-                f"Reference latents are {tuple(slots.shape[-2:])} but the video latent is {(h, w)}: "
-                f"references must be resized to the video size before encoding."
-            )
-        c_slot, n = slots.shape[1], slots.shape[2]
-        video_part = torch.cat([noisy, noisy.new_zeros(b, c_slot, t, h, w)], dim=1)  # (B, z+C, T, h, w)
-        slot_part = torch.cat([noisy.new_zeros(b, z, n, h, w), slots], dim=1)  # (B, z+C, N, h, w)
-        x = torch.cat([video_part, slot_part], dim=2)  # (B, z+C, T+N, h, w)
-        frame_mask = None
-        if cond.slot_mask is not None:
-            frame_mask = torch.cat([cond.slot_mask.new_ones(b, t), cond.slot_mask], dim=1)  # (B, T+N)
-        return x, frame_mask
-
-    def _context(self, cond: Conditioning) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
-        tokens = {name: t.tokens for name, t in cond.context.items()}
-        masks = {name: t.mask for name, t in cond.context.items()} if self.mask_context_padding else None
-        return tokens, masks
-
     # -- training ------------------------------------------------------------------------------
-
-    def _check_video(self, num_frames: int, height: int, width: int) -> None:
-        check_num_frames(num_frames)
-        check_spatial_size(height, width, self.vae.spatial_compression * self.dit.patch_size[1])
-
-    @staticmethod
-    def _check_references(references: torch.Tensor, height: int, width: int) -> None:
-        if references.ndim != 5 or references.shape[2] != 3 or tuple(references.shape[-2:]) != (height, width):
-            raise ValueError(
-                f"references must be (B, N, 3, {height}, {width}) RGB images at the video size, got "
-                f"{tuple(references.shape)}; load them with bindweave.batch.fit_reference."
-            )
 
     def flow_loss(
         self, batch: dict, drops: list[list[bool] | None] | None = None, generator: torch.Generator | None = None
@@ -397,38 +313,30 @@ class BindWeave(L.LightningModule):
             size = [n * self.vae.spatial_compression for n in latents.shape[-2:]]
         else:
             video = batch["video"]  # (B, 3, F, H, W)
-            self._check_video(*video.shape[2:])
+            self.model.check_video(*video.shape[2:])
             size = video.shape[-2:]
             latents = self.vae.encode(video)  # (B, z, T, h, w)
-        self._check_references(batch["references"], *size)
-        cond = self.encode_conditions(batch, drops)
+        self.model.check_references(batch["references"], *size)
+        cond = self.model.encode_conditions(batch, drops)
         noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
         sigmas = self.flow.sample_sigmas(latents.shape[0], latents.device, generator)  # (B,)
         noisy = self.flow.noisy(latents, noise, sigmas)
-        velocity = self.output_velocity(self.video_output(noisy, sigmas, cond), noisy, sigmas)  # (B, z, T, h, w)
+        velocity = self.model.velocity(noisy, sigmas, cond)  # (B, z, T, h, w) float32
         target = self.flow.velocity(latents, noise).float()
         if self.foreground_weight == 1.0:
             return F.mse_loss(velocity, target)
         weights = foreground_weights(latents, self.foreground_weight, self.foreground_threshold)  # (B, 1, T, h, w)
         return ((velocity - target).pow(2) * weights).mean() / weights.mean()  # the plain MSE's scale
 
-    def video_output(self, noisy: torch.Tensor, sigmas: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """One DiT call on x_σ (B, z, T, h, w) at σ (B,) under ``cond``, without classifier-free
-        guidance; its output on the video latent (B, z, T, h, w): the reference slots are dropped."""
-        x, frame_mask = self.assemble_input(noisy, cond)  # (B, C_in, T+N, h, w)
-        context, context_mask = self._context(cond)
-        output = self.dit(x, sigmas * 1000, context, context_mask, frame_mask)  # (B, z, T+N, h, w)
-        return output[:, :, : noisy.shape[2]]
-
-    def output_velocity(self, output: torch.Tensor, noisy: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
-        """The velocity (float32) from the DiT's output on the video latent: the output itself, or
-        (x_σ − x̂₀)/σ for ``prediction="sample"``. output, noisy: (B, z, T, h, w); sigmas: (B,)."""
-        if self.prediction == "sample":
-            return velocity_from_sample(noisy, output, sigmas)
-        return output.float()
+    def training_drops(self, batch_size: int) -> list[list[bool] | None]:
+        """Condition dropout of a training batch, per conditioner: sample i's condition is replaced
+        by its null condition with probability ``dropout`` (decided on the host: no device sync)."""
+        return [
+            (torch.rand(batch_size) < c.dropout).tolist() if c.dropout > 0 else None for c in self.conditioners.values()
+        ]
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self.flow_loss(batch, self._training_drops(len(batch["prompt"])))
+        loss = self.flow_loss(batch, self.training_drops(len(batch["prompt"])))
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["prompt"]))
         return loss
 
@@ -454,16 +362,13 @@ class BindWeave(L.LightningModule):
 
     # -- checkpoints ---------------------------------------------------------------------------
 
-    def _frozen_prefixes(self) -> list[str]:
-        return [name + "." for name, m in self.named_modules() if isinstance(m, FrozenEncoder) and name]
-
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Drop the frozen encoders' weights: checkpoints hold what training changes.
 
         Sharded (distributed) checkpoints keep them: torch.distributed.checkpoint loads into the
         model's full state dict and has no partial load through Lightning; each rank stores only
         its shard of them."""
-        prefixes = tuple(self._frozen_prefixes())
+        prefixes = tuple(frozen_prefixes(self))
         strategy = self._trainer.strategy if self._trainer is not None else None
         if getattr(strategy, "_save_distributed_checkpoint", False):
             checkpoint["frozen_prefixes"] = list(prefixes)  # lets an export drop them (bindweave.export)
@@ -473,10 +378,14 @@ class BindWeave(L.LightningModule):
             del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Fail loudly if a trainable weight is missing (strict_loading is off only for frozen ones)."""
+        """Upgrade a checkpoint saved before the model object existed (keys ``dit.*`` and
+        ``conditioners.*``, now ``model.dit.*``, ...), then fail loudly, in one line, if a trainable
+        weight is missing or has another shape (strict_loading is off only for frozen ones)."""
+        if "state_dict" in checkpoint:
+            checkpoint["state_dict"] = upgrade_state_dict(checkpoint["state_dict"])
         if self.dit is None or "state_dict" not in checkpoint:  # sharded checkpoints load the model separately
             return
-        prefixes = tuple(self._frozen_prefixes())
+        prefixes = tuple(frozen_prefixes(self))
         own = {k: v for k, v in self.state_dict().items() if not k.startswith(prefixes)}
         stored = checkpoint["state_dict"]
         missing = sorted(set(own) - set(stored))
@@ -495,24 +404,12 @@ class BindWeave(L.LightningModule):
 
     # -- sampling ------------------------------------------------------------------------------
 
-    def _null_conditions(
-        self, batch: dict, features: dict[str, dict[str, torch.Tensor]], cond_parts: list[Conditioning]
-    ) -> Conditioning:
-        """The unconditional side of CFG from the same features: guided conditioners give their null
-        condition, the others are reused as they are. No encoder runs again."""
-        drop = [True] * len(batch["prompt"])
-        parts = [
-            c.condition(batch, features[name], drop) if c.guided else part
-            for (name, c), part in zip(self.conditioners.items(), cond_parts)
-        ]
-        return merge(parts)
-
     def generate(self, batch: dict, config: SamplingConfig | None = None, progress: bool = False) -> torch.Tensor:
         """Sample videos for a batch of requests (``config`` defaults to ``self.sampling``).
         Returns (B, F, H, W, 3) uint8 on the CPU; see :func:`bindweave.sampling.sample_videos`."""
-        return sample_videos(self, batch, config or self.sampling, progress=progress)
+        return sample_videos(self.model, batch, config or self.sampling, progress=progress)
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         """Videos of a batch of requests. A request that fails (bad input, out of memory) is
         reported under ``failed`` and the others still run; see :func:`bindweave.sampling.predict_batch`."""
-        return predict_batch(self, batch, batch_idx, self.sampling)
+        return predict_batch(self.model, batch, batch_idx, self.sampling)

@@ -4,7 +4,7 @@
     video = pipe("the red circle moves left", references=["red_circle.png"], seed=0)
     video.save("red.mp4")
 
-The pipeline wraps a built :class:`~bindweave.module.BindWeave` and its sampling settings; the
+The pipeline wraps a built :class:`~bindweave.model.BindWeaveModel` and its sampling settings; the
 sampling itself is :func:`bindweave.sampling.sample_videos`, the same code ``bindweave predict``
 runs. Memory options (see ``SamplingConfig``): ``offload_encoders`` keeps the frozen encoders on the
 CPU except while they run, ``vae_tiling``/``vae_slicing`` bound the decoder's activations, and
@@ -14,17 +14,15 @@ CPU except while they run, ``vae_tiling``/``vae_slicing`` bound the decoder's ac
 from __future__ import annotations
 
 import time
-import warnings
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
-import yaml
 from PIL import Image
 
-from bindweave.module import BindWeave
+from bindweave.model import BindWeaveModel
 from bindweave.requests import load_reference
-from bindweave.sampling import SamplingConfig, frozen_encoders, references_uint8
+from bindweave.sampling import SamplingConfig, frozen_encoders, references_uint8, sample_videos
 from bindweave.video_io import write_video
 from callbacks.video_writer import contact_sheet, png_bytes, write_atomic, write_outputs
 from encoders.base import FrozenEncoder, resolve_dtype
@@ -66,16 +64,23 @@ class BindWeavePipeline:
     """Generate subject-consistent videos with a trained BindWeave.
 
     Args:
-        module: the model; built here if ``configure_model`` has not run.
-        sampling: sampling settings (default: a copy of the model's ``sampling``); any field can be
-            overridden per call.
+        model: the built network (the ``model`` of a trained :class:`~bindweave.module.BindWeave`).
+        sampling: sampling settings; any field can be overridden per call.
     """
 
-    def __init__(self, module: BindWeave, sampling: SamplingConfig | None = None) -> None:
-        if module.dit is None:
-            module.configure_model()
-        self.module = module.eval()
-        self.sampling = replace(sampling or module.sampling)
+    def __init__(self, model: BindWeaveModel, sampling: SamplingConfig) -> None:
+        if model.dit is None:
+            raise ValueError("The model is not built: build it first (BindWeave.configure_model), or use "
+                             "BindWeavePipeline.from_module / from_checkpoint / from_pretrained.")
+        self.model = model.eval()
+        self.sampling = replace(sampling)
+
+    @classmethod
+    def from_module(cls, module, sampling: SamplingConfig | None = None) -> "BindWeavePipeline":
+        """The pipeline of a BindWeave LightningModule (built here if ``configure_model`` has not
+        run): its ``model`` and a copy of its ``sampling`` settings (or ``sampling``)."""
+        module.configure_model()
+        return cls(module.model, sampling or module.sampling)
 
     # -- loading -------------------------------------------------------------------------------
 
@@ -97,8 +102,10 @@ class BindWeavePipeline:
         path = Path(checkpoint)
         if not path.is_file():
             raise ValueError(f"Checkpoint {str(path)!r} does not exist; pass the path of a .ckpt written by `bindweave fit`.")
-        module = _load_checkpoint(path, config)
-        return cls(module, replace(module.sampling, **sampling)).to(device, dtype)
+        from bindweave.export import load_checkpoint
+
+        module = load_checkpoint(path, config)
+        return cls(module.model, replace(module.sampling, **sampling)).to(device, dtype)
 
     @classmethod
     def from_pretrained(
@@ -120,14 +127,14 @@ class BindWeavePipeline:
         # A dtype name loads the DiT weights straight into that dtype (no fp32 copy on the way).
         module = load_pretrained(directory, dtype=dtype if isinstance(dtype, str) else None,
                                  model_overrides=model_overrides)
-        return cls(module, replace(module.sampling, **sampling)).to(device, dtype)
+        return cls(module.model, replace(module.sampling, **sampling)).to(device, dtype)
 
     # -- placement -----------------------------------------------------------------------------
 
     @property
     def device(self) -> torch.device:
         """The device the DiT runs on (encoders follow it while they run)."""
-        return self.module.dit.patch_embedding.weight.device
+        return self.model.dit.patch_embedding.weight.device
 
     def to(self, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> "BindWeavePipeline":
         """Move the model to ``device`` and cast the DiT and connector to ``dtype`` (frozen encoders
@@ -135,13 +142,13 @@ class BindWeavePipeline:
         if isinstance(dtype, str):
             dtype = resolve_dtype(dtype)
         if dtype is not None:
-            self.module.to(dtype=dtype)
+            self.model.to(dtype=dtype)
         if device is not None:
             device = torch.device(device)
             if self.sampling.offload_encoders:
-                _move_trainable(self.module, device)
+                _move_trainable(self.model, device)
             else:
-                self.module.to(device)
+                self.model.to(device)
         return self
 
     # -- generation ----------------------------------------------------------------------------
@@ -178,7 +185,7 @@ class BindWeavePipeline:
             raise ValueError("The prompt is empty; describe the video (e.g. 'the red circle moves left').")
         num_frames = num_frames or config.num_frames
         height, width = height or config.height, width or config.width
-        self.module._check_video(num_frames, height, width)
+        self.model.check_video(num_frames, height, width)
         if isinstance(references, (str, Path, Image.Image)):
             references = [references]
         images = []
@@ -193,7 +200,7 @@ class BindWeavePipeline:
             "seed": [int(seed)], "num_frames": [num_frames], "height": [height], "width": [width],
         }
         start = time.perf_counter()
-        frames = self.module.generate(batch, config, progress=progress)[0]  # (F, H, W, 3)
+        frames = sample_videos(self.model, batch, config, progress=progress)[0]  # (F, H, W, 3)
         request = {
             "prompt": prompt,
             "references": [str(Path(r).resolve()) if isinstance(r, (str, Path)) else "<PIL image>" for r in references],
@@ -217,41 +224,3 @@ def _move_trainable(module: torch.nn.Module, device: torch.device) -> None:
     visit(module)
     for encoder in encoders:
         encoder.to("cpu")
-
-
-def _load_checkpoint(path: Path, config: str | Path | dict | None) -> BindWeave:
-    """A built BindWeave with the checkpoint's weights, from the checkpoint's config or ``config``."""
-    if config is None:
-        try:
-            with warnings.catch_warnings():  # frozen encoders are never in checkpoints, by design
-                warnings.filterwarnings("ignore", message="Found keys that are in the model state dict")
-                # A model trained from a feature cache samples with its encoders.
-                return BindWeave.load_from_checkpoint(path, map_location="cpu", feature_cache=None)
-        except TypeError as error:
-            raise ValueError(
-                f"{path} holds no model config ({error}): it was saved from a model built in Python. Pass "
-                f"config= (the YAML it was trained with, e.g. configs/tiny.yaml)."
-            ) from None
-    from lightning.pytorch.cli import instantiate_module
-
-    source = config if isinstance(config, dict) else yaml.safe_load(Path(config).read_text())
-    model_config = source.get("model", source) if isinstance(source, dict) else None
-    if not isinstance(model_config, dict):
-        raise ValueError(f"Config {config!r} has no `model:` section.")
-    module = instantiate_module(BindWeave, {**model_config, "feature_cache": None})
-    module.configure_model()
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    state = checkpoint.get("state_dict", checkpoint)
-    hint = (f"Checkpoint {str(path)!r} does not match the config {str(config) if not isinstance(config, dict) else 'given'}: "
-            f"{{}}. Use the config it was trained with, or leave config out to use the one stored in the checkpoint.")
-    try:
-        module.on_load_checkpoint({"state_dict": state})
-        frozen = tuple(module._frozen_prefixes())
-        result = module.load_state_dict(state, strict=False)
-    except (ValueError, RuntimeError) as error:
-        first = str(error).strip().splitlines()
-        raise ValueError(hint.format(" ".join(line.strip() for line in first[:3]))) from None
-    unexpected = [k for k in result.unexpected_keys if not k.startswith(frozen)]
-    if unexpected:
-        raise ValueError(hint.format(f"the model has no weights {unexpected[:5]}"))
-    return module

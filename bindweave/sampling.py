@@ -1,6 +1,6 @@
 """Sampling: from a batch of requests to uint8 frames, with diffusers' flow schedulers.
 
-``sample_videos(module, batch, config)`` runs three stages:
+``sample_videos(model, batch, config)`` (a :class:`~bindweave.model.BindWeaveModel`) runs three stages:
 
 1. **Conditions.** Every conditioner's frozen encoders run once per request; guided conditioners
    turn the same features into their null condition (CFG's unconditional side). Both sides are
@@ -27,7 +27,7 @@ import contextlib
 import time
 from contextvars import ContextVar
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Callable, Iterator, Literal
+from typing import Callable, Iterator, Literal
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
@@ -35,17 +35,12 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from tqdm.auto import tqdm
 
 from bindweave.flow import NUM_TRAIN_TIMESTEPS
+from bindweave.model import BindWeaveModel
 from conditioners.base import merge, stack_batches
-from conditioners.identity import IdentityConditioner
-from conditioners.multi_reference import MultiReferenceConditioner
 from encoders.base import FrozenEncoder, frozen_encoders
 
-if TYPE_CHECKING:
-    from bindweave.module import BindWeave
 
 SAMPLERS = ("euler", "unipc")
-REFERENCE_CONDITIONERS = (IdentityConditioner, MultiReferenceConditioner)
-"""Conditioners that need at least one reference image per request."""
 
 
 @dataclass
@@ -201,9 +196,9 @@ def initial_noise(seeds: list[int], shape: tuple[int, ...], device: torch.device
 
 @torch.no_grad()
 def sample_videos(
-    module: "BindWeave", batch: dict, config: SamplingConfig, progress: bool = False, description: str | None = None
+    model: BindWeaveModel, batch: dict, config: SamplingConfig, progress: bool = False, description: str | None = None
 ) -> torch.Tensor:
-    """Sample videos for a batch of requests with a built :class:`BindWeave`.
+    """Sample videos for a batch of requests with a built :class:`~bindweave.model.BindWeaveModel`.
 
     Returns (B, F, H, W, 3) uint8 frames on the CPU. The only host syncs of the Euler loop are the
     final copy to the CPU.
@@ -211,28 +206,22 @@ def sample_videos(
     num_frames = request_size(batch, "num_frames", config.num_frames)
     height = request_size(batch, "height", config.height)
     width = request_size(batch, "width", config.width)
-    module._check_video(num_frames, height, width)
-    module._check_references(batch["references"], height, width)
-    if not min(int(n) for n in batch["num_references"]):
-        readers = [c for c in module.conditioners.values() if isinstance(c, REFERENCE_CONDITIONERS)]
-        if readers:
-            most = min([c.max_references for c in readers if isinstance(c, MultiReferenceConditioner)] or [4])
-            names = ", ".join(type(c).__name__ for c in readers)
-            raise ValueError(f"A request has no reference image, but this model conditions on them ({names}); "
-                             f"give 1 to {most} reference images.")
-    dit, vae = module.dit, module.vae
+    model.check_video(num_frames, height, width)
+    model.check_references(batch["references"], height, width)
+    model.check_reference_counts([int(n) for n in batch["num_references"]])  # what the conditioners declare
+    dit, vae = model.dit, model.vae
     device = dit.patch_embedding.weight.device
-    encoders = frozen_encoders(module)
+    encoders = frozen_encoders(model)
     guided = config.guidance_scale != 1.0
 
     # 1. Conditions: every encoder runs once per request, then (with offloading) leaves the GPU.
     with encoders_on(encoders, device, config.offload_encoders):
-        features = module.encode_features(batch)
-        parts = [c.condition(batch, features[name]) for name, c in module.conditioners.items()]
+        features = model.encode_features(batch)
+        parts = model.condition_parts(batch, features)
         cond = merge(parts)
         if guided:
-            cond = stack_batches(cond, module._null_conditions(batch, features, parts))
-    context, context_mask = module._context(cond)
+            cond = stack_batches(cond, model.null_conditions(batch, features, parts))
+    context, context_mask = model.context(cond)
     context = dit.embed_context(context, context_mask)  # once, not per step
 
     # 2. Denoising: one DiT call per step for both CFG sides.
@@ -254,11 +243,11 @@ def sample_videos(
         listener(0, total, ids)
     for i, t in enumerate(tqdm(scheduler.timesteps, desc=description, disable=not progress, leave=False)):
         model_x = torch.cat([x, x]) if guided else x  # (2B or B, z, T, h, w)
-        dit_in, frame_mask = module.assemble_input(model_x.to(dtype), cond)  # (2B or B, C_in, T+N, h, w)
+        dit_in, frame_mask = model.assemble_input(model_x.to(dtype), cond)  # (2B or B, C_in, T+N, h, w)
         timestep = t.to(torch.float32).expand(model_x.shape[0])  # (2B or B,)
         output = dit_call(dit_in, timestep, context, context_mask, frame_mask, context_embedded=True)
         output = output[:, :, : latent_shape[1]]  # (2B or B, z, T, h, w)
-        velocity = module.output_velocity(output, model_x, sigmas[i].expand(model_x.shape[0]))  # float32
+        velocity = model.output_velocity(output, model_x, sigmas[i].expand(model_x.shape[0]))  # float32
         if guided:
             conditional, unconditional = velocity.chunk(2)
             velocity = unconditional + config.guidance_scale * (conditional - unconditional)  # (B, z, T, h, w)
@@ -344,7 +333,7 @@ def references_uint8(references: torch.Tensor) -> torch.Tensor:
     return ((references.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 1, 3, 4, 2).cpu()
 
 
-def predict_batch(module: "BindWeave", batch: dict, batch_idx: int, config: SamplingConfig) -> dict:
+def predict_batch(model: BindWeaveModel, batch: dict, batch_idx: int, config: SamplingConfig) -> dict:
     """Generate a batch of requests; a request that fails is reported, the others still run.
 
     A batch that fails is retried request by request, so one bad request does not take its batch
@@ -367,7 +356,7 @@ def predict_batch(module: "BindWeave", batch: dict, batch_idx: int, config: Samp
         part = batch if len(indices) == size else select(batch, indices)
         start = time.perf_counter()
         try:
-            frames = sample_videos(module, part, config)
+            frames = sample_videos(model, part, config)
         except RECOVERABLE as error:
             if isinstance(error, torch.OutOfMemoryError) and torch.cuda.is_available():
                 torch.cuda.empty_cache()

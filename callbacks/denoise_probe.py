@@ -61,11 +61,11 @@ def masked_mse(prediction: torch.Tensor, video: torch.Tensor, mask: torch.Tensor
 @torch.no_grad()
 def denoised_sample(module, latents: torch.Tensor, cond, noise: torch.Tensor, sigma: float) -> torch.Tensor:
     """x̂₀ (B, z, T, h, w) of the clean ``latents`` noised to ``sigma`` with ``noise``, under the
-    conditioning ``cond`` (``module.encode_conditions``), whatever the model predicts."""
+    conditioning ``cond`` (``module.model.encode_conditions``), whatever the model predicts."""
     sigmas = torch.full((len(latents),), sigma, device=latents.device)
     noisy = module.flow.noisy(latents, noise, sigmas)
-    output = module.video_output(noisy, sigmas, cond).float()  # (B, z, T, h, w)
-    return output if module.prediction == "sample" else noisy.float() - sigma * output
+    output = module.model.video_output(noisy, sigmas, cond).float()  # (B, z, T, h, w)
+    return output if module.model.prediction == "sample" else noisy.float() - sigma * output
 
 
 @torch.no_grad()
@@ -81,7 +81,7 @@ def denoise_measures(module, vae, batch: dict, sigmas: tuple[float, ...], seed: 
         latents = module.vae.encode(video).float()
     background = background_colour(video)  # once per batch, not per σ
     subjects = subject_pixels(video, background)
-    cond = module.encode_conditions(batch)
+    cond = module.model.encode_conditions(batch)
     noise = torch.randn(latents.shape, generator=torch.Generator(latents.device).manual_seed(seed), device=latents.device)
     measures = {}
     for sigma in sigmas:

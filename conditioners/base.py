@@ -49,10 +49,15 @@ class ConditionerSpec:
     Attributes:
         branches: {branch name: token feature size} it feeds.
         slot_channels: channels of the temporal slots it adds (0 for none).
+        min_references: fewest reference images a request must give (0: it reads none, or can do
+            without); the sampler refuses requests with fewer, naming the conditioner.
+        max_references: most reference images it takes (None: no limit of its own).
     """
 
     branches: dict[str, int] = field(default_factory=dict)
     slot_channels: int = 0
+    min_references: int = 0
+    max_references: int | None = None
 
 
 class Conditioner(nn.Module):

@@ -50,7 +50,7 @@ class IdentityConditioner(Conditioner):
         self.width = int(state["width"])
 
     def spec(self) -> ConditionerSpec:
-        return ConditionerSpec(branches={self.branch: self.width})
+        return ConditionerSpec(branches={self.branch: self.width}, min_references=1)
 
     @torch.no_grad()
     def encode(self, batch: dict) -> dict[str, torch.Tensor]:

@@ -40,7 +40,8 @@ class MultiReferenceConditioner(Conditioner):
         object.__setattr__(self, "vae", vae)
 
     def spec(self) -> ConditionerSpec:
-        return ConditionerSpec(slot_channels=self.mask_channels + self.vae.latent_channels)
+        return ConditionerSpec(slot_channels=self.mask_channels + self.vae.latent_channels, min_references=1,
+                               max_references=self.max_references)
 
     def _check_count(self, batch: dict) -> None:
         most = max(batch["num_references"])

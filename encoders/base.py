@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -145,6 +145,33 @@ class FrozenEncoder(nn.Module):
         raise NotImplementedError(f"{cls.__name__} must implement tiny() for the contract tests.")
 
 
+@runtime_checkable
+class VideoAutoencoder(Protocol):
+    """What the model asks of its VAE (``encoders.WanVAE``, ``encoders.PatchVAE``, or the
+    ``LatentSpace`` stand-in of a model that trains from a feature cache).
+
+    Attributes:
+        latent_channels: z.
+        temporal_compression: frames per latent frame after the first.
+        spatial_compression: pixels per latent pixel along H and W.
+        can_encode: False for a stand-in without networks (``encode``/``decode`` raise).
+    """
+
+    latent_channels: int
+    temporal_compression: int
+    spatial_compression: int
+    can_encode: bool
+
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        """(B, 3, F, H, W) in [-1, 1] -> (B, z, T, h, w) normalised latents."""
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(M, 3, H, W) in [-1, 1] -> (M, z, 1, h, w) normalised latents."""
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, z, T, h, w) normalised latents -> (B, 3, F, H, W) in [-1, 1]."""
+
+
 def frozen_encoders(module: nn.Module) -> list[FrozenEncoder]:
     """The outermost :class:`FrozenEncoder` submodules of ``module`` (the VAE included)."""
     found: list[FrozenEncoder] = []
@@ -158,3 +185,9 @@ def frozen_encoders(module: nn.Module) -> list[FrozenEncoder]:
 
     walk(module)
     return found
+
+
+def frozen_prefixes(module: nn.Module) -> list[str]:
+    """State-dict key prefixes (``"vae."``, ``"conditioners.identity.image_encoder."``) of the
+    :class:`FrozenEncoder` submodules of ``module``: the weights that checkpoints and exports leave out."""
+    return [name + "." for name, m in module.named_modules() if isinstance(m, FrozenEncoder) and name]

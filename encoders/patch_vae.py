@@ -48,6 +48,9 @@ class PatchVAE(FrozenEncoder):
         self.register_buffer("anchor", torch.zeros((), dtype=self.dtype), persistent=False)
         self.freeze()
 
+    can_encode = True
+    """A real autoencoder (see :class:`encoders.base.VideoAutoencoder`)."""
+
     @property
     def latent_channels(self) -> int:
         """Number z = 3 * temporal * spatial**2 of latent channels."""

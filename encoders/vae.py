@@ -124,6 +124,9 @@ class WanVAE(FrozenEncoder):
         self.register_buffer("std", torch.tensor(config.latents_std).view(1, -1, 1, 1, 1), persistent=False)
         self.freeze()
 
+    can_encode = True
+    """A real autoencoder (see :class:`encoders.base.VideoAutoencoder`)."""
+
     @property
     def latent_channels(self) -> int:
         """Number z of latent channels."""

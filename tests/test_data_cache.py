@@ -147,7 +147,7 @@ def test_cache_cli_then_fit_from_the_cache_through_the_cli(tmp_path, monkeypatch
 
     checkpoint = str(tmp_path / "outputs" / "tiny" / "checkpoints" / "last.ckpt")
     pipe = BindWeavePipeline.from_checkpoint(checkpoint)
-    assert any(isinstance(m, FrozenEncoder) for m in pipe.module.modules())
+    assert any(isinstance(m, FrozenEncoder) for m in pipe.model.modules())
     requests = tmp_path / "requests.jsonl"
     reference = ROOT / "examples" / "references" / "red_circle.png"
     requests.write_text(json.dumps({"id": "one", "prompt": "the red circle moves right", "references": [str(reference)],

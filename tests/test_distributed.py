@@ -201,7 +201,7 @@ def _sp_worker(rank: int, world: int, port: int, path: str) -> None:
     torch.nn.init.normal_(module.dit.head.proj.weight, std=0.5)  # outputs depend on the DiT
     batch = synthetic_batch(size=1, with_video=False)
     for mode in ("cfg", "sequence"):
-        results[f"video_{mode}"] = sample_videos(module, batch, replace(module.sampling, parallel=mode))
+        results[f"video_{mode}"] = sample_videos(module.model, batch, replace(module.sampling, parallel=mode))
     if rank == 0:
         torch.save(results, path)
     dist.destroy_process_group()
@@ -236,9 +236,9 @@ def test_sequence_and_cfg_parallel_equal_one_process(tmp_path):
     torch.manual_seed(123)
     module = tiny_module(num_steps=2)
     torch.nn.init.normal_(module.dit.head.proj.weight, std=0.5)
-    single = sample_videos(module, synthetic_batch(size=1, with_video=False), module.sampling)
+    single = sample_videos(module.model, synthetic_batch(size=1, with_video=False), module.sampling)
     torch.nn.init.normal_(module.dit.head.proj.weight, std=0.5)  # other weights: another video
-    assert (sample_videos(module, synthetic_batch(size=1, with_video=False), module.sampling).int() - single.int()).abs().max() > 1
+    assert (sample_videos(module.model, synthetic_batch(size=1, with_video=False), module.sampling).int() - single.int()).abs().max() > 1
     for mode in ("cfg", "sequence"):
         assert (result[f"video_{mode}"].int() - single.int()).abs().max() <= 1, mode
 

@@ -107,7 +107,7 @@ def test_only_trainable_parts_get_optimised():
     module = tiny_module()
     optimizer = module.configure_optimizers()
     trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    for name, p in module.named_parameters():
+    for name, p in module.model.named_parameters():
         assert (id(p) in trained) == (name.startswith("dit.") or ".connector." in name), name
     assert optimizer.defaults["lr"] == 5e-6
 
@@ -117,9 +117,9 @@ def test_checkpoint_holds_trainable_weights_only():
     checkpoint = {"state_dict": module.state_dict()}
     module.on_save_checkpoint(checkpoint)
     keys = checkpoint["state_dict"].keys()
-    assert any(k.startswith("dit.") for k in keys) and any(".connector." in k for k in keys)
-    assert not any(k.startswith("vae.") or ".text_encoder." in k or ".mllm." in k or ".image_encoder." in k for k in keys)
-    del checkpoint["state_dict"]["dit.head.proj.weight"]
+    assert any(k.startswith("model.dit.") for k in keys) and any(".connector." in k for k in keys)
+    assert not any(k.startswith("model.vae.") or ".text_encoder." in k or ".mllm." in k or ".image_encoder." in k for k in keys)
+    del checkpoint["state_dict"]["model.dit.head.proj.weight"]
     with pytest.raises(ValueError, match="dit.head.proj.weight"):
         module.on_load_checkpoint(checkpoint)
 
@@ -145,7 +145,7 @@ def test_batched_cfg_equals_two_separate_passes():
     batched = module.generate(batch)
 
     # Reference: the conditional and unconditional passes as separate DiT calls, unpadded.
-    features = module.encode_features(batch)
+    features = module.model.encode_features(batch)
     parts = [c.condition(batch, features[name]) for name, c in module.conditioners.items()]
     # The unconditional side built by hand from the encoders (not with the code under test).
     cond, uncond = merge(parts), hand_null_conditioning(module, batch)
@@ -155,8 +155,8 @@ def test_batched_cfg_equals_two_separate_passes():
     sigmas = s.shift * sigmas / (1 + (s.shift - 1) * sigmas)
 
     def velocity(c, x, sigma):
-        dit_in, frame_mask = module.assemble_input(x, c)
-        context, mask = module._context(c)
+        dit_in, frame_mask = module.model.assemble_input(x, c)
+        context, mask = module.model.context(c)
         return module.dit(dit_in, (sigma * 1000).expand(x.shape[0]), context, mask, frame_mask)[:, :, :2]
 
     with torch.no_grad():
@@ -175,9 +175,9 @@ def test_the_unconditional_side_nulls_the_prompt_and_keeps_the_references():
     module = tiny_module()
     torch.nn.init.normal_(module.conditioners["relational"].connector[2].weight, std=0.5)
     batch = synthetic_batch(size=2, with_video=False)
-    features = module.encode_features(batch)
+    features = module.model.encode_features(batch)
     parts = [c.condition(batch, features[name]) for name, c in module.conditioners.items()]
-    uncond, expected = module._null_conditions(batch, features, parts), hand_null_conditioning(module, batch)
+    uncond, expected = module.model.null_conditions(batch, features, parts), hand_null_conditioning(module, batch)
     assert set(uncond.context) == set(expected.context) == {"text", "image"}
     for i in range(2):
         torch.testing.assert_close(valid_tokens(uncond.context["text"], i), valid_tokens(expected.context["text"], i))

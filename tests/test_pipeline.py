@@ -58,21 +58,21 @@ def test_euler_through_diffusers_is_bit_identical_to_the_plain_euler_loop():
     latents = {}
     decode = module.vae.decode
     module.vae.decode = lambda x: (latents.setdefault("x", x.clone()), decode(x))[1]
-    sample_videos(module, batch, module.sampling)
+    sample_videos(module.model, batch, module.sampling)
     # The loop this project had before the schedulers: flow.euler_sigmas + flow.euler_step.
     s = module.sampling
-    features = module.encode_features(batch)
+    features = module.model.encode_features(batch)
     parts = [c.condition(batch, features[name]) for name, c in module.conditioners.items()]
     from conditioners.base import merge, stack_batches
 
     cond = stack_batches(merge(parts), hand_null_conditioning(module, batch))  # not the code under test
-    context, mask = module._context(cond)
+    context, mask = module.model.context(cond)
     context = module.dit.embed_context(context)
     x = torch.stack([torch.randn(4, 2, 4, 4, generator=torch.Generator().manual_seed(seed)) for seed in batch["seed"]])
     sigmas = euler_sigmas(s.num_steps, s.shift)
     with torch.no_grad():
         for i in range(s.num_steps):
-            dit_in, frame_mask = module.assemble_input(torch.cat([x, x]), cond)
+            dit_in, frame_mask = module.model.assemble_input(torch.cat([x, x]), cond)
             v = module.dit(dit_in, (sigmas[i] * 1000).expand(4), context, mask, frame_mask, context_embedded=True)
             v_c, v_u = v[:, :, :2].float().chunk(2)
             x = euler_step(x, v_u + s.guidance_scale * (v_c - v_u), sigmas[i], sigmas[i + 1])
@@ -108,16 +108,16 @@ def test_unipc_sampler_and_memory_options(files, monkeypatch):
         return plain_decode(vae, latents, **kwargs)
 
     monkeypatch.setattr(sampling, "decode", recording_decode)
-    base = sample_videos(module, batch, config)
+    base = sample_videos(module.model, batch, config)
     base_latents = decoded[-1]
     one = synthetic_batch(size=1, with_video=False)
-    euler_one = sample_videos(module, one, config)
-    unipc = sample_videos(module, one, replace(config, sampler="unipc"))
+    euler_one = sample_videos(module.model, one, config)
+    unipc = sample_videos(module.model, one, replace(config, sampler="unipc"))
     assert unipc.shape == euler_one.shape and not torch.equal(unipc, euler_one)
     # Offloading (trivially, on a CPU) changes memory, not the result; slicing decodes videos one by
     # one, whose convolutions may round differently from the batched ones: 1/255 at most.
-    assert torch.equal(sample_videos(module, batch, replace(config, offload_encoders=True)), base)
-    sliced = sample_videos(module, batch, replace(config, vae_slicing=True))
+    assert torch.equal(sample_videos(module.model, batch, replace(config, offload_encoders=True)), base)
+    sliced = sample_videos(module.model, batch, replace(config, vae_slicing=True))
     assert (sliced.int() - base.int()).abs().max() <= 1
     # Tiling with tiles smaller than the frame: a tiled decode happens, of the very latents the untiled
     # call decoded, and its frames are diffusers' tiled decode of them; the tiling state is restored.
@@ -128,7 +128,7 @@ def test_unipc_sampler_and_memory_options(files, monkeypatch):
     inner.tile_sample_min_height = inner.tile_sample_min_width = 24
     inner.tile_sample_stride_height = inner.tile_sample_stride_width = 16
     try:
-        tiled = sample_videos(module, batch, replace(config, vae_tiling=True))
+        tiled = sample_videos(module.model, batch, replace(config, vae_tiling=True))
     finally:
         del inner.tiled_decode
     assert calls and not inner.use_tiling
@@ -150,15 +150,15 @@ def test_unipc_sampler_and_memory_options(files, monkeypatch):
     half = copy.deepcopy(module).to(torch.bfloat16)
     assert half.dit.patch_embedding.weight.dtype == torch.bfloat16
     assert next(half.vae.parameters()).dtype == torch.float32  # frozen encoders keep their dtype
-    assert (sample_videos(half, one, config).float() - euler_one.float()).abs().mean() < 2
+    assert (sample_videos(half.model, one, config).float() - euler_one.float()).abs().mean() < 2
 
 
 def test_encoders_run_once_per_call_whatever_the_steps(pipe, files):
     calls, dit_calls = [], []
-    relational, identity = pipe.module.conditioners["relational"], pipe.module.conditioners["identity"]
+    relational, identity = pipe.model.conditioners["relational"], pipe.model.conditioners["identity"]
     handles = [encoder.register_forward_hook(lambda *_: calls.append(1))
                for encoder in (relational.text_encoder, relational.mllm, identity.image_encoder)]
-    handles.append(pipe.module.dit.register_forward_hook(lambda *_: dit_calls.append(1)))
+    handles.append(pipe.model.dit.register_forward_hook(lambda *_: dit_calls.append(1)))
     try:
         pipe("warm up: computes and keeps the null prompt's features", references=files["red"], progress=False)
         for steps in (2, 5):
@@ -214,7 +214,7 @@ def test_bad_input_is_a_clear_error(pipe, files, tmp_path):
     with pytest.raises(ValueError, match="holds no model config.*Pass config="):
         BindWeavePipeline.from_checkpoint(tmp_path / "bare.ckpt")
     # ... and loads with the matching config.
-    assert BindWeavePipeline.from_checkpoint(files["checkpoint"], config={"model": tiny_model_config()}).module.dit.dim == 64
+    assert BindWeavePipeline.from_checkpoint(files["checkpoint"], config={"model": tiny_model_config()}).model.dit.dim == 64
 
 
 def test_readme_generation_example_runs(files, tmp_path, monkeypatch):

@@ -87,14 +87,14 @@ def test_a_bad_request_does_not_take_its_batch_mates_down(module, tmp_path):
     dataset = RequestDataset(tmp_path / "r.jsonl", 5, 32, 32)
     batch = collate_requests([dataset[0], dataset[1]])
     assert batch["num_references"] == [1, 5] and not batch["failed"]  # the model, not the data, rejects it
-    out = predict_batch(module, batch, 0, module.sampling)
+    out = predict_batch(module.model, batch, 0, module.sampling)
     assert out["id"] == ["good"] and out["video"].shape == (1, 5, 32, 32, 3)
     assert [f["id"] for f in out["failed"]] == ["five"] and "at most 4" in out["failed"][0]["error"]
     # The survivor is the video its record reproduces, alone or through the pipeline.
-    alone = predict_batch(module, collate_requests([dataset[0]]), 0, module.sampling)
+    alone = predict_batch(module.model, collate_requests([dataset[0]]), 0, module.sampling)
     assert torch.equal(out["video"][0], alone["video"][0])
     request = out["request"][0]
-    video = BindWeavePipeline(module)(request["prompt"], request["references"], seed=request["seed"],
+    video = BindWeavePipeline.from_module(module)(request["prompt"], request["references"], seed=request["seed"],
                                       num_frames=request["num_frames"], height=request["height"],
                                       width=request["width"], progress=False)
     assert torch.equal(video.frames, out["video"][0])
@@ -163,7 +163,7 @@ def test_nothing_left_to_do_is_one_empty_batch_and_warnings_travel_with_the_requ
     write_jsonl(tmp_path / "r.jsonl", [{"id": "done", "prompt": "x"}])
     dataset = RequestDataset(tmp_path / "r.jsonl", 5, 32, 32, skip=lambda request_id: True)
     assert len(dataset) == 0 and dataset.skipped == ["done"] and list(SizeBatchSampler(dataset, 4)) == [[]]
-    empty = predict_batch(module, collate_requests([]), 0, module.sampling)
+    empty = predict_batch(module.model, collate_requests([]), 0, module.sampling)
     assert empty["id"] == [] and empty["failed"] == [] and empty["video"] is None
 
     Image.new("RGB", (4, 4), (220, 40, 40)).save(tmp_path / "small.png")
@@ -175,7 +175,7 @@ def test_nothing_left_to_do_is_one_empty_batch_and_warnings_travel_with_the_requ
     dataset = RequestDataset(tmp_path / "w.jsonl", 5, 32, 32)
     assert dataset[0]["warnings"] == ["reference 'small.png': 4x4 pixels, enlarged 8.0x to fit the 32x32 video "
                                       "(more than 4x: expect a blurred subject); give one of at least 8x8 pixels"]
-    out = predict_batch(module, collate_requests([dataset[0], dataset[1]]), 0, module.sampling)
+    out = predict_batch(module.model, collate_requests([dataset[0], dataset[1]]), 0, module.sampling)
     assert out["id"] == ["small", "fine"] and out["warnings"] == [dataset[0]["warnings"], []]
 
 
@@ -217,7 +217,7 @@ def test_a_request_gives_the_same_video_alone_or_batched_with_longer_ones(tmp_pa
         {"id": "two", "prompt": "the blue square waits", "references": ["blue.png", "green.png"], "seed": 3},
     ])
     dataset = RequestDataset(tmp_path / "r.jsonl", 5, 32, 32)
-    batched = predict_batch(module, collate_requests([dataset[i] for i in range(3)]), 0, module.sampling)["video"]
+    batched = predict_batch(module.model, collate_requests([dataset[i] for i in range(3)]), 0, module.sampling)["video"]
     for i in range(3):
-        alone = predict_batch(module, collate_requests([dataset[i]]), 0, module.sampling)["video"][0]
+        alone = predict_batch(module.model, collate_requests([dataset[i]]), 0, module.sampling)["video"][0]
         assert (batched[i].int() - alone.int()).abs().max() <= 1, dataset[i]["id"]  # rounding only

@@ -70,8 +70,8 @@ def test_save_and_load_pretrained(trained, tmp_path):
     config = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert config["model"]["dit"]["class_path"] == "bindweave.dit.WanDiT"
     loaded = load_pretrained(tmp_path)
-    expected = trainable_state_dict(trained)
-    actual = trainable_state_dict(loaded)
+    expected = trainable_state_dict(trained.model)
+    actual = trainable_state_dict(loaded.model)
     assert set(actual) == set(expected) and any(k.startswith("conditioners.relational.connector") for k in actual)
     for key in expected:
         torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0)
@@ -201,7 +201,7 @@ def test_save_pretrained_needs_a_config_for_python_built_models(tmp_path):
 
 
 def test_export_from_lightning_checkpoint_and_cli(trained, tiny_config, tmp_path):
-    checkpoint = {"state_dict": trainable_state_dict(trained),
+    checkpoint = {"state_dict": trainable_state_dict(trained.model),
                   "hyper_parameters": {**tiny_config, "_instantiator": "lightning.pytorch.cli.instantiate_module"}}
     torch.save(checkpoint, tmp_path / "last.ckpt")
     main(["export", str(tmp_path / "last.ckpt"), str(tmp_path / "out")])
@@ -218,7 +218,7 @@ def test_init_weights_loads_an_export_into_a_config_built_model(trained, tiny_co
     exported = yaml.safe_load((tmp_path / "export" / "config.yaml").read_text())["model"]
     assert "init_weights" not in exported  # the export holds the weights itself
     module = build({**tiny_config, "init_weights": str(tmp_path / "export")})
-    expected, actual = trainable_state_dict(trained), trainable_state_dict(module)
+    expected, actual = trainable_state_dict(trained.model), trainable_state_dict(module.model)
     for key in expected:
         torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0)
     torch.testing.assert_close(dit_output(module), dit_output(trained))
@@ -230,13 +230,13 @@ def test_init_weights_loads_an_export_into_a_config_built_model(trained, tiny_co
 
 
 def test_load_pretrained_is_strict(trained, tmp_path):
-    state = trainable_state_dict(trained)
+    state = trainable_state_dict(trained.model)
     save_pretrained(trained, tmp_path)
     del state["conditioners.relational.connector.2.bias"]
     save_sharded(state, tmp_path, "model")
     with pytest.raises(WeightsError, match=r"missing \['conditioners.relational.connector.2.bias'\]"):
         load_pretrained(tmp_path)
-    state = trainable_state_dict(trained)
+    state = trainable_state_dict(trained.model)
     state["dit.head.proj.weight"] = torch.zeros(3, 3)
     save_sharded(state, tmp_path, "model")
     with pytest.raises(WeightsError, match=r"model.safetensors: head.proj.weight|dit.head.proj.weight has shape \(3, 3\)"):
