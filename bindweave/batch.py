@@ -143,3 +143,28 @@ def collate(samples: list[dict]) -> dict:
         values = [s[key] for s in samples]
         batch[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
     return batch
+
+
+def to_model_batch(batch: dict) -> dict:
+    """The loader's uint8 batch as the float batch of :mod:`bindweave.batch`, on the batch's device.
+
+    ``frames`` (B, F, H, W, 3) uint8 becomes ``video`` (B, 3, F, H, W) in [-1, 1]; ``references``
+    become floats with zero padding. A cached batch gets a zero ``references`` of the clip size
+    that takes no memory (an expanded scalar): its features were encoded from the real ones, and
+    the model only reads the shape (masks and size checks).
+    """
+    if "frames" in batch:
+        frames = batch.pop("frames")  # (B, F, H, W, 3)
+        video = frames.permute(0, 4, 1, 2, 3).to(torch.float32, memory_format=torch.contiguous_format)  # (B, 3, F, H, W)
+        batch["video"] = video.div_(127.5).sub_(1.0)
+    refs = batch.get("references")
+    if refs is not None and refs.dtype == torch.uint8:
+        refs = refs.float().div_(127.5).sub_(1.0)  # (B, N, 3, H, W)
+        for i, count in enumerate(batch["num_references"]):
+            refs[i, count:] = 0.0
+        batch["references"] = refs
+    if refs is None and "video_latents" in batch:
+        latents = batch["video_latents"]
+        shape = (latents.shape[0], max(batch["num_references"]), 3, batch["height"][0], batch["width"][0])
+        batch["references"] = latents.new_zeros(()).expand(shape)  # (B, N, 3, H, W), no memory
+    return batch

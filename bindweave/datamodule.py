@@ -38,7 +38,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image, ImageEnhance
 from torch.utils.data import IterableDataset, get_worker_info
 
-from bindweave.batch import check_num_frames, collate, to_rgb
+from bindweave.batch import check_num_frames, collate, to_model_batch, to_rgb  # noqa: F401  (to_model_batch: its home before)
 from bindweave.curriculum import Curriculum, Stage
 from bindweave.feature_cache import collate_features, read_features
 from bindweave.resume import ResumableDataModule, StreamLoader, StreamStart, data_parallel_rank, worker_positions
@@ -197,31 +197,6 @@ def collate_cached(samples: list[dict]) -> dict:
     batch = {key: [s[key] for s in samples] for key in ("id", "prompt", "shard", "fps", "num_references", "height", "width")}
     batch["video_latents"] = torch.stack([s["video_latents"] for s in samples])  # (B, z, T, h, w)
     batch["features"] = collate_features([s["features"] for s in samples])
-    return batch
-
-
-def to_model_batch(batch: dict) -> dict:
-    """The loader's uint8 batch as the float batch of :mod:`bindweave.batch`, on the batch's device.
-
-    ``frames`` (B, F, H, W, 3) uint8 becomes ``video`` (B, 3, F, H, W) in [-1, 1]; ``references``
-    become floats with zero padding. A cached batch gets a zero ``references`` of the clip size
-    that takes no memory (an expanded scalar): its features were encoded from the real ones, and
-    the model only reads the shape (masks and size checks).
-    """
-    if "frames" in batch:
-        frames = batch.pop("frames")  # (B, F, H, W, 3)
-        video = frames.permute(0, 4, 1, 2, 3).to(torch.float32, memory_format=torch.contiguous_format)  # (B, 3, F, H, W)
-        batch["video"] = video.div_(127.5).sub_(1.0)
-    refs = batch.get("references")
-    if refs is not None and refs.dtype == torch.uint8:
-        refs = refs.float().div_(127.5).sub_(1.0)  # (B, N, 3, H, W)
-        for i, count in enumerate(batch["num_references"]):
-            refs[i, count:] = 0.0
-        batch["references"] = refs
-    if refs is None and "video_latents" in batch:
-        latents = batch["video_latents"]
-        shape = (latents.shape[0], max(batch["num_references"]), 3, batch["height"][0], batch["width"][0])
-        batch["references"] = latents.new_zeros(()).expand(shape)  # (B, N, 3, H, W), no memory
     return batch
 
 

@@ -38,6 +38,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import load_file, save, save_file
 from torch import nn
 
+from bindweave.batch import collate, to_model_batch
 from bindweave.shards import FEATURES, AtomicShard, BrokenSample, expand_urls
 
 MANIFEST = "cache.json"
@@ -263,8 +264,6 @@ def cache_shards(
         dtype: storage of floating-point features, ``float32`` or ``bfloat16`` (half the bytes to
             read per training step; training reads them back as float32).
     """
-    from bindweave.batch import collate
-    from bindweave.datamodule import to_model_batch
 
     if dtype not in CACHE_DTYPES:
         raise ValueError(f"dtype must be one of {sorted(CACHE_DTYPES)}, got {dtype!r}.")

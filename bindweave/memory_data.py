@@ -27,7 +27,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from bindweave.curriculum import Curriculum, Stage
-from bindweave.datamodule import DataMonitor, SampleDecoder, ShardStream, to_model_batch
+from bindweave.batch import to_model_batch
+from bindweave.datamodule import DataMonitor, SampleDecoder, ShardStream
 from bindweave.feature_cache import _pad_to
 from bindweave.resume import PositionedLoader, ResumableDataModule, StreamStart, data_parallel_rank, pass_order
 from bindweave.shards import MAX_REFERENCES, expand_urls

@@ -24,7 +24,8 @@ from bindweave.model import BindWeaveModel
 from bindweave.requests import load_reference
 from bindweave.sampling import SamplingConfig, frozen_encoders, references_uint8, sample_videos
 from bindweave.video_io import write_video
-from callbacks.video_writer import contact_sheet, png_bytes, write_atomic, write_outputs
+from bindweave.pretrained import load_checkpoint, load_pretrained
+from bindweave.outputs import contact_sheet, png_bytes, write_atomic, write_outputs
 from encoders.base import FrozenEncoder, resolve_dtype
 
 
@@ -102,8 +103,6 @@ class BindWeavePipeline:
         path = Path(checkpoint)
         if not path.is_file():
             raise ValueError(f"Checkpoint {str(path)!r} does not exist; pass the path of a .ckpt written by `bindweave fit`.")
-        from bindweave.export import load_checkpoint
-
         module = load_checkpoint(path, config)
         return cls(module.model, replace(module.sampling, **sampling)).to(device, dtype)
 
@@ -122,8 +121,6 @@ class BindWeavePipeline:
                 encoder paths on this machine).
             **sampling: ``SamplingConfig`` fields overriding the model's.
         """
-        from bindweave.export import load_pretrained
-
         # A dtype name loads the DiT weights straight into that dtype (no fp32 copy on the way).
         module = load_pretrained(directory, dtype=dtype if isinstance(dtype, str) else None,
                                  model_overrides=model_overrides)

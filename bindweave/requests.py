@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from bindweave.batch import check_num_frames, collate, fit_reference, reference_warnings
 from bindweave.errors import UserError
+from bindweave.outputs import OutputLocation
 
 KEYS = ("id", "prompt", "references", "seed", "num_frames", "height", "width")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -380,10 +381,8 @@ class RequestDataModule(L.LightningDataModule):
     def _output_dir(self) -> Path | None:
         if self.hparams.output_dir is not None:
             return Path(self.hparams.output_dir)
-        from callbacks.video_writer import VideoWriter
-
         for callback in getattr(self.trainer, "callbacks", []) if self.trainer else []:
-            if isinstance(callback, VideoWriter):
+            if isinstance(callback, OutputLocation):  # declares where it writes (callbacks.VideoWriter)
                 return callback.resolve_output_dir(self.trainer)
         return None
 

@@ -419,7 +419,7 @@ def run_export(args: argparse.Namespace) -> None:
         raise
     except ValueError as e:  # export.py still raises some of the user's mistakes (a config-less model) as ValueError
         raise UserError(str(e)) from None
-    print(f"exported {args.checkpoint} -> {out} (load with bindweave.export.load_pretrained)")
+    print(f"exported {args.checkpoint} -> {out} (load with bindweave.pretrained.load_pretrained)")
 
 if __name__ == "__main__":
     main()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 
-from bindweave.datamodule import to_model_batch
+from bindweave.batch import to_model_batch
 
 
 def background_colour(video: torch.Tensor) -> torch.Tensor:

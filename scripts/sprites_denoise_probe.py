@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from bindweave.datamodule import WebDataModule, to_model_batch
-from bindweave.export import load_pretrained
+from bindweave.pretrained import load_pretrained
 from callbacks.denoise_probe import denoise_measures, masked_mse, subject_pixels
 
 ROOT = Path(__file__).resolve().parents[1]

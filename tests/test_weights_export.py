@@ -15,7 +15,8 @@ from diffusers import WanTransformer3DModel
 
 from bindweave.bindweave_official import load_release
 from bindweave.convert import bindweave_to_diffusers, diffusers_config_for
-from bindweave.export import export_checkpoint, load_pretrained, save_pretrained, trainable_state_dict
+from bindweave.export import export_checkpoint, save_pretrained, trainable_state_dict
+from bindweave.pretrained import load_pretrained
 from bindweave.loading import WeightsError, save_sharded
 from bindweave.wan_official import bindweave_to_wan, diffusers_vae_to_wan, open_clip_to_wan_clip, \
     transformers_t5_to_wan, wan_config_for

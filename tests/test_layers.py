@@ -1,0 +1,110 @@
+"""The arrows only point down: every project module belongs to a layer, imports only its own or
+lower layers, and no two modules import each other, not even through a function-local import
+(a local import that dodges a cycle is still a cycle). Read with ``ast``: nothing is imported."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("bindweave", "encoders", "conditioners", "callbacks")
+
+LAYERS: list[tuple[str, set[str]]] = [
+    ("base", {"bindweave.errors", "bindweave.attention", "bindweave.flow", "bindweave.quantize",
+              "bindweave.video_decode", "bindweave.curriculum", "bindweave.resume", "encoders.base",
+              "encoders.tokenizer", "conditioners.references"}),
+    ("network and formats", {"bindweave", "bindweave.dit", "bindweave.video_io", "bindweave.batch", "bindweave.shards"}),
+    ("weights and infra (applied from outside the model)", {
+        "bindweave.convert", "bindweave.wan_official", "bindweave.loading", "bindweave.bindweave_official",
+        "bindweave.export", "bindweave.parallel", "bindweave.sharding", "bindweave.sequence_parallel"}),
+    ("encoders", {"encoders", "encoders.clip", "encoders.text", "encoders.vae", "encoders.mllm", "encoders.patch_vae"}),
+    ("conditioners", {"conditioners", "conditioners.base", "conditioners.identity", "conditioners.multi_reference",
+                      "conditioners.relational"}),
+    ("model", {"bindweave.model"}),
+    ("data and sampling", {"bindweave.datamodule", "bindweave.feature_cache", "bindweave.memory_data",
+                           "bindweave.synthetic", "bindweave.requests", "bindweave.sampling", "bindweave.outputs",
+                           "bindweave.sprites"}),
+    ("training (LightningModule)", {"bindweave.module"}),
+    ("trained models", {"bindweave.pretrained", "bindweave.pipeline"}),
+    ("callbacks", {"callbacks", "callbacks.checkpoint", "callbacks.denoise_probe", "callbacks.metrics",
+                   "callbacks.predict_progress", "callbacks.resume", "callbacks.sampling", "callbacks.video_writer"}),
+    ("command line and tasks", {"bindweave.cli", "bindweave.data_cli", "bindweave.weights_cli", "bindweave.eval_cli",
+                                "bindweave.evaluate"}),
+]
+"""Lowest first. A new module must be given a layer here (the test names it)."""
+
+
+def project_modules() -> dict[str, Path]:
+    modules = {}
+    for package in PACKAGES:
+        for path in (ROOT / package).rglob("*.py"):
+            name = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+            modules[name] = path
+    return modules
+
+
+def import_graph(modules: dict[str, Path]) -> dict[str, set[str]]:
+    """module -> project modules it imports anywhere in its file (top level or inside functions)."""
+    graph = {name: set() for name in modules}
+    for name, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+            else:
+                continue
+            for target in targets:
+                while target and target not in modules:
+                    target = target.rpartition(".")[0]
+                if target and target != name:
+                    graph[name].add(target)
+    return graph
+
+
+def layer_of() -> dict[str, int]:
+    return {module: i for i, (_, members) in enumerate(LAYERS) for module in members}
+
+
+def test_every_module_has_a_layer():
+    unplaced = sorted(set(project_modules()) - set(layer_of()))
+    assert not unplaced, f"give these modules a layer in tests/test_layers.py: {unplaced}"
+
+
+def test_imports_point_down():
+    layers = layer_of()
+    graph = import_graph(project_modules())
+    upward = [f"{m} ({LAYERS[layers[m]][0]}) imports {t} ({LAYERS[layers[t]][0]})"
+              for m, targets in graph.items() for t in sorted(targets) if layers.get(t, -1) > layers.get(m, -1)]
+    assert not upward, "\n".join(upward)
+
+
+def modules_on_cycles(graph: dict[str, set[str]]) -> list[str]:
+    """The modules from whose imports a path leads back to them."""
+    on_cycles = []
+    for start in graph:
+        seen, frontier = set(), list(graph[start])
+        while frontier:
+            node = frontier.pop()
+            if node == start:
+                on_cycles.append(start)
+                break
+            if node not in seen:
+                seen.add(node)
+                frontier.extend(graph.get(node, ()))
+    return sorted(on_cycles)
+
+
+def test_no_import_cycles():
+    cycles = modules_on_cycles(import_graph(project_modules()))
+    assert not cycles, f"modules on an import cycle: {cycles}"
+
+
+def test_a_function_local_import_cycle_is_found(tmp_path):
+    """What hid the old cycles (module <-> export, datamodule <-> feature_cache): imports inside functions."""
+    (tmp_path / "low.py").write_text("import os\n\ndef f():\n    from high import thing\n    return thing\n")
+    (tmp_path / "high.py").write_text("from low import f\nthing = 1\n")
+    graph = import_graph({"low": tmp_path / "low.py", "high": tmp_path / "high.py"})
+    assert graph == {"low": {"high"}, "high": {"low"}}
+    assert modules_on_cycles(graph) == ["high", "low"]
