@@ -146,7 +146,8 @@ def lightning_steps_of(cli, steps: int) -> dict:
             self.times.append(time.perf_counter())
 
     clock = Clock()
-    trainer = L.Trainer(accelerator="auto", devices=1, precision="bf16-mixed", max_steps=steps, gradient_clip_val=1.0,
+    precision = "bf16-mixed" if torch.cuda.is_available() else "32-true"  # the CPU's bf16 autocast is slower
+    trainer = L.Trainer(accelerator="auto", devices=1, precision=precision, max_steps=steps, gradient_clip_val=1.0,
                         log_every_n_steps=20, limit_val_batches=0, enable_checkpointing=False, logger=False,
                         callbacks=[clock, L.pytorch.callbacks.TQDMProgressBar(refresh_rate=50)])
     trainer.fit(cli.model, datamodule=cli.datamodule)

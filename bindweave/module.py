@@ -13,7 +13,6 @@ dropout, optimisers, and checkpoints (frozen encoders left out, old layouts upgr
 from __future__ import annotations
 
 import os
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Literal
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from bindweave.dit import WanDiT
 from bindweave.errors import UserError
@@ -32,11 +32,6 @@ from bindweave.model import BindWeaveModel
 from bindweave.sampling import SamplingConfig, predict_batch, sample_videos
 from conditioners.base import Conditioner
 from encoders.base import FrozenEncoder, VideoAutoencoder, frozen_prefixes
-
-
-# Frozen encoder weights are deliberately absent from checkpoints; on_load_checkpoint checks that
-# every trainable weight is present instead.
-warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in the checkpoint")
 
 
 @contextmanager
@@ -369,11 +364,10 @@ class BindWeave(L.LightningModule):
         model's full state dict and has no partial load through Lightning; each rank stores only
         its shard of them."""
         prefixes = tuple(frozen_prefixes(self))
-        strategy = self._trainer.strategy if self._trainer is not None else None
-        if getattr(strategy, "_save_distributed_checkpoint", False):
+        state = checkpoint["state_dict"]
+        if any(isinstance(value, DTensor) for value in state.values()):  # a sharded (distributed) save
             checkpoint["frozen_prefixes"] = list(prefixes)  # lets an export drop them (bindweave.export)
             return
-        state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith(prefixes)]:
             del state[key]
 

@@ -17,10 +17,12 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-from open_clip.model import _build_vision_tower
 from open_clip.transformer import VisionTransformer
 
 from encoders.base import FrozenEncoder
+
+_TEXT_STAND_IN = {"context_length": 2, "vocab_size": 2, "width": 8, "heads": 1, "layers": 1}
+"""The text tower open_clip's ``CLIP`` must build beside the vision tower we keep (then dropped)."""
 
 # Tiny open_clip model config: a 2-block ViT of width 32 on 8x8 patches of 32x32 images (17 tokens).
 TINY_CLIP_CONFIG = {
@@ -209,11 +211,11 @@ class CLIPVisionEncoder(FrozenEncoder):
                     "or 'local-dir:/path' to a folder with open_clip_config.json."
                 )
         with torch.device("meta") if pretrained_path is not None else self.random_init():
-            visual = _build_vision_tower(
-                model_cfg["embed_dim"],
-                model_cfg["vision_cfg"],
-                quick_gelu=model_cfg.get("quick_gelu", False),
-            )
+            # open_clip's public CLIP builds the vision tower first (same random draws as building it
+            # alone); the text tower, given a one-layer stand-in config, is dropped at once.
+            visual = open_clip.model.CLIP(
+                model_cfg["embed_dim"], model_cfg["vision_cfg"], _TEXT_STAND_IN, quick_gelu=model_cfg.get("quick_gelu", False)
+            ).visual
         if not isinstance(visual, VisionTransformer):
             raise ValueError(
                 f"{model_name!r} has a {type(visual).__name__} tower; only ViT towers are supported."
