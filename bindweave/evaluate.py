@@ -37,6 +37,7 @@ import webdataset as wds
 from PIL import Image
 
 from bindweave import sprites as S
+from bindweave.atomic import write_atomic
 from bindweave.shards import expand_urls, parse_record, read_image
 
 PSNR_CAP = 60.0
@@ -434,8 +435,7 @@ def format_by_subjects(runs: dict[str, dict]) -> str:
 
 def save_video(path: str | Path, video: np.ndarray, fps: int = 8) -> None:
     """Write frames as a lossless mp4 (tests and ``--write_ground_truth``)."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_bytes(S.encode_video(video, fps))
+    write_atomic(path, S.encode_video(video, fps))
 
 
 def contact_sheet(video: np.ndarray, frames: int = 5) -> Image.Image:

@@ -24,6 +24,7 @@ import yaml
 
 from encoders.base import frozen_prefixes, resolve_dtype
 
+from bindweave.atomic import AtomicPath
 from bindweave.dit import WanDiT
 from bindweave.loading import Checkpoint, WeightsError, save_sharded
 
@@ -94,11 +95,9 @@ def save_pretrained(module, directory: str | Path, config: dict | None = None,
 def write_export(state: dict[str, torch.Tensor], content: dict, directory: str | Path,
                  max_shard_bytes: int = 5 * 1024**3) -> Path:
     """Write an export folder (weights + ``config.yaml``) whole or not at all: into a temporary
-    folder beside ``directory``, then swapped in. An existing ``directory`` is replaced only if it
-    is an export (nothing but ``config.yaml`` and ``model*.safetensors*``), so no other file is lost."""
-    import shutil
-    import uuid
-
+    folder beside ``directory``, then swapped in (:class:`~bindweave.atomic.AtomicPath`). An existing
+    ``directory`` is replaced only if it is an export (nothing but ``config.yaml`` and
+    ``model*.safetensors*``), so no other file is lost."""
     directory = Path(directory)
     if directory.exists():
         foreign = sorted(p.name for p in directory.iterdir() if p.is_dir() or p.name != CONFIG_NAME
@@ -106,23 +105,9 @@ def write_export(state: dict[str, torch.Tensor], content: dict, directory: str |
         if foreign:
             raise WeightsError(f"{directory} exists and holds files that are not an export's ({foreign[:5]}): "
                                f"choose an empty or new folder.")
-    where = directory.resolve()
-    tmp = where.with_name(f".{where.name}.tmp-{uuid.uuid4().hex[:8]}")
-    old = where.with_name(f".{where.name}.old-{uuid.uuid4().hex[:8]}")
-    try:
+    with AtomicPath(directory, folder=True) as tmp:
         save_sharded(state, tmp, WEIGHTS_NAME, max_shard_bytes, {"bindweave": FORMAT})
         (tmp / CONFIG_NAME).write_text(yaml.safe_dump(content, sort_keys=False))
-        if where.exists():
-            where.rename(old)
-        try:
-            tmp.rename(where)
-        except BaseException:
-            if old.exists() and not where.exists():  # put the previous export back
-                old.rename(where)
-            raise
-        shutil.rmtree(old, ignore_errors=True)  # only once the new one is in place
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return directory
 
 
@@ -211,26 +196,40 @@ def read_config(directory: str | Path) -> dict:
     return content["model"]
 
 
+def check_export_matches(checkpoint: Checkpoint, state: dict[str, torch.Tensor], directory: str | Path,
+                         prefix: str = "") -> None:
+    """Raise :class:`WeightsError` (one line: the folder, what differs, the fix) unless an export's
+    weights are exactly the keys of ``state`` (a model's trainable weights), each with its shape.
+    Reads the headers only.
+
+    Args:
+        checkpoint: the export's weights (:meth:`Checkpoint.open` of the folder).
+        state: the model's trainable weights (:func:`trainable_state_dict`); meta tensors will do.
+        directory: the export folder, for the message.
+        prefix: compare only the weights whose keys start with it (a part built before the rest,
+            e.g. ``dit.``).
+    """
+    directory = Path(directory)
+    fix = f"build the model from the config the export was made with ({directory / CONFIG_NAME}) or export it again"
+    stored = {k for k in checkpoint.keys() if k.startswith(prefix)}
+    missing, unexpected = sorted(set(state) - stored), sorted(stored - set(state))
+    if missing or unexpected:
+        raise WeightsError(f"{directory}: these weights do not belong to this model config (missing {missing[:8]}, "
+                           f"unexpected {unexpected[:8]}): {fix}.")
+    wrong = [f"{checkpoint.file_of(k).name}: {k} has shape {tuple(checkpoint.shape(k))}, expected {tuple(v.shape)}"
+             for k, v in state.items() if checkpoint.shape(k) != tuple(v.shape)]
+    if wrong:
+        raise WeightsError(f"{directory}: {len(wrong)} weight(s) with other shapes than this model config's (e.g. "
+                           f"{wrong[0]}): {fix}.")
+
+
 def load_trainable_weights(module, directory: str | Path) -> None:
     """Copy an export's weights into a built model's trainable weights (DiT, connector, ...), strict:
     every trainable weight must be in the export with its shape, and nothing else may be (what
     ``BindWeave(init_weights=...)`` runs in ``configure_model``)."""
-    directory = Path(directory)
     checkpoint = Checkpoint.open(directory, prefix=WEIGHTS_NAME)
     state = trainable_state_dict(module.model)
-    missing, unexpected = sorted(set(state) - set(checkpoint.keys())), sorted(set(checkpoint.keys()) - set(state))
-    if missing or unexpected:
-        raise WeightsError(
-            f"{directory}: these weights do not belong to this model config (missing {missing[:8]}, unexpected "
-            f"{unexpected[:8]}): use the config the export was made with ({directory / CONFIG_NAME})."
-        )
-    wrong = [f"{k} is {tuple(checkpoint.shape(k))} in {checkpoint.file_of(k).name}, {tuple(v.shape)} here"
-             for k, v in state.items() if checkpoint.shape(k) != tuple(v.shape)]
-    if wrong:
-        raise WeightsError(
-            f"{directory}: {len(wrong)} weights have other shapes than this model config's (e.g. {wrong[0]}): "
-            f"use the config the export was made with ({directory / CONFIG_NAME})."
-        )
+    check_export_matches(checkpoint, state, directory)
     with torch.no_grad():
         for key, tensor in state.items():
             tensor.copy_(checkpoint.read(key, tensor.dtype))

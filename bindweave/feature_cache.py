@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import load_file, save, save_file
 from torch import nn
 
+from bindweave.atomic import AtomicPath, write_atomic
 from bindweave.batch import collate, to_model_batch
 from bindweave.shards import FEATURES, AtomicShard, BrokenSample, expand_urls
 
@@ -172,20 +172,6 @@ def build_from_cache(conditioners: nn.ModuleDict, path: str | Path) -> LatentSpa
     return latent_space
 
 
-def _write_atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_cache_info(output: Path, model: nn.Module, features: dict[str, list[str]], data: dict, config: dict | None,
                      overwrite: bool) -> None:
     """Write ``cache.json`` and ``conditioners.safetensors`` for a built model; an existing
@@ -211,8 +197,9 @@ def write_cache_info(output: Path, model: nn.Module, features: dict[str, list[st
         for key, tensor in conditioner.cached_state().items():
             state[f"{name}.{key}"] = tensor.detach().cpu().contiguous()
     output.mkdir(parents=True, exist_ok=True)
-    _write_atomic(output / STATE, lambda tmp: save_file(state, tmp))
-    _write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=2)))
+    with AtomicPath(output / STATE) as tmp:
+        save_file(state, str(tmp))
+    write_atomic(path, json.dumps(manifest, indent=2).encode())
 
 
 # -- caching shards ---------------------------------------------------------------------------

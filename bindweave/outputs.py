@@ -9,8 +9,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -18,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from bindweave.atomic import write_atomic  # also importable from here, its home before bindweave.atomic
 from bindweave.video_io import write_video
 
 
@@ -31,25 +30,8 @@ class OutputLocation(Protocol):
 
 
 # ----------------------------------------------------------------------------------------------
-# Files (each written to a temporary file and renamed: a crash never leaves half a file)
+# Files (each written whole or not at all: bindweave.atomic)
 # ----------------------------------------------------------------------------------------------
-
-
-def write_atomic(path: Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder + rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def to_json(value: object) -> str:

@@ -15,8 +15,8 @@ import torch
 import yaml
 from lightning.pytorch.cli import instantiate_module
 
-from bindweave.export import CONFIG_NAME, WEIGHTS_NAME, read_config
-from bindweave.loading import Checkpoint, WeightsError, load_into, resolve_dtype
+from bindweave.export import CONFIG_NAME, WEIGHTS_NAME, check_export_matches, read_config, trainable_state_dict
+from bindweave.loading import Checkpoint, load_into, resolve_dtype
 from bindweave.module import BindWeave
 from encoders.base import frozen_prefixes
 
@@ -54,6 +54,7 @@ def load_pretrained(directory: str | Path, dtype: str | None = None, model_overr
     def load_dit():
         with torch.device("meta"):
             dit = build_dit()
+        check_export_matches(checkpoint, {f"dit.{k}": v for k, v in dit.state_dict().items()}, directory, "dit.")
         load_into(dit, checkpoint, dit_sources, dtype=dit_dtype,
                   ignored=[k for k in checkpoint.keys() if not k.startswith("dit.")],
                   hint=f"The DiT entry of {directory / CONFIG_NAME} does not describe these weights.")
@@ -62,23 +63,12 @@ def load_pretrained(directory: str | Path, dtype: str | None = None, model_overr
     module.dit_factory = load_dit
     module.configure_model()
     module.dit_factory = build_dit
-    # The rest of the trainable weights (connector, ...): strict both ways.
-    frozen = tuple(frozen_prefixes(module.model))
-    others = {k: k for k in module.model.state_dict() if not k.startswith(frozen) and not k.startswith("dit.")}
-    rest = [k for k in checkpoint.keys() if not k.startswith("dit.")]
-    missing = sorted(set(others) - set(rest))
-    unexpected = sorted(set(rest) - set(others))
-    if missing or unexpected:
-        raise WeightsError(
-            f"{directory}: the export does not match its config: missing {missing[:8]}, unexpected {unexpected[:8]}."
-        )
-    state = module.model.state_dict()
-    wrong = [f"{checkpoint.file_of(k)}: {k} has shape {tuple(checkpoint.shape(k))}, expected {tuple(state[k].shape)}"
-             for k in rest if checkpoint.shape(k) != tuple(state[k].shape)]
-    if wrong:
-        raise WeightsError("\n".join([f"{directory}: wrong shapes:"] + wrong[:12]))
+    # Every trainable weight in the export with its shape and nothing else (the DiT's were checked
+    # before it loaded); then the rest (connector, ...) are copied in.
+    state = trainable_state_dict(module.model)
+    check_export_matches(checkpoint, state, directory)
     with torch.no_grad():
-        for key in rest:
+        for key in [k for k in state if not k.startswith("dit.")]:
             state[key].copy_(checkpoint.read(key, state[key].dtype))
     return module.eval()
 

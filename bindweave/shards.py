@@ -18,7 +18,6 @@ import io
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import webdataset as wds
 from braceexpand import braceexpand
 from PIL import Image
 
+from bindweave.atomic import AtomicPath
 from bindweave.errors import UserError
 
 VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "mov")
@@ -231,9 +231,12 @@ class AtomicShard:
         self.path = Path(path)
         if self.path.exists() and not overwrite:
             raise FileExistsError(f"{self.path} exists; pass overwrite to replace it.")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, self._tmp = tempfile.mkstemp(suffix=".tar.tmp", prefix=f".{self.path.stem}.", dir=self.path.parent)
-        self._file = os.fdopen(fd, "wb")
+        self._target = AtomicPath(self.path)
+        try:
+            self._file = open(self._target.tmp, "wb")
+        except BaseException:
+            self._target.discard()
+            raise
         self._tar = wds.TarWriter(self._file, encoder=False)
         self.samples = 0
 
@@ -251,11 +254,12 @@ class AtomicShard:
 
     def close(self) -> ShardInfo:
         """Finish the tar and move it into place."""
-        self._tar.close()  # also closes the file
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self._tmp, 0o666 & ~umask)  # mkstemp creates 0600
-        os.replace(self._tmp, self.path)
+        try:
+            self._tar.close()  # also closes the file
+        except BaseException:
+            self._target.discard()
+            raise
+        self._target.commit()
         return ShardInfo(str(self.path), self.samples, self.path.stat().st_size)
 
     def abort(self) -> None:
@@ -263,7 +267,7 @@ class AtomicShard:
         try:
             self._tar.close()
         finally:
-            Path(self._tmp).unlink(missing_ok=True)
+            self._target.discard()
 
     def __enter__(self) -> "AtomicShard":
         return self

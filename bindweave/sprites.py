@@ -40,6 +40,7 @@ import av
 import numpy as np
 from PIL import Image
 
+from bindweave.atomic import write_atomic
 from bindweave.batch import check_num_frames
 from bindweave.shards import ShardWriter
 from bindweave.video_io import read_video
@@ -580,20 +581,19 @@ def generate(out: str | Path, split: str, num_samples: int, seed: int = 0, confi
                 paths = []
                 for i in range(len(record["sprites"]["references"])):
                     path = Path("references") / f"{key}.ref{i}.png"
-                    (out / path).parent.mkdir(parents=True, exist_ok=True)
-                    (out / path).write_bytes(files[f"ref{i}.png"])
+                    write_atomic(out / path, files[f"ref{i}.png"])
                     paths.append(str(path))
                 lines.append(json.dumps({"id": key, "prompt": record["prompt"], "references": paths, "seed": index,
                                          "num_frames": config.num_frames, "height": config.height, "width": config.width}))
         shards = writer.close()
     if requests:
-        (out / "requests.jsonl").write_text("\n".join(lines) + "\n")
+        write_atomic(out / "requests.jsonl", ("\n".join(lines) + "\n").encode())
     summary = {
         "output": str(out), "split": split, "seed": seed, "samples": num_samples,
         "shards": [s.path for s in shards], "appearances": len(appearances), "motions": counts,
         "config": asdict(config), "version": VERSION,
     }
-    (out / "sprites.json").write_text(json.dumps(summary, indent=2))
+    write_atomic(out / "sprites.json", json.dumps(summary, indent=2).encode())
     return summary
 
 

@@ -117,11 +117,6 @@ def _rename_all(state_dict: dict, rename: Callable[[str], str | None], what: str
     return out
 
 
-def wan_to_bindweave(state_dict: dict, text_branch: str = "text", image_branch: str = "image") -> dict:
-    """Rename an official ``WanModel`` state dict to :class:`WanDiT` keys (tensors untouched)."""
-    return _rename_all(state_dict, lambda k: wan_to_bindweave_key(k, text_branch, image_branch), "official Wan")
-
-
 def bindweave_to_wan(state_dict: dict, text_branch: str = "text", image_branch: str = "image") -> dict:
     """Rename a :class:`WanDiT` state dict to official ``WanModel`` keys (tensors untouched)."""
     return _rename_all(state_dict, lambda k: bindweave_to_wan_key(k, text_branch, image_branch), "WanDiT")

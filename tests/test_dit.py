@@ -232,25 +232,31 @@ def test_bad_inputs_raise_helpful_errors():
         WanDiT(branches=[TEXT, TEXT])
 
 
-def test_t2v_weights_in_bindweave_dit_are_unchanged_at_step_0():
+def test_t2v_weights_in_bindweave_dit_are_unchanged_at_step_0(tmp_path):
     """Wan T2V (16 channels, text only) loaded into the 36-channel text+image BindWeave DiT: the new
     input channels and the new image branch are zero-initialised, so the output is the T2V output
     whatever the reference channels and image tokens hold."""
-    from bindweave.convert import load_with_new_conditions
+    from safetensors.torch import save_file
+
+    from bindweave.loading import load_dit
 
     t2v = tiny_dit(image=False).eval()
     bindweave = tiny_dit(image=True).eval()
-    fresh = load_with_new_conditions(bindweave, t2v.state_dict())
-    assert "patch_embedding.weight" in fresh and any(".branches.image.to_v." in k for k in fresh)
+    save_file(t2v.state_dict(), tmp_path / "t2v.safetensors")
+    fresh = load_dit(bindweave, tmp_path / "t2v.safetensors", allow_new_conditions=True).fresh
+    assert any(k.startswith("patch_embedding.weight") for k in fresh) and any(".branches.image.to_v." in k for k in fresh)
     x, t, ctx = inputs(bindweave)
     expected = t2v(x[:, :16], t, {"text": ctx["text"]})
     torch.testing.assert_close(bindweave(x, t, ctx), expected)
 
 
-def test_load_with_new_conditions_names_wrong_shapes():
-    from bindweave.convert import load_with_new_conditions
+def test_allow_new_conditions_still_names_wrong_shapes(tmp_path):
+    from safetensors.torch import save_file
+
+    from bindweave.loading import load_dit
 
     small = tiny_dit(image=False)
     wide = tiny_dit(image=True, dim=64, num_heads=4)
-    with pytest.raises(ValueError, match=r"checkpoint \(48"):
-        load_with_new_conditions(wide, small.state_dict())
+    save_file(small.state_dict(), tmp_path / "small.safetensors")
+    with pytest.raises(ValueError, match=r"patch_embedding.weight has shape \(48"):
+        load_dit(wide, tmp_path / "small.safetensors", allow_new_conditions=True)

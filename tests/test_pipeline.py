@@ -1,6 +1,7 @@
 """BindWeavePipeline and the samplers: shapes, seeds, schedulers, memory options, loading, bad input."""
 
 import copy
+import warnings
 from dataclasses import replace
 
 import pytest
@@ -215,6 +216,15 @@ def test_bad_input_is_a_clear_error(pipe, files, tmp_path):
         BindWeavePipeline.from_checkpoint(tmp_path / "bare.ckpt")
     # ... and loads with the matching config.
     assert BindWeavePipeline.from_checkpoint(files["checkpoint"], config={"model": tiny_model_config()}).model.dit.dim == 64
+
+
+def test_loading_a_checkpoint_says_nothing_about_the_frozen_encoders(files):
+    """Checkpoints leave the frozen encoders out by design: loading one warns about no missing keys
+    (the warning is silenced around the load, not by a filter set at import: tests/test_layers.py)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        BindWeavePipeline.from_checkpoint(files["checkpoint"])
+    assert not [str(w.message) for w in caught if "Found keys" in str(w.message)]
 
 
 def test_readme_generation_example_runs(files, tmp_path, monkeypatch):
