@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -332,7 +333,8 @@ class RequestDataModule(L.LightningDataModule):
             of the trainer's ``VideoWriter`` callback.
         skip_done: skip requests whose ``<id>.mp4`` and ``<id>.json`` exist (rerun-safe).
         batch_size: requests per batch (only requests of the same size are batched together).
-        num_workers: DataLoader worker processes (reference images load there).
+        num_workers: DataLoader worker processes (reference images load there); at most the
+            machine's cores.
         num_frames: frames of requests that do not say; default: the model's ``sampling.num_frames``.
         height: height of requests that do not say; default: the model's ``sampling.height``.
         width: width of requests that do not say; default: the model's ``sampling.width``.
@@ -400,6 +402,8 @@ class RequestDataModule(L.LightningDataModule):
         return DataLoader(
             self.dataset,
             batch_sampler=SizeBatchSampler(self.dataset, self.hparams.batch_size),
-            num_workers=self.hparams.num_workers,
+            # No more workers than cores (a config layered on a training one may carry its count).
+            num_workers=min(self.hparams.num_workers, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                            else os.cpu_count() or 1),
             collate_fn=collate_requests,
         )
