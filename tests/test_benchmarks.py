@@ -6,6 +6,9 @@ from pathlib import Path
 import pytest
 
 
+pytestmark = pytest.mark.slow  # end-to-end runs of benchmarks/*.py: `pytest -m slow`
+
+
 def test_sampling_benchmark_smoke():
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "sampling.py"
     spec = importlib.util.spec_from_file_location("sampling_benchmark", path)

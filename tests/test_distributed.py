@@ -137,6 +137,7 @@ def _rendezvous_worker(rank: int, world: int, port: int, out: str) -> None:
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow  # holds a port for a full retry cycle (~20 s): `pytest -m slow`
 def test_spawn_retries_a_port_taken_before_rank_zero_binds_it(tmp_path, monkeypatch):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

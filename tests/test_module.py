@@ -70,6 +70,7 @@ def test_sample_prediction_of_the_data_samples_the_data(sampler):
     assert (module.generate(batch).int() - expected.int()).abs().max() <= 1
 
 
+@pytest.mark.slow  # a convergence run (~30 s on 2 cores): `pytest -m slow`
 @pytest.mark.parametrize("prediction, steps, bound", [("velocity", 300, 0.8), ("sample", 150, 0.25)])
 def test_a_model_fit_to_one_sample_samples_it_back(prediction, steps, bound, monkeypatch):
     """Training and sampling agree end to end: after fitting one sample, sampling its own conditions
