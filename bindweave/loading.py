@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from bindweave.dit import CrossAttentionBranch, WanDiT
+from bindweave.dtypes import resolve_dtype  # noqa: F401  (re-exported)
 from bindweave.errors import UserError
 
 # ----------------------------------------------------------------------------------------------
@@ -58,19 +59,6 @@ class LoadReport:
     loaded: list[str] = field(default_factory=list)
     fresh: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
-
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
-    """A dtype from its YAML name (``float32``, ``bfloat16``, ``float16``). Kept here, not imported
-    from ``encoders``, so loading a DiT needs neither transformers nor diffusers."""
-    if isinstance(name, torch.dtype):
-        return name
-    if name not in _DTYPES:
-        raise ValueError(f"Unknown dtype {name!r}: use one of {sorted(_DTYPES)}.")
-    return _DTYPES[name]
 
 
 def _shape(shape: Iterable[int]) -> str:

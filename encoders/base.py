@@ -9,6 +9,8 @@ from typing import Iterator, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from bindweave.dtypes import resolve_dtype  # noqa: F401  (re-exported: encoders.resolve_dtype)
+
 
 @contextmanager
 def _seeded_cpu(seed: int, device: str) -> Iterator[None]:
@@ -16,16 +18,6 @@ def _seeded_cpu(seed: int, device: str) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.random.default_generator.manual_seed(seed)
         yield
-
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_dtype(name: str) -> torch.dtype:
-    """Map a YAML dtype name ("float32", "bfloat16", "float16") to a torch dtype."""
-    if name not in _DTYPES:
-        raise ValueError(f"Unknown dtype {name!r}: use one of {sorted(_DTYPES)}.")
-    return _DTYPES[name]
 
 
 def check_video(video: torch.Tensor, temporal: int, spatial: int) -> None:

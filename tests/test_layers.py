@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("bindweave", "encoders", "conditioners", "callbacks")
 
 LAYERS: list[tuple[str, set[str]]] = [
-    ("base", {"bindweave.errors", "bindweave.atomic", "bindweave.attention", "bindweave.flow", "bindweave.quantize",
+    ("base", {"bindweave.errors", "bindweave.dtypes", "bindweave.atomic", "bindweave.attention", "bindweave.flow", "bindweave.quantize",
               "bindweave.video_decode", "bindweave.curriculum", "bindweave.resume", "encoders.base",
               "encoders.tokenizer", "conditioners.references"}),
     ("network and formats", {"bindweave", "bindweave.dit", "bindweave.video_io", "bindweave.batch", "bindweave.shards"}),
