@@ -17,6 +17,7 @@ import os
 import re
 import signal
 import sys
+from pathlib import Path
 from typing import NoReturn
 
 import lightning as L
@@ -77,6 +78,30 @@ def condense_parser_error(message: str, parser) -> str:
         hint = f"; did you mean {close!r}?" if close else ""
         return f"{where}class_path {bad_class.group(1)!r} cannot be used ({bad_class.group(2).strip()}){hint}"
     return one_line(message)
+
+
+# ----------------------------------------------------------------------------------------------
+# Top-level names shared with PyPI
+# ----------------------------------------------------------------------------------------------
+
+OWN_PACKAGES = ("encoders", "conditioners", "callbacks")
+"""Top-level packages BindWeave installs beside ``bindweave`` (YAML names them: ``encoders.WanVAE``,
+``callbacks.VideoWriter``). PyPI has unrelated ``encoders`` and ``callbacks`` packages; installed in
+the same environment, one of them could shadow ours."""
+
+
+def check_own_packages() -> None:
+    """Raise :class:`UserError` if an ``encoders``/``conditioners``/``callbacks`` imported here is not
+    the one installed beside ``bindweave`` (another distribution of that name shadows it)."""
+    home = Path(sys.modules["bindweave"].__file__).resolve().parent.parent
+    for name in OWN_PACKAGES:
+        module = sys.modules.get(name) or importlib.import_module(name)
+        where = Path(getattr(module, "__file__", "") or "").resolve()
+        if where.parent.parent != home:
+            raise UserError(
+                f"the `{name}` package imported from {where} is not BindWeave's (expected {home / name}): another "
+                f"package of that name shadows it; `pip uninstall {name}` or use a separate virtual environment."
+            )
 
 
 class BindWeaveArgumentParser(LightningArgumentParser):
@@ -163,6 +188,7 @@ def run_command(argv: list[str] | None = None) -> None:
     words = sys.argv[1:] if argv is None else argv
     command = words[0] if words else ""
     try:
+        check_own_packages()
         if command in TOOLS:
             importlib.import_module(TOOLS[command]).main(words[1:])
             return

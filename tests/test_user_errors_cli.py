@@ -198,3 +198,16 @@ def test_a_constructor_mistake_is_one_line_too(tmp_path, capsys, monkeypatch):
                             "--trainer.default_root_dir", str(tmp_path)], capsys, monkeypatch)
     assert status == EXIT_USER_ERROR
     assert "data.batch_size must be >= 1" in error_line(err)
+
+
+def test_a_shadowing_package_of_the_same_name_is_named(tmp_path, capsys, monkeypatch):
+    """PyPI has unrelated `encoders` and `callbacks` packages: one installed over ours is a one-line error."""
+    import types
+
+    fake = types.ModuleType("encoders")
+    fake.__file__ = str(tmp_path / "site-packages" / "encoders" / "__init__.py")
+    monkeypatch.setitem(sys.modules, "encoders", fake)
+    status, err = run_main(["fit", "--help"], capsys, monkeypatch)
+    assert status == EXIT_USER_ERROR
+    line = error_line(err)
+    assert "site-packages/encoders" in line and "pip uninstall encoders" in line
