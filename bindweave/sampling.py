@@ -265,18 +265,8 @@ def decode(vae, latents: torch.Tensor, tiling: bool = False, slicing: bool = Fal
 
     ``tiling`` switches diffusers' tiled decoding on for this call; ``slicing`` decodes one video at
     a time and converts it to uint8 before the next (the float video is 4× the uint8 one)."""
-    inner = getattr(vae, "vae", None)
-    if tiling and not hasattr(inner, "enable_tiling"):
-        raise ValueError(f"{type(vae).__name__} has no tiled decoding; set vae_tiling to False.")
-    was_tiling = getattr(inner, "use_tiling", False)
-    if tiling:
-        inner.enable_tiling()
-    try:
-        chunks = latents.split(1) if slicing else [latents]
-        return torch.cat([_to_uint8(vae.decode(chunk.to(vae.dtype))) for chunk in chunks])
-    finally:
-        if inner is not None and hasattr(inner, "use_tiling"):
-            inner.use_tiling = was_tiling
+    chunks = latents.split(1) if slicing else [latents]
+    return torch.cat([_to_uint8(vae.decode(chunk.to(vae.dtype), tiled=tiling)) for chunk in chunks])
 
 
 def _to_uint8(video: torch.Tensor) -> torch.Tensor:

@@ -160,8 +160,9 @@ class VideoAutoencoder(Protocol):
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """(M, 3, H, W) in [-1, 1] -> (M, z, 1, h, w) normalised latents."""
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """(B, z, T, h, w) normalised latents -> (B, 3, F, H, W) in [-1, 1]."""
+    def decode(self, latents: torch.Tensor, tiled: bool = False) -> torch.Tensor:
+        """(B, z, T, h, w) normalised latents -> (B, 3, F, H, W) in [-1, 1]; ``tiled`` decodes in
+        overlapping spatial tiles, or raises ``ValueError`` where the VAE has no tiling."""
 
 
 def frozen_encoders(module: nn.Module) -> list[FrozenEncoder]:

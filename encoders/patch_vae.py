@@ -103,15 +103,19 @@ class PatchVAE(FrozenEncoder):
         return self.encode(images.unsqueeze(2))
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, tiled: bool = False) -> torch.Tensor:
         """Unfold latents to videos; the ``t`` copies of the first frame are averaged.
 
         Args:
             latents: (B, z, f, h, w).
+            tiled: not supported (a per-pixel unfold needs no tiling): raises ``ValueError``.
 
         Returns:
             (B, 3, 1 + t (f - 1), s h, s w) videos clamped to [-1, 1].
         """
+        if tiled:
+            raise ValueError("PatchVAE has no tiled decoding (it unfolds pixels; memory is that of the video); "
+                             "set vae_tiling to False.")
         if latents.ndim != 5 or latents.shape[1] != self.latent_channels:
             raise ValueError(
                 f"latents must be (B, {self.latent_channels}, f, h, w), got shape {tuple(latents.shape)}."

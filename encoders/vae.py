@@ -176,11 +176,13 @@ class WanVAE(FrozenEncoder):
         return self.encode(images.unsqueeze(2))  # (M, z, 1, h, w)
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, tiled: bool = False) -> torch.Tensor:
         """Decode normalised latents to videos.
 
         Args:
             latents: (B, z, f, h, w) normalised latents.
+            tiled: decode in overlapping spatial tiles for this call (diffusers' tiling; seams
+                blended, so pixels differ slightly from untiled decoding).
 
         Returns:
             (B, 3, 1 + 4 (f - 1), 8 h, 8 w) videos clamped to [-1, 1].
@@ -190,4 +192,10 @@ class WanVAE(FrozenEncoder):
                 f"latents must be (B, {self.latent_channels}, f, h, w), got shape {tuple(latents.shape)}."
             )
         z = latents.to(self.device, self.dtype) * self.std + self.mean  # (B, z, f, h, w)
-        return self.vae.decode(z).sample.clamp(-1, 1)  # (B, 3, F, H, W)
+        was_tiling = self.vae.use_tiling
+        if tiled:
+            self.vae.enable_tiling()
+        try:
+            return self.vae.decode(z).sample.clamp(-1, 1)  # (B, 3, F, H, W)
+        finally:
+            self.vae.use_tiling = was_tiling

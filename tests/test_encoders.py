@@ -470,3 +470,22 @@ def test_patch_vae_rejects_bad_arguments_and_latents():
         PatchVAE(scale=0.0)
     with pytest.raises(ValueError, match=r"\(B, 48, f, h, w\)"):
         PatchVAE.tiny().decode(torch.zeros(1, 16, 2, 4, 4))
+
+
+def test_tiled_decoding_is_part_of_the_vae_contract():
+    """``decode(latents, tiled=True)``: the Wan VAE tiles for that call only (and leaves its own
+    setting as it was); the patch VAE, which has no tiling, says so instead of decoding untiled."""
+    from encoders.base import VideoAutoencoder
+
+    wan, patch = encoders.WanVAE.tiny(), encoders.PatchVAE.tiny()
+    assert isinstance(wan, VideoAutoencoder) and isinstance(patch, VideoAutoencoder)
+    latents = torch.randn(1, wan.latent_channels, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    tiling_seen = []  # diffusers' tiling flag while its decoder runs
+    wan.vae.decoder.register_forward_pre_hook(lambda *_: tiling_seen.append(wan.vae.use_tiling))
+    wan.decode(latents, tiled=True)
+    assert tiling_seen and all(tiling_seen) and not wan.vae.use_tiling
+    tiling_seen.clear()
+    wan.decode(latents)
+    assert tiling_seen and not any(tiling_seen)
+    with pytest.raises(ValueError, match="PatchVAE has no tiled decoding"):
+        patch.decode(torch.zeros(1, patch.latent_channels, 1, 2, 2), tiled=True)
