@@ -58,7 +58,7 @@ def test_euler_through_diffusers_is_bit_identical_to_the_plain_euler_loop():
     batch = synthetic_batch(size=2, with_video=False)
     latents = {}
     decode = module.vae.decode
-    module.vae.decode = lambda x: (latents.setdefault("x", x.clone()), decode(x))[1]
+    module.vae.decode = lambda x, **kwargs: (latents.setdefault("x", x.clone()), decode(x, **kwargs))[1]
     sample_videos(module.model, batch, module.sampling)
     # The loop this project had before the schedulers: flow.euler_sigmas + flow.euler_step.
     s = module.sampling
