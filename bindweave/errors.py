@@ -30,5 +30,6 @@ def one_line(message: object) -> str:
 def report(command: str, error: BaseException | str, status: int = EXIT_USER_ERROR) -> SystemExit:
     """Print ``bindweave <command>: error: <one line>`` to stderr and return the ``SystemExit`` to raise
     (``raise report(...) from None``: no traceback)."""
-    print(f"bindweave {command}: error: {one_line(error)}".replace("bindweave : ", "bindweave: "), file=sys.stderr)
+    prefix = f"bindweave {command}" if command else "bindweave"
+    print(f"{prefix}: error: {one_line(error)}", file=sys.stderr)
     return SystemExit(status)

@@ -308,16 +308,14 @@ def check_lightning_checkpoint(path: str | Path) -> None:
     size = path.stat().st_size
     if size == 0:
         raise WeightsError(f"{path}: the checkpoint is an empty file (an interrupted copy or save?); use another checkpoint.")
-    if not zipfile.is_zipfile(path):
-        raise WeightsError(
-            f"{path}: not a readable PyTorch checkpoint ({size} bytes without a zip directory: truncated or "
-            f"not a .ckpt); copy it again or use another checkpoint."
-        )
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
-    except (zipfile.BadZipFile, OSError) as e:
-        raise WeightsError(f"{path}: corrupt checkpoint ({e}); copy it again or use another checkpoint.") from None
+    except (zipfile.BadZipFile, OSError):
+        raise WeightsError(
+            f"{path}: not a readable PyTorch checkpoint ({size} bytes without a zip directory: truncated or "
+            f"not a .ckpt); copy it again or use another checkpoint."
+        ) from None
     if not any(n.endswith("data.pkl") for n in names):
         raise WeightsError(f"{path}: a zip file but not a PyTorch checkpoint (no data.pkl); pass a .ckpt of `bindweave fit`.")
 
