@@ -193,6 +193,26 @@ def test_request_datamodule_takes_sizes_from_the_model(module, tmp_path):
     assert len(data.build_dataset()) == 0 and data.skipped == ["a"]
 
 
+def test_request_loader_takes_no_more_workers_than_cores(tmp_path):
+    """A predict config layered on a training one carries its worker count (configs/sprites.yaml: 4);
+    on a 2-core machine torch then warned on every predict."""
+    import os
+    from types import SimpleNamespace
+
+    from bindweave.requests import RequestDataModule
+
+    write_jsonl(tmp_path / "r.jsonl", [{"id": "a", "prompt": "x"}])
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    data = RequestDataModule(str(tmp_path / "r.jsonl"), output_dir=str(tmp_path), num_workers=cores + 3,
+                             num_frames=5, height=32, width=32)
+    data.trainer = SimpleNamespace(lightning_module=None, callbacks=[])
+    assert data.predict_dataloader().num_workers == cores
+    data = RequestDataModule(str(tmp_path / "r.jsonl"), output_dir=str(tmp_path), num_workers=0,
+                             num_frames=5, height=32, width=32)
+    data.trainer = SimpleNamespace(lightning_module=None, callbacks=[])
+    assert data.predict_dataloader().num_workers == 0
+
+
 def test_a_request_gives_the_same_video_alone_or_batched_with_longer_ones(tmp_path):
     """Batching pads each conditioner's tokens to the batch's longest (more references, longer
     prompts); with position features on the branches (configs/sprites.yaml) a request's video must
