@@ -4,9 +4,9 @@ One run measures, on one card: the dense bf16 GEMM peak (the MFU base), SDPA bac
 attention shapes, and for each case below forward / forward+backward time, achieved TFLOP/s, MFU
 and peak memory of
 
-- ours, eager and ``torch.compile`` per block (``bindweave.parallel.apply_compile``), training with
+- ours, eager and ``torch.compile`` per block (``bindweave.parallel.per_block.apply_compile``), training with
   activation checkpointing none / full / selective (``apply_activation_checkpointing``);
-- diffusers' ``WanTransformer3DModel`` with the same weights (``bindweave.convert``), as shipped
+- diffusers' ``WanTransformer3DModel`` with the same weights (``bindweave.weights.diffusers_format``), as shipped
   (default SDPA), with SDPA forced to the flash backend, and compiled by its own
   ``compile_repeated_blocks``; training with and without its gradient checkpointing.
 
@@ -49,10 +49,11 @@ import torch
 
 from torch.nn.attention import SDPBackend
 
-from bindweave.attention import set_sdpa_backends
-from bindweave.convert import bindweave_to_diffusers, diffusers_config_for
-from bindweave.dit import CrossAttentionBranch, WanDiT, wan_dit_preset
-from bindweave.parallel import apply_activation_checkpointing, apply_compile
+from bindweave.model.attention import set_sdpa_backends
+from bindweave.weights.diffusers_format import bindweave_to_diffusers, diffusers_config_for
+from bindweave.model.dit import CrossAttentionBranch, WanDiT
+from bindweave.model.presets import wan_dit_preset
+from bindweave.parallel.per_block import apply_activation_checkpointing, apply_compile
 
 # ----------------------------------------------------------------------------------------------
 # FLOP model
@@ -138,7 +139,7 @@ class Variant:
     ac: str = "none"  # ours: none/full/selective; diffusers: none/full (its gradient checkpointing)
     attention: str | None = None  # diffusers attention backend, None = as shipped
     bindweave_tokens: bool = False  # text at BindWeave's length instead of diffusers' 512
-    rope: str | None = None  # "complex": the proposed bindweave.dit.apply_rope (apply_rope_complex)
+    rope: str | None = None  # "complex": the proposed bindweave.model.dit.apply_rope (apply_rope_complex)
 
     @property
     def label(self) -> str:
@@ -323,7 +324,7 @@ def attention_backends(device: torch.device, smoke: bool) -> dict:
     backends = {"default": None, "cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}
     results = {}
     for lq, lk, train in [(39000, 39000, True), (90000, 90000, False), (39000, 1028, False), (39000, 768, False)]:
-        # (B, L, H, Dh) transposed to (B, H, L, Dh): the layout bindweave.attention passes to SDPA.
+        # (B, L, H, Dh) transposed to (B, H, L, Dh): the layout bindweave.model.attention passes to SDPA.
         q = torch.randn(1, lq, heads, head_dim, device=device, dtype=torch.bfloat16).transpose(1, 2)
         k, v = (torch.randn(1, lk, heads, head_dim, device=device, dtype=torch.bfloat16).transpose(1, 2)
                 for _ in range(2))
@@ -578,7 +579,7 @@ def restore_diffusers_backend() -> None:
 
 
 def apply_rope_complex(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Proposed ``bindweave.dit.apply_rope``: the same fp32 rotation as one complex product.
+    """Proposed ``bindweave.model.dit.apply_rope``: the same fp32 rotation as one complex product.
 
     Three passes over q/k (upcast, multiply, downcast) instead of about ten (upcast, four products,
     two sums, stack, downcast); same arithmetic in fp32. Measured as ``rope=complex`` variants.
@@ -588,7 +589,7 @@ def apply_rope_complex(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) ->
 
 
 def run_variant(v: Variant, case: Case, ours, diff, inp: Inputs, ref_out, ref_grad, device, args) -> dict:
-    import bindweave.dit as dit_module
+    import bindweave.model.dit as dit_module
 
     original_rope = dit_module.apply_rope
     if v.rope == "complex":
@@ -663,7 +664,7 @@ _OURS_BACKENDS = {
     "flash": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
     "math": [SDPBackend.MATH],
 }
-"""``attn=`` of our variants: the priority order given to ``bindweave.attention.set_sdpa_backends``."""
+"""``attn=`` of our variants: the priority order given to ``bindweave.model.attention.set_sdpa_backends``."""
 
 
 def profile_groups(fn, device: torch.device) -> dict:

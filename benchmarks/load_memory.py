@@ -3,12 +3,12 @@
     PYTHONPATH=$PWD python benchmarks/load_memory.py --preset wan2.1-i2v-14b --dtype bfloat16 \\
         --scratch /tmp/load-memory --out benchmarks/results/load-memory-h100-14b.json
 
-1. Writes random weights (N(0, 0.02) values drawn once and tiled) of the preset (``bindweave.dit.PRESETS``) in the official Wan2.1 layout, as
+1. Writes random weights (N(0, 0.02) values drawn once and tiled) of the preset (``bindweave.model.presets.PRESETS``) in the official Wan2.1 layout, as
    the release ships them: ``diffusion_pytorch_model-0000i-of-0000N.safetensors`` shards of
    ``--shard-gb`` plus the index and ``config.json``.
 2. Loads them in a fresh process per method, so each peak is its own:
 
-   * ``meta-cpu``: ``bindweave.loading.PretrainedWanDiT`` (build on the meta device, read every
+   * ``meta-cpu``: ``bindweave.weights.dit_loading.PretrainedWanDiT`` (build on the meta device, read every
      tensor straight into its final CPU tensor);
    * ``meta-cuda``: the same onto the GPU (host memory holds one tensor at a time);
    * ``naive-cpu``: the usual way, for comparison: a CPU model (``to_empty``, no init) plus
@@ -37,8 +37,9 @@ from pathlib import Path
 
 import torch
 
-from bindweave.dit import PRESETS, WanDiT
-from bindweave.wan_official import bindweave_to_wan_key, wan_config_for
+from bindweave.model.dit import WanDiT
+from bindweave.model.presets import PRESETS
+from bindweave.weights.wan_official import bindweave_to_wan_key, wan_config_for
 
 GB = 1e9
 
@@ -114,7 +115,7 @@ def load_child(method: str, preset: str, dtype_name: str, folder: str) -> dict:
     start = time.perf_counter()
     built = None
     if method.startswith("meta"):
-        from bindweave.loading import load_dit
+        from bindweave.weights.dit_loading import load_dit
 
         device = "cuda" if method == "meta-cuda" else "cpu"
         if device == "cuda":
@@ -128,7 +129,7 @@ def load_child(method: str, preset: str, dtype_name: str, folder: str) -> dict:
     elif method == "naive-cpu":
         from safetensors.torch import load_file
 
-        from bindweave.loading import dit_key_map
+        from bindweave.weights.dit_loading import dit_key_map
 
         with torch.device("meta"):
             dit = WanDiT(**PRESETS[preset])

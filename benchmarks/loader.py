@@ -38,10 +38,10 @@ from PIL import Image, ImageFilter
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bindweave.data_cli import pack  # noqa: E402
-from bindweave.datamodule import WebDataModule  # noqa: E402
-from bindweave.feature_cache import features_to_bytes  # noqa: E402
-from bindweave.shards import ShardWriter  # noqa: E402
+from bindweave.cli.data import pack  # noqa: E402
+from bindweave.data.datamodule import WebDataModule  # noqa: E402
+from bindweave.data.feature_cache import features_to_bytes  # noqa: E402
+from bindweave.data.shards import ShardWriter  # noqa: E402
 
 SOURCES = {"480p": (480, 854, 24), "720p": (720, 1280, 30)}
 SECONDS = 5.5

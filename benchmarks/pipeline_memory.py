@@ -45,7 +45,7 @@ def mid_config() -> dict:
                               "spatial_merge_size": 2, "temporal_patch_size": 1, "window_size": 112,
                               "fullatt_block_indexes": [3]}}
     return {
-        "dit": {"class_path": "bindweave.dit.WanDiT", "init_args": {
+        "dit": {"class_path": "bindweave.model.dit.WanDiT", "init_args": {
             "in_channels": 36, "out_channels": 16, "dim": 1024, "ffn_dim": 4096, "num_heads": 8, "num_layers": 8,
             "branches": [{"name": "text", "context_dim": 512, "embedder": "mlp"},
                          {"name": "image", "context_dim": 512, "embedder": "norm_mlp"}]}},
@@ -85,11 +85,11 @@ def measure(size: str, option: str, device: str) -> dict:
     import torch
     from lightning.pytorch.cli import instantiate_module
 
-    from bindweave.module import BindWeave
-    from bindweave.sampling import sample_videos
-    from bindweave.pipeline import BindWeavePipeline
-    from bindweave.requests import load_reference
-    from bindweave.synthetic import COLOURS, _draw
+    from bindweave.training.module import BindWeave
+    from bindweave.inference.sampler import sample_videos
+    from bindweave.inference.pipeline import BindWeavePipeline
+    from bindweave.inference.requests import load_reference
+    from bindweave.data.synthetic import COLOURS, _draw
 
     settings = dict(OPTIONS[option])
     dtype = settings.pop("dtype", None)

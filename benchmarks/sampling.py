@@ -4,7 +4,7 @@ The Wan2.1-1.3B-shaped BindWeave (36-channel DiT, 30 blocks) at 480x832, 81 fram
 50 flow steps with batched CFG, with full-size random-weight encoders built from their real
 architectures (Qwen2.5-VL-7B, umt5-xxl encoder, CLIP ViT-H/14 vision tower, Wan VAE) — so the
 split is what a user with the real weights sees. Timing synchronises around each phase of
-``bindweave.sampling.sample_videos`` (the encoders' ``encode_features``, the DiT calls, the VAE
+``bindweave.inference.sampler.sample_videos`` (the encoders' ``encode_features``, the DiT calls, the VAE
 decode); the target of issue #6 is encoders + VAE under 10% of the total. Run twice: encoders
 resident on the GPU, then ``offload_encoders`` (encoders go back to the CPU after encoding); each
 phase reports the GPU memory allocated when it starts and its peak.
@@ -27,9 +27,10 @@ from pathlib import Path
 
 import torch
 
-from bindweave.dit import CrossAttentionBranch, WanDiT, wan_dit_preset
-from bindweave.module import BindWeave
-from bindweave.sampling import SamplingConfig, sample_videos
+from bindweave.model.dit import CrossAttentionBranch, WanDiT
+from bindweave.model.presets import wan_dit_preset
+from bindweave.training.module import BindWeave
+from bindweave.inference.sampler import SamplingConfig, sample_videos
 from conditioners import IdentityConditioner, MultiReferenceConditioner, RelationalConditioner
 from encoders import CLIPVisionEncoder, FrozenEncoder, MLLMEncoder, T5TextEncoder, WanVAE
 from encoders.clip import TINY_CLIP_CONFIG

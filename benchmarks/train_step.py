@@ -7,7 +7,7 @@ samples (generated and cached here, so nothing is downloaded):
 * ``eager``: ``flow_loss`` + backward + gradient clipping + AdamW, a plain loop, bf16 autocast;
 * ``compiled``: the same with every DiT block compiled (``apply_compile``, as
   ``parallelism.compile: true`` does);
-* ``lightning``: ``Trainer.fit`` on :class:`~bindweave.memory_data.MemoryCacheDataModule` as the
+* ``lightning``: ``Trainer.fit`` on :class:`~bindweave.data.memory.MemoryCacheDataModule` as the
   recipe runs it (logging, progress bar, gradient clipping, ``precision: bf16-mixed``), wall time
   per step after the first 10;
 * ``profile``: ``torch.profiler`` over eager steps: host time vs GPU-busy time per step and the
@@ -43,7 +43,7 @@ VARIANTS = {"full": [], "noref": ["configs/sprites/noref.yaml"]}
 
 def make_cache(folder: Path, samples: int, device: str) -> Path:
     """Sprites training samples and their feature cache (the recipe's commands, in-process)."""
-    from bindweave.data_cli import main as data
+    from bindweave.cli.data import main as data
 
     data(["sprites", "--out", str(folder / "raw"), "--split", "train", "--num-samples", str(samples), "--seed", "0"])
     data(["cache", "-c", str(ROOT / "configs/sprites.yaml"), "--urls", str(folder / "raw" / "shard-*.tar"),
@@ -55,8 +55,8 @@ def build(variant: str, cache: Path, extra: list[str]):
     """The variant's model and in-memory datamodule as ``bindweave fit`` builds them."""
     import lightning as L
 
-    from bindweave.cli import BindWeaveCLI
-    from bindweave.module import BindWeave
+    from bindweave.cli.app import BindWeaveCLI
+    from bindweave.training.module import BindWeave
 
     configs = ["-c", str(ROOT / "configs/sprites.yaml")]
     for path in VARIANTS[variant] + ["configs/sprites/in-memory.yaml"]:
@@ -73,7 +73,7 @@ def build(variant: str, cache: Path, extra: list[str]):
 
 
 def batches(cli, device: torch.device, count: int) -> list[dict]:
-    from bindweave.datamodule import to_model_batch
+    from bindweave.model.batch import to_model_batch
     from lightning.pytorch.utilities import move_data_to_device
 
     cli.datamodule.device = "cpu"
@@ -200,7 +200,7 @@ def measure(variant: str, cache: Path, extra: list[str], device: torch.device, i
     out["eager"] = time_steps(step, device, warmup, iters)
     out["profile"] = profile(step, device, min(iters, 10), top=15)
     if device.type == "cuda":
-        from bindweave.parallel import apply_compile
+        from bindweave.parallel.per_block import apply_compile
 
         apply_compile(model.dit)
         out["compiled"] = time_steps(step, device, 8, iters)

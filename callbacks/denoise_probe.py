@@ -14,7 +14,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 
-from bindweave.batch import to_model_batch
+from bindweave.model.batch import to_model_batch
 
 
 def background_colour(video: torch.Tensor) -> torch.Tensor:
@@ -113,7 +113,7 @@ class DenoiseProbe(L.Callback):
         self._decoder = None
 
     def _vae(self, module):
-        from bindweave.feature_cache import LatentSpace
+        from bindweave.data.feature_cache import LatentSpace
 
         if not isinstance(module.vae, LatentSpace):
             return module.vae

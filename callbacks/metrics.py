@@ -25,7 +25,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torchmetrics import Metric
 
-from bindweave.sampling import select
+from bindweave.inference.sampler import select
 from encoders.clip import CLIPVisionEncoder
 
 # ----------------------------------------------------------------------------------------------

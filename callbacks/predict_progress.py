@@ -10,12 +10,12 @@ from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from bindweave.sampling import listen_to_steps
+from bindweave.inference.sampler import listen_to_steps
 
 QUIET = (
     # References load in milliseconds next to minutes of sampling: more workers change nothing.
     (r"The 'predict_dataloader' does not have many workers", PossibleUserWarning),
-    # bindweave.requests.SizeBatchSampler yields every request: Lightning's drop_last caveat does not apply.
+    # bindweave.inference.requests.SizeBatchSampler yields every request: Lightning's drop_last caveat does not apply.
     (r"You are using a custom batch sampler `SizeBatchSampler` for prediction", PossibleUserWarning),
     # torch deprecates a pytree class that Lightning's data loading still uses.
     (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning),
@@ -35,7 +35,7 @@ class PredictProgress(Callback):
         red-blue:  60%|██████    | 30/50 [00:21<00:14, 1.4step/s]
 
     The first counts requests (generated or failed), the second the denoising steps of the
-    video(s) being sampled, heard through :func:`bindweave.sampling.listen_to_steps`; log lines
+    video(s) being sampled, heard through :func:`bindweave.inference.sampler.listen_to_steps`; log lines
     (the ``VideoWriter``'s failed requests) are written above the bars. With
     ``trainer.enable_progress_bar: false`` neither is shown.
 

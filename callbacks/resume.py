@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from bindweave.resume import data_parallel_rank
+from bindweave.data.resume import data_parallel_rank
 
 
 def step_seed(seed: int, rank: int, step: int, micro_batch: int) -> int:
@@ -30,7 +30,7 @@ class StepSeed(Callback):
     group (tensor or sequence parallel) share their batch and draw the same; different ranks draw
     differently (``seed_everything`` alone gives every rank the same stream).
 
-    Pair it with a datamodule that resumes its data exactly (:mod:`bindweave.resume`).
+    Pair it with a datamodule that resumes its data exactly (:mod:`bindweave.data.resume`).
     ``tests/test_resume.py``: 4 steps, or 2 + checkpoint + 2, end with equal weights.
 
     Args:

@@ -14,9 +14,9 @@ from lightning.pytorch.utilities import move_data_to_device, rank_zero_info
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from PIL import Image
 
-from bindweave.batch import collate
-from bindweave.requests import RequestDataset, collate_requests
-from bindweave.sampling import references_uint8, request_records
+from bindweave.model.batch import collate
+from bindweave.inference.requests import RequestDataset, collate_requests
+from bindweave.inference.sampler import references_uint8, request_records
 from callbacks.metrics import predict_batch_of
 from callbacks.video_writer import contact_sheet, write_outputs
 
@@ -65,7 +65,7 @@ class SamplingCallback(Callback):
 
     Args:
         every_n_steps: sampling period in optimizer steps.
-        requests: a JSONL file of fixed requests (see :mod:`bindweave.requests`); default: the
+        requests: a JSONL file of fixed requests (see :mod:`bindweave.inference.requests`); default: the
             first ``num_samples`` validation samples (prompt, references, seed) at their own size.
         num_samples: validation samples used when ``requests`` is None.
         sampling: overrides of the model's sampling settings (e.g. ``{num_steps: 20}``).

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from bindweave.outputs import write_atomic, to_json, contact_sheet, png_bytes, write_outputs, format_table  # noqa: F401  (their home before bindweave.outputs)
+from bindweave.inference.outputs import write_atomic, to_json, contact_sheet, png_bytes, write_outputs, format_table  # noqa: F401  (their home before bindweave.inference.outputs)
 
 log = logging.getLogger(__name__)
 

@@ -95,7 +95,7 @@ class RelationalConditioner(Conditioner):
             nn.init.zeros_(self.connector[2].weight)
             nn.init.zeros_(self.connector[2].bias)
             if self.release_connector_path is not None:
-                from bindweave.bindweave_official import load_release_connector
+                from bindweave.weights.bindweave_release import load_release_connector
 
                 load_release_connector(self.connector, self.release_connector_path)
 

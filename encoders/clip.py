@@ -104,7 +104,7 @@ def open_clip_config_from_transformers(config: dict) -> dict:
 def _reshaped(value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Wan's (1, 1, D) / (1, T, D) embeddings as open_clip's (D,) / (T, D); anything else is an error."""
     if value.numel() != target.numel() or value.shape[-1] != target.shape[-1]:
-        from bindweave.loading import WeightsError
+        from bindweave.weights.loading import WeightsError
 
         raise WeightsError(f"CLIP embedding of shape {tuple(value.shape)} cannot fill {tuple(target.shape)}.")
     return value.reshape(target.shape)
@@ -118,8 +118,8 @@ def load_clip_tower(visual: VisionTransformer, path: str, checkpoint_format: str
     ``transformers``: a ``CLIPVisionModel`` folder such as diffusers' ``image_encoder/`` (its
     ``proj`` is absent unless the model has a projection; Wan's tokens never use it).
     """
-    from bindweave.loading import Checkpoint, assert_materialized, load_into
-    from bindweave.wan_official import is_wan_clip, open_clip_to_wan_clip_key
+    from bindweave.weights.loading import Checkpoint, assert_materialized, load_into
+    from bindweave.weights.wan_official import is_wan_clip, open_clip_to_wan_clip_key
 
     checkpoint = Checkpoint.open(path)
     keys = set(checkpoint.keys())

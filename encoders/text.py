@@ -35,8 +35,8 @@ def load_wan_t5(path: str, dtype: torch.dtype, model_class: str = "transformers.
     tensor is read into place (``torch.load(weights_only=True, mmap=True)``), so loading the 11 GB
     bf16 file needs about its size in memory once.
     """
-    from bindweave.loading import Checkpoint, WeightsError, assert_materialized, load_into
-    from bindweave.wan_official import umt5_config_from_wan, wan_t5_to_transformers_key
+    from bindweave.weights.loading import Checkpoint, WeightsError, assert_materialized, load_into
+    from bindweave.weights.wan_official import umt5_config_from_wan, wan_t5_to_transformers_key
 
     checkpoint = Checkpoint.open(path)
     shapes = {k: checkpoint.shape(k) for k in checkpoint.keys()}

@@ -35,8 +35,8 @@ def load_wan_vae(path: str, dtype: torch.dtype, latents_mean: list[float] | None
     latent channels Wan2.1's (``wan/modules/vae.py``) is used unless ``latents_mean``/``latents_std``
     are given; other sizes need them.
     """
-    from bindweave.loading import Checkpoint, WeightsError, assert_materialized, load_into
-    from bindweave.wan_official import (
+    from bindweave.weights.loading import Checkpoint, WeightsError, assert_materialized, load_into
+    from bindweave.weights.wan_official import (
         WAN21_LATENTS_MEAN,
         WAN21_LATENTS_STD,
         vae_config_from_wan,

@@ -21,8 +21,10 @@ from pathlib import Path
 import torch
 import yaml
 
-from bindweave.datamodule import WebDataModule, to_model_batch
-from bindweave.pretrained import load_pretrained
+from bindweave.data.datamodule import WebDataModule
+
+from bindweave.model.batch import to_model_batch
+from bindweave.inference.pretrained import load_pretrained
 from callbacks.denoise_probe import denoise_measures, masked_mse, subject_pixels
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -29,8 +29,8 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bindweave.dit import absolute_position_table, timestep_sinusoid  # noqa: E402
-from bindweave.sprites import boxes, prompt_of, random_scene  # noqa: E402
+from bindweave.model.dit import absolute_position_table, timestep_sinusoid  # noqa: E402
+from bindweave.tasks.sprites.scenes import boxes, prompt_of, random_scene  # noqa: E402
 from scripts.sprites_text_probe import encode_prompts, text_encoder, write_curves  # noqa: E402
 
 GRID = (5, 8, 8)  # latent frames x tokens: 17 frames of 64 x 64, 4 x 4 x 4 patch VAE, 2 x 2 patches

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from bindweave.dit import timestep_sinusoid
-from bindweave.sprites import COLUMNS, MOTIONS, ROWS, prompt_of, random_scene
+from bindweave.model.dit import timestep_sinusoid
+from bindweave.tasks.sprites.scenes import COLUMNS, MOTIONS, ROWS, prompt_of, random_scene
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,7 +35,7 @@ def text_encoder(config_path: Path):
     """The config's relational T5 encoder, built as the model builds it (fixed seed)."""
     from lightning.pytorch.cli import instantiate_module
 
-    from bindweave.module import BindWeave
+    from bindweave.training.module import BindWeave
 
     model_config = yaml.safe_load(config_path.read_text())["model"]
     module = instantiate_module(BindWeave, model_config)

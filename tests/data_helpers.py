@@ -11,7 +11,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from bindweave.video_io import write_video
+from bindweave.data.video_io import write_video
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")

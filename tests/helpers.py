@@ -6,10 +6,10 @@ from functools import partial
 
 import torch
 
-from bindweave.dit import CrossAttentionBranch, WanDiT
-from bindweave.module import BindWeave, SamplingConfig
-from bindweave.synthetic import SyntheticSubjects
-from bindweave.batch import collate
+from bindweave.model.dit import CrossAttentionBranch, WanDiT
+from bindweave.training.module import BindWeave, SamplingConfig
+from bindweave.data.synthetic import SyntheticSubjects
+from bindweave.model.batch import collate
 from conditioners import IdentityConditioner, MultiReferenceConditioner, RelationalConditioner
 from conditioners.base import Conditioning
 from encoders import WanVAE

@@ -10,11 +10,11 @@ import lightning
 import torch
 import yaml
 from lightning.pytorch.cli import instantiate_module
-from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters_context
 from PIL import Image, ImageDraw
 
-from bindweave.export import trainable_state_dict
-from bindweave.module import BindWeave
+from bindweave.lightning_compat import build_as_lightning_cli
+from bindweave.weights.export import trainable_state_dict
+from bindweave.training.module import BindWeave
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -29,7 +29,7 @@ def tiny_model_config(num_steps: int = 2, **sampling) -> dict:
 
 def cli_module(config: dict) -> BindWeave:
     """Built from a config as LightningCLI builds it: the config lands in the hyperparameters."""
-    with _given_hyperparameters_context(hparams=config, instantiator="lightning.pytorch.cli.instantiate_module"):
+    with build_as_lightning_cli(config):
         module = instantiate_module(BindWeave, copy.deepcopy(config))
     module.configure_model()
     # A DiT whose output depends on its inputs (the zero-initialised head would give the same video

@@ -4,10 +4,10 @@ import pytest
 import torch
 from PIL import Image
 
-from bindweave.batch import (
+from bindweave.model.batch import (
     MAX_UPSCALE, check_num_frames, check_spatial_size, collate, fit_reference, reference_warnings, to_rgb,
 )
-from bindweave.video_io import read_video, write_video
+from bindweave.data.video_io import read_video, write_video
 
 
 def test_rgba_and_grey_references_become_rgb():

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from bindweave.cli import run_cli
+from bindweave.cli.app import run_cli
 from callbacks import (CLIPTextImageModel, IdentitySimilarity, MotionMagnitude, PromptVideoSimilarity, SamplingCallback,
                        VideoMetrics)
 from tests.pipeline_helpers import ROOT, TINY, cli_module, tiny_model_config

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from bindweave.cli import run_cli
-from bindweave.video_io import read_video
+from bindweave.cli.app import run_cli
+from bindweave.data.video_io import read_video
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")

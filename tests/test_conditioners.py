@@ -159,7 +159,7 @@ def test_relational_connector_from_the_released_checkpoint(tmp_path):
     from safetensors.torch import save_file
 
     from encoders import MLLMEncoder
-    from bindweave.loading import WeightsError
+    from bindweave.weights.loading import WeightsError
 
     reference = RelationalConditioner.tiny()
     reference.build(WanVAE.tiny())

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bindweave.dit import PRESETS
+from bindweave.model.presets import PRESETS
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,12 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from bindweave.cli import run_cli
-from bindweave.curriculum import Curriculum, Stage
-from bindweave.data_cli import main, pack
-from bindweave.datamodule import SampleDecoder, ShardStream, StreamLoader, to_model_batch
-from bindweave.feature_cache import LatentSpace, cache_shards
-from bindweave.shards import expand_urls
+from bindweave.cli.app import run_cli
+from bindweave.data.curriculum import Curriculum, Stage
+from bindweave.cli.data import main, pack
+from bindweave.data.resume import StreamLoader
+from bindweave.data.samples import SampleDecoder
+from bindweave.data.streams import ShardStream
+from bindweave.model.batch import to_model_batch
+from bindweave.data.feature_cache import LatentSpace, cache_shards
+from bindweave.data.shards import expand_urls
 from encoders.base import FrozenEncoder
 from tests.data_helpers import TINY, TINY_CACHED, TINY_SHARDS, make_clips
 from tests.helpers import tiny_module
@@ -143,7 +146,7 @@ def test_cache_cli_then_fit_from_the_cache_through_the_cli(tmp_path, monkeypatch
     assert not any(isinstance(m, FrozenEncoder) for m in cli.model.modules())
 
     # The cache-trained model samples: predict and the pipeline build the encoders the config names.
-    from bindweave.pipeline import BindWeavePipeline
+    from bindweave.inference.pipeline import BindWeavePipeline
 
     checkpoint = str(tmp_path / "outputs" / "tiny" / "checkpoints" / "last.ckpt")
     pipe = BindWeavePipeline.from_checkpoint(checkpoint)

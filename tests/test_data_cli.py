@@ -4,8 +4,8 @@ import pytest
 import torch
 import yaml
 
-from bindweave.cli import run_cli
-from bindweave.data_cli import main
+from bindweave.cli.app import run_cli
+from bindweave.cli.data import main
 from tests.data_helpers import ROOT, TINY, TINY_SHARDS, make_clips, make_video, raw_sample, write_tar
 
 
@@ -50,7 +50,7 @@ def test_paper_data_configs_layer_on_the_14b_config(capsys):
                  "-c", str(configs / "data" / "curriculum.yaml"), "--print_config"])
     printed = yaml.safe_load(capsys.readouterr().out)
     data = printed["data"]["init_args"]
-    assert printed["data"]["class_path"] == "bindweave.datamodule.WebDataModule" and data["urls"] is None
+    assert printed["data"]["class_path"] == "bindweave.data.datamodule.WebDataModule" and data["urls"] is None
     assert (data["num_frames"], data["fps"], data["max_references"]) == (81, 16.0, 4)
     assert [(s["name"], s["steps"]) for s in data["curriculum"]] == [("curated", 1000), ("full", 5000)]
     assert printed["trainer"]["max_steps"] == 6000

@@ -5,10 +5,13 @@ import pytest
 import yaml
 from lightning.pytorch.callbacks import Callback
 
-from bindweave.cli import run_cli
-from bindweave.curriculum import Curriculum, Stage
-from bindweave.datamodule import DataMonitor, SampleDecoder, ShardStream, StreamLoader
-from bindweave.resume import StreamStart
+from bindweave.cli.app import run_cli
+from bindweave.data.curriculum import Curriculum, Stage
+from bindweave.data.datamodule import DataMonitor
+from bindweave.data.resume import StreamLoader
+from bindweave.data.samples import SampleDecoder
+from bindweave.data.streams import ShardStream
+from bindweave.data.resume import StreamStart
 from tests.data_helpers import TINY, TINY_SHARDS, make_video, raw_sample, write_tar
 
 

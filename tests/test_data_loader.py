@@ -9,11 +9,13 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from bindweave.curriculum import Curriculum, Stage
-from bindweave.datamodule import (
-    ReferenceAugmentation, SampleDecoder, ShardStream, StreamLoader, WebDataModule, to_model_batch,
-)
-from bindweave.shards import expand_urls
+from bindweave.data.curriculum import Curriculum, Stage
+from bindweave.data.datamodule import WebDataModule
+from bindweave.data.resume import StreamLoader
+from bindweave.data.samples import ReferenceAugmentation, SampleDecoder
+from bindweave.data.streams import ShardStream
+from bindweave.model.batch import to_model_batch
+from bindweave.data.shards import expand_urls
 from tests.data_helpers import make_video, png_bytes, raw_sample, write_tar
 
 DECODER = dict(num_frames=5, fps=8, buckets=[(32, 48)])

@@ -10,14 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from bindweave.cli import run_cli
-from bindweave.curriculum import Curriculum, Stage
-from bindweave.data_cli import pack
-from bindweave.datamodule import SampleDecoder, ShardStream, collate_cached
-from bindweave.feature_cache import cache_shards
-from bindweave.memory_data import FeatureStore, MemoryBatches, MemoryCacheDataModule
-from bindweave.resume import StreamStart
-from bindweave.shards import FEATURES, expand_urls
+from bindweave.cli.app import run_cli
+from bindweave.data.curriculum import Curriculum, Stage
+from bindweave.cli.data import pack
+from bindweave.data.samples import SampleDecoder, collate_cached
+from bindweave.data.streams import ShardStream
+from bindweave.data.feature_cache import cache_shards
+from bindweave.data.memory import FeatureStore, MemoryBatches, MemoryCacheDataModule
+from bindweave.data.resume import StreamStart
+from bindweave.data.shards import FEATURES, expand_urls
 from tests.data_helpers import TINY, TINY_CACHED, TINY_SHARDS, make_clips
 from tests.helpers import tiny_module
 
@@ -105,7 +106,7 @@ def test_one_clip_size_only_and_broken_samples_are_skipped_and_counted(cache, tm
 
 def test_fit_and_resume_from_memory_through_the_cli(cache, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    memory = ["--data", "bindweave.memory_data.MemoryCacheDataModule", "--data.init_args.urls", str(cache / "shard-*.tar"),
+    memory = ["--data", "bindweave.data.memory.MemoryCacheDataModule", "--data.init_args.urls", str(cache / "shard-*.tar"),
               "--data.init_args.val_urls", str(cache / "shard-*.tar"), "--data.init_args.batch_size", "2"]
     common = ["-c", TINY, "-c", TINY_SHARDS, "-c", TINY_CACHED, "--model.feature_cache", str(cache), *memory,
               "--trainer.limit_val_batches", "2", "--trainer.val_check_interval", "2", "--trainer.enable_progress_bar", "false"]
@@ -123,7 +124,7 @@ def test_denoise_probe_decodes_cached_latents_with_the_configs_vae(cache, tmp_pa
 
     monkeypatch.chdir(tmp_path)
     cli = run_cli(["fit", "-c", TINY, "-c", TINY_SHARDS, "-c", TINY_CACHED, "--model.feature_cache", str(cache),
-                   "--data", "bindweave.memory_data.MemoryCacheDataModule", "--data.init_args.urls", str(cache / "shard-*.tar"),
+                   "--data", "bindweave.data.memory.MemoryCacheDataModule", "--data.init_args.urls", str(cache / "shard-*.tar"),
                    "--data.init_args.val_urls", str(cache / "shard-*.tar"), "--data.init_args.batch_size", "2",
                    "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false", "--trainer.max_steps", "2",
                    "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.init_args.save_dir", "logs",

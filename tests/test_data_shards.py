@@ -9,13 +9,15 @@ import pytest
 import torch
 from PIL import Image
 
-from bindweave.batch import fit_reference
-from bindweave.data_cli import main, pack
-from bindweave.datamodule import SampleDecoder, ShardStream, StreamLoader
-from bindweave.curriculum import Curriculum, Stage
-from bindweave.shards import AtomicShard, expand_urls
-from bindweave.video_decode import choose_bucket, decode_clip, scan
-from bindweave.video_io import read_video
+from bindweave.model.batch import fit_reference
+from bindweave.cli.data import main, pack
+from bindweave.data.resume import StreamLoader
+from bindweave.data.samples import SampleDecoder
+from bindweave.data.streams import ShardStream
+from bindweave.data.curriculum import Curriculum, Stage
+from bindweave.data.shards import AtomicShard, expand_urls
+from bindweave.data.video_decode import choose_bucket, decode_clip, scan
+from bindweave.data.video_io import read_video
 from tests.data_helpers import level, make_clips, make_image, make_video
 
 
@@ -148,7 +150,7 @@ def test_clip_sampling_follows_the_target_fps(tmp_path):
     assert indices(clip) == [0, 0, 1, 1, 2, 2, 3, 3, 4]
     assert indices(torch.from_numpy(decode_clip(data, num_frames=5, fps=None))) == [0, 1, 2, 3, 4]
     assert indices(torch.from_numpy(decode_clip(data, num_frames=9, fps=8)))[-1] == 12  # exactly long enough
-    from bindweave.video_decode import VideoDecodeError
+    from bindweave.data.video_decode import VideoDecodeError
 
     with pytest.raises(VideoDecodeError, match="too short"):
         decode_clip(data, num_frames=10, fps=8)  # needs 1.125 s; frames 0..12 at 12 fps span 1 s
@@ -176,8 +178,8 @@ def test_lossless_rgb_frames_skip_swscale_and_keep_every_pixel():
 
     import av
 
-    from bindweave.sprites import encode_video
-    from bindweave.video_decode import frame_to_rgb
+    from bindweave.tasks.sprites.scenes import encode_video
+    from bindweave.data.video_decode import frame_to_rgb
 
     frames = np.random.default_rng(0).integers(0, 256, (5, 16, 24, 3), dtype=np.uint8)
     with av.open(io.BytesIO(encode_video(frames, fps=8))) as container:

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bindweave.cli import run_cli
-from bindweave.sprites import BACKGROUNDS, COLOURS
-from bindweave.video_io import read_video
+from bindweave.cli.app import run_cli
+from bindweave.tasks.sprites.scenes import BACKGROUNDS, COLOURS
+from bindweave.data.video_io import read_video
 
 ROOT = Path(__file__).resolve().parents[1]
 PALETTE = {name: np.array(rgb, float) for name, rgb in COLOURS.items()}

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from bindweave.synthetic import SyntheticSubjects
-from bindweave.batch import collate
+from bindweave.data.synthetic import SyntheticSubjects
+from bindweave.model.batch import collate
 from tests.helpers import tiny_module
 
 LR = 1e-3
@@ -27,7 +27,7 @@ def per_sample_loss(module, batch):
 
 
 def build(**parallelism):
-    from bindweave.module import ParallelismConfig
+    from bindweave.training.module import ParallelismConfig
 
     torch.manual_seed(0)
     module = tiny_module(parallelism=ParallelismConfig(**parallelism))
@@ -76,8 +76,8 @@ def _worker(rank: int, world: int, port: int, strategy: str, out: str) -> None:
     else:
         from functools import partial
 
-        from bindweave.dit import WanDiT
-        from bindweave.module import ParallelismConfig
+        from bindweave.model.dit import WanDiT
+        from bindweave.training.module import ParallelismConfig
         from conditioners import IdentityConditioner, MultiReferenceConditioner, RelationalConditioner
         from encoders import WanVAE
         from tests.helpers import TINY_DIT
@@ -165,7 +165,7 @@ def test_two_ranks_match_one_process(strategy, tmp_path):
 def _sp_worker(rank: int, world: int, port: int, path: str) -> None:
     import torch.distributed as dist
 
-    from bindweave.sequence_parallel import batch_parallel_forward, sequence_parallel_forward, ulysses_attention
+    from bindweave.parallel.sequence import batch_parallel_forward, sequence_parallel_forward, ulysses_attention
     from tests.test_dit import inputs, tiny_dit
 
     torch.set_num_threads(1)
@@ -194,7 +194,7 @@ def _sp_worker(rank: int, world: int, port: int, path: str) -> None:
     # Whole sampling runs: every rank gets the same requests and the same videos.
     from dataclasses import replace
 
-    from bindweave.sampling import sample_videos
+    from bindweave.inference.sampler import sample_videos
     from tests.helpers import synthetic_batch, tiny_module
 
     torch.manual_seed(123)
@@ -210,7 +210,7 @@ def _sp_worker(rank: int, world: int, port: int, path: str) -> None:
 
 def test_sequence_and_cfg_parallel_equal_one_process(tmp_path):
     from tests.test_dit import inputs, tiny_dit
-    from bindweave.attention import attention
+    from bindweave.model.attention import attention
 
     out = str(tmp_path / "sp.pt")
     _spawn(_sp_worker, 2, out)
@@ -232,7 +232,7 @@ def test_sequence_and_cfg_parallel_equal_one_process(tmp_path):
     torch.testing.assert_close(result["sp_grad"], x.grad, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(result["cfg_out"], expected.detach(), rtol=1e-5, atol=1e-5)
     from tests.helpers import synthetic_batch, tiny_module
-    from bindweave.sampling import sample_videos
+    from bindweave.inference.sampler import sample_videos
 
     torch.manual_seed(123)
     module = tiny_module(num_steps=2)
@@ -250,15 +250,15 @@ def _checkpoint_worker(rank: int, world: int, port: int, ckpt_dir: str, out: str
     from lightning.pytorch.strategies import ModelParallelStrategy
     from torch.utils.data import DataLoader
 
-    from bindweave.module import ParallelismConfig
+    from bindweave.training.module import ParallelismConfig
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank), NODE_RANK="0")
     torch.set_num_threads(1)
     from functools import partial
 
-    from bindweave.dit import WanDiT
-    from bindweave.module import BindWeave
+    from bindweave.model.dit import WanDiT
+    from bindweave.training.module import BindWeave
     from conditioners import IdentityConditioner, MultiReferenceConditioner, RelationalConditioner
     from encoders import WanVAE
     from tests.helpers import TINY_DIT
@@ -295,7 +295,7 @@ def test_sharded_checkpoint_resumes_at_another_world_size(tmp_path):
     for key, value in before["dit"].items():
         torch.testing.assert_close(after["dit"][key], value, msg=key)
     # The sharded folder consolidates, in one process, to the trainable weights only (for export).
-    from bindweave.export import read_sharded_checkpoint
+    from bindweave.weights.export import read_sharded_checkpoint
 
     consolidated = read_sharded_checkpoint(os.path.join(ckpt_dir, "last.ckpt"))
     state = consolidated["state_dict"]

@@ -4,22 +4,21 @@ import pytest
 import torch
 from diffusers import WanTransformer3DModel
 
-from bindweave.attention import attention
-from bindweave.convert import (
+from bindweave.model.attention import attention
+from bindweave.weights.diffusers_format import (
     bindweave_config_for,
     bindweave_to_diffusers,
     diffusers_config_for,
     diffusers_to_bindweave,
 )
-from bindweave.dit import (
-    PRESETS,
+from bindweave.model.dit import (
     CrossAttentionBranch,
     WanDiT,
     absolute_position_table,
     rope_axis_dims,
     timestep_sinusoid,
-    wan_dit_preset,
 )
+from bindweave.model.presets import PRESETS, wan_dit_preset
 
 TEXT, IMAGE = CrossAttentionBranch("text", 32), CrossAttentionBranch("image", 24, "norm_mlp")
 
@@ -238,7 +237,7 @@ def test_t2v_weights_in_bindweave_dit_are_unchanged_at_step_0(tmp_path):
     whatever the reference channels and image tokens hold."""
     from safetensors.torch import save_file
 
-    from bindweave.loading import load_dit
+    from bindweave.weights.dit_loading import load_dit
 
     t2v = tiny_dit(image=False).eval()
     bindweave = tiny_dit(image=True).eval()
@@ -253,7 +252,7 @@ def test_t2v_weights_in_bindweave_dit_are_unchanged_at_step_0(tmp_path):
 def test_allow_new_conditions_still_names_wrong_shapes(tmp_path):
     from safetensors.torch import save_file
 
-    from bindweave.loading import load_dit
+    from bindweave.weights.dit_loading import load_dit
 
     small = tiny_dit(image=False)
     wide = tiny_dit(image=True, dim=64, num_heads=4)

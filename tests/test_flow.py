@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from bindweave.flow import RectifiedFlow, euler_sigmas, euler_step, foreground_weights, shift_sigmas, velocity_from_sample
+from bindweave.model.flow import RectifiedFlow, euler_sigmas, euler_step, foreground_weights, shift_sigmas, velocity_from_sample
 
 
 def test_shift_keeps_endpoints_and_moves_towards_noise():
@@ -24,7 +24,7 @@ def test_sampler_grids_are_the_shifted_flow_grids():
     """diffusers' schedulers as ``make_scheduler`` sets them up, against the closed form: Euler on
     linspace(1, 0, n + 1) shifted, at t = 1000σ; UniPC on diffusers' flow grid linspace(1, 1/1000, n + 1)[:-1]
     shifted (its first σ nudged 1e-6 below 1), then 0, integer timesteps."""
-    from bindweave.sampling import make_scheduler
+    from bindweave.inference.sampler import make_scheduler
 
     euler = make_scheduler("euler", 4, 3.0)
     torch.testing.assert_close(euler.sigmas, torch.tensor([1.0, 0.9, 0.75, 0.5, 0.0]))

@@ -6,9 +6,9 @@ from functools import partial
 import pytest
 import torch
 
-from bindweave.dit import CrossAttentionBranch, WanDiT
-from bindweave.flow import foreground_weights
-from bindweave.sampling import decode
+from bindweave.model.dit import CrossAttentionBranch, WanDiT
+from bindweave.model.flow import foreground_weights
+from bindweave.inference.sampler import decode
 from conditioners import RelationalConditioner
 from conditioners.base import merge
 from encoders import T5TextEncoder
@@ -76,7 +76,7 @@ def test_a_model_fit_to_one_sample_samples_it_back(prediction, steps, bound, mon
     """Training and sampling agree end to end: after fitting one sample, sampling its own conditions
     (guidance 1) lands near its latent. x0-prediction gets there in half the steps, much closer
     (relative errors seen: velocity 3.16 -> 0.54 after 300 steps, sample 1.00 -> 0.15 after 150)."""
-    import bindweave.sampling as sampling
+    import bindweave.inference.sampler as sampling
 
     monkeypatch.setattr(sampling, "decode", lambda vae, latents, **kwargs: latents)  # compare latents
     torch.manual_seed(0)
@@ -194,7 +194,7 @@ def test_the_unconditional_side_nulls_the_prompt_and_keeps_the_references():
 def test_training_drops_each_condition_with_its_own_probability():
     """``training_step`` drops conditioner i's condition for a sample with probability ``dropout``
     (20 000 draws: the share is within ~5 standard deviations, 0.01 at p = 0.1); dropout 0 draws none."""
-    from bindweave.module import BindWeave
+    from bindweave.training.module import BindWeave
     from conditioners import IdentityConditioner, MultiReferenceConditioner
     from encoders import CLIPVisionEncoder
 

@@ -18,9 +18,9 @@ import torch
 from torch.nn.attention import SDPBackend
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bindweave.attention import attention, get_sdpa_backends, set_sdpa_backends
-from bindweave.dit import CrossAttentionBranch, WanBlock, WanDiT
-from bindweave.parallel import ATTENTION_OPS, apply_activation_checkpointing, apply_compile
+from bindweave.model.attention import attention, get_sdpa_backends, set_sdpa_backends
+from bindweave.model.dit import CrossAttentionBranch, WanBlock, WanDiT
+from bindweave.parallel.per_block import ATTENTION_OPS, apply_activation_checkpointing, apply_compile
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "dit.py"
 

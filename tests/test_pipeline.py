@@ -8,10 +8,10 @@ import pytest
 import torch
 import yaml
 
-from bindweave.flow import euler_sigmas, euler_step
-from bindweave.pipeline import BindWeavePipeline
-from bindweave.sampling import make_scheduler, sample_videos
-from bindweave.video_io import read_video
+from bindweave.model.flow import euler_sigmas, euler_step
+from bindweave.inference.pipeline import BindWeavePipeline
+from bindweave.inference.sampler import make_scheduler, sample_videos
+from bindweave.data.video_io import read_video
 from tests.helpers import hand_null_conditioning, synthetic_batch, tiny_module
 from tests.pipeline_helpers import cli_module, draw_reference, tiny_model_config, write_checkpoint
 
@@ -96,7 +96,7 @@ def test_samplers_land_on_the_data_under_the_exact_velocity(sampler):
 
 
 def test_unipc_sampler_and_memory_options(files, monkeypatch):
-    import bindweave.sampling as sampling
+    import bindweave.inference.sampler as sampling
 
     module = files["module"]
     batch = synthetic_batch(size=2, with_video=False)
@@ -172,7 +172,7 @@ def test_encoders_run_once_per_call_whatever_the_steps(pipe, files):
 
 
 def test_from_pretrained_loads_an_export(files, pipe, tmp_path):
-    from bindweave.export import save_pretrained
+    from bindweave.weights.export import save_pretrained
 
     save_pretrained(files["module"], tmp_path / "export")
     loaded = BindWeavePipeline.from_pretrained(tmp_path / "export", num_steps=2)

@@ -8,12 +8,12 @@ import torch
 import yaml
 from PIL import Image
 
-from bindweave.cli import run_cli
+from bindweave.cli.app import run_cli
 from bindweave.errors import UserError
-from bindweave.pipeline import BindWeavePipeline
-from bindweave.requests import RequestDataset, SizeBatchSampler, collate_requests, default_id, read_requests
-from bindweave.sampling import predict_batch
-from bindweave.video_io import read_video
+from bindweave.inference.pipeline import BindWeavePipeline
+from bindweave.inference.requests import RequestDataset, SizeBatchSampler, collate_requests, default_id, read_requests
+from bindweave.inference.sampler import predict_batch
+from bindweave.data.video_io import read_video
 from tests.pipeline_helpers import TINY, cli_module, draw_reference, tiny_model_config, write_checkpoint
 
 
@@ -41,7 +41,7 @@ def test_predict_writes_mp4_png_json_skips_done_and_survives_bad_requests(module
         {"id": "odd", "prompt": "wrong size", "references": ["red.png"], "height": 40, "width": 40},
     ])
     (tmp_path / "predict.yaml").write_text(yaml.safe_dump({"data": {
-        "class_path": "bindweave.requests.RequestDataModule",
+        "class_path": "bindweave.inference.requests.RequestDataModule",
         "init_args": {"requests": str(tmp_path / "requests.jsonl"), "batch_size": 2}}}))
     args = ["predict", "-c", str(TINY), "-c", "predict.yaml", "--ckpt_path", str(checkpoint),
             "--model.sampling.num_steps", "2", "--trainer.enable_progress_bar", "false"]
@@ -182,7 +182,7 @@ def test_nothing_left_to_do_is_one_empty_batch_and_warnings_travel_with_the_requ
 def test_request_datamodule_takes_sizes_from_the_model(module, tmp_path):
     from types import SimpleNamespace
 
-    from bindweave.requests import RequestDataModule
+    from bindweave.inference.requests import RequestDataModule
 
     write_jsonl(tmp_path / "r.jsonl", [{"id": "a", "prompt": "x"}])
     data = RequestDataModule(str(tmp_path / "r.jsonl"), output_dir=str(tmp_path))
@@ -199,7 +199,7 @@ def test_request_loader_takes_no_more_workers_than_cores(tmp_path):
     import os
     from types import SimpleNamespace
 
-    from bindweave.requests import RequestDataModule
+    from bindweave.inference.requests import RequestDataModule
 
     write_jsonl(tmp_path / "r.jsonl", [{"id": "a", "prompt": "x"}])
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

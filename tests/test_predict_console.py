@@ -11,7 +11,7 @@ import warnings
 import pytest
 from PIL import Image
 
-from bindweave.cli import main, run_cli
+from bindweave.cli.app import main, run_cli
 from bindweave.errors import UserError
 from tests.pipeline_helpers import ROOT, TINY, cli_module, draw_reference, tiny_model_config, write_checkpoint
 

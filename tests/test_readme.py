@@ -4,7 +4,7 @@ import re
 import sys
 from pathlib import Path
 
-from bindweave.cli import run_cli
+from bindweave.cli.app import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 

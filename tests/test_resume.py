@@ -16,13 +16,13 @@ import torch.multiprocessing as mp
 import yaml
 from lightning.pytorch.callbacks import Callback
 
-from bindweave.cli import run_cli
-from bindweave.curriculum import Stage
-from bindweave.datamodule import WebDataModule
-from bindweave.memory_data import FeatureStore, MemoryCacheDataModule
-from bindweave.resume import TrainPosition
-from bindweave.sprites import generate
-from bindweave.synthetic import SyntheticDataModule
+from bindweave.cli.app import run_cli
+from bindweave.data.curriculum import Stage
+from bindweave.data.datamodule import WebDataModule
+from bindweave.data.memory import FeatureStore, MemoryCacheDataModule
+from bindweave.data.resume import TrainPosition
+from bindweave.tasks.sprites.scenes import generate
+from bindweave.data.synthetic import SyntheticDataModule
 from tests.data_helpers import TINY, TINY_SHARDS, make_video, raw_sample, write_tar
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -244,7 +244,7 @@ def test_sprites_config_data_continues_exactly(sprites, workers):
 
 
 def test_in_memory_data_continues_exactly():
-    """bindweave.memory_data (configs/sprites/in-memory.yaml), from a store of made-up features."""
+    """bindweave.data.memory (configs/sprites/in-memory.yaml), from a store of made-up features."""
     samples = [dict(id=f"m{i}", prompt=f"p{i}", shard="s", fps=8, num_references=1, height=16, width=16,
                     video_latents=torch.full((4, 2, 2, 2), float(i)), features={"relational": {"tokens": torch.rand(3 + i % 2, 8)}})
                for i in range(10)]

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from bindweave import evaluate as E
-from bindweave import sprites as S
+from bindweave.tasks.sprites import evaluate as E
+from bindweave.tasks.sprites import scenes as S
 
 CONFIG = S.SpritesConfig()
 FLIP = {"right": "left", "left": "right", "up": "down", "down": "up", "jumps": "still", "still": "jumps"}
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     """A small test split written through the CLI (``bindweave data sprites``)."""
-    from bindweave.data_cli import main
+    from bindweave.cli.data import main
 
     out = tmp_path_factory.mktemp("sprites") / "test"
     main(["sprites", "--out", str(out), "--split", "test", "--num-samples", "6", "--seed", "3",
@@ -99,7 +99,7 @@ def test_prompt_and_references_determine_every_frame():
 
 
 def test_shards_are_read_by_the_project_datamodule(shards):
-    from bindweave.datamodule import WebDataModule
+    from bindweave.data.datamodule import WebDataModule
 
     data = WebDataModule(urls=str(shards / "shard-*.tar"), val_urls=str(shards / "shard-*.tar"), num_frames=17, fps=8,
                          buckets=[(64, 64)], augmentation=None, batch_size=3, num_workers=0)
@@ -149,7 +149,7 @@ def test_metrics_rank_truth_corruption_wrong_motion_and_wrong_subject(shards):
 
 
 def test_eval_cli_writes_a_table_and_json(shards, tmp_path, capsys):
-    from bindweave.eval_cli import main
+    from bindweave.tasks.sprites.cli import main
 
     truth = E.read_ground_truth(str(shards / "shard-*.tar"))
     first, second = list(truth)[:2]
@@ -234,7 +234,7 @@ TINY = [  # the sprites config at test size: byte tokenizers, a 1-layer DiT
 
 
 def test_sprites_config_fits_on_sprites_shards(shards, tmp_path, monkeypatch):
-    from bindweave.cli import run_cli
+    from bindweave.cli.app import run_cli
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("sys.argv", ["bindweave"])
@@ -249,8 +249,8 @@ def test_sprites_config_fits_on_sprites_shards(shards, tmp_path, monkeypatch):
 def test_ablation_configs_build(variant, shards, monkeypatch):
     import lightning as L
 
-    from bindweave.cli import BindWeaveCLI
-    from bindweave.module import BindWeave
+    from bindweave.cli.app import BindWeaveCLI
+    from bindweave.training.module import BindWeave
 
     monkeypatch.setattr("sys.argv", ["bindweave"])
     tiny = list(TINY)
@@ -271,9 +271,9 @@ def test_ablation_configs_build(variant, shards, monkeypatch):
 def test_in_memory_config_layers_over_a_variant(monkeypatch):
     import lightning as L
 
-    from bindweave.cli import BindWeaveCLI
-    from bindweave.memory_data import MemoryCacheDataModule
-    from bindweave.module import BindWeave
+    from bindweave.cli.app import BindWeaveCLI
+    from bindweave.data.memory import MemoryCacheDataModule
+    from bindweave.training.module import BindWeave
 
     monkeypatch.setattr("sys.argv", ["bindweave"])
     cli = BindWeaveCLI(BindWeave, L.LightningDataModule, subclass_mode_data=True, run=False, save_config_callback=None,
@@ -288,7 +288,7 @@ def test_denoise_probe_logs_what_the_model_knows_at_pure_noise(shards, tmp_path,
     x̂₀ on the first validation batch land in the logger's metrics, at each step those of the model then."""
     import csv
 
-    from bindweave.cli import run_cli
+    from bindweave.cli.app import run_cli
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("sys.argv", ["bindweave"])
@@ -307,7 +307,7 @@ def test_denoise_probe_logs_what_the_model_knows_at_pure_noise(shards, tmp_path,
     # Step 2's row is what the measures give for the trained model on the first validation batch, whose
     # noise is drawn from seed 0 (the measures themselves: test_denoise_measures_*).
     from callbacks.denoise_probe import denoise_measures
-    from bindweave.datamodule import to_model_batch
+    from bindweave.model.batch import to_model_batch
 
     model = cli.model.eval()
     batch = to_model_batch(next(iter(cli.trainer.datamodule.val_dataloader())))
@@ -346,7 +346,7 @@ def test_denoise_measures_of_an_oracle_and_of_a_blind_denoiser(prediction):
     -0.4 background with 0.6 subjects) knows nothing: AUC 0.5, MSEs 0.6² and 0.4²."""
     from functools import partial
 
-    from bindweave.dit import WanDiT
+    from bindweave.model.dit import WanDiT
     from callbacks.denoise_probe import denoise_measures
     from encoders import PatchVAE
     from tests.helpers import TINY_DIT, synthetic_batch, tiny_module

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bindweave import cli
+from bindweave.cli import app as cli
 from bindweave.errors import EXIT_USAGE, EXIT_USER_ERROR
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,7 +142,7 @@ def test_help_still_lists_every_option(capsys, monkeypatch):
 def test_weights_read_on_the_cpu_whatever_the_default_device():
     """Lightning builds models under the accelerator's default device; a host buffer made there
     cannot be filled from a file. ``meta`` stands in for ``cuda`` on a CPU machine."""
-    from bindweave.loading import Checkpoint
+    from bindweave.weights.loading import Checkpoint
 
     checkpoint = Checkpoint.open(ROOT / "models" / "sprites", prefix="model")
     key = next(k for k in checkpoint.keys() if len(checkpoint.shape(k)) == 2)

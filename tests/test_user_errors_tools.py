@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from bindweave.data_cli import main as data_main
-from bindweave.dit import CrossAttentionBranch, WanDiT
-from bindweave.loading import save_sharded
-from bindweave.wan_official import bindweave_to_wan, wan_config_for
-from bindweave.weights_cli import main as weights_main
+from bindweave.cli.data import main as data_main
+from bindweave.model.dit import CrossAttentionBranch, WanDiT
+from bindweave.weights.loading import save_sharded
+from bindweave.weights.wan_official import bindweave_to_wan, wan_config_for
+from bindweave.cli.weights import main as weights_main
 from tests.data_helpers import ROOT, make_clips
 
 

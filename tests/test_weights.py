@@ -11,18 +11,11 @@ import torch
 from diffusers import WanTransformer3DModel
 from safetensors.torch import load_file, save_file
 
-from bindweave.convert import bindweave_config_for, bindweave_to_diffusers, diffusers_config_for
-from bindweave.dit import CrossAttentionBranch, WanDiT
-from bindweave.loading import (
-    Checkpoint,
-    PretrainedWanDiT,
-    WeightsError,
-    detect_dit_format,
-    dit_arguments_from_checkpoint,
-    load_dit,
-    save_sharded,
-)
-from bindweave.wan_official import bindweave_to_wan, wan_config_for, wan_dit_arguments
+from bindweave.weights.diffusers_format import bindweave_config_for, bindweave_to_diffusers, diffusers_config_for
+from bindweave.model.dit import CrossAttentionBranch, WanDiT
+from bindweave.weights.loading import Checkpoint, WeightsError, save_sharded
+from bindweave.weights.dit_loading import PretrainedWanDiT, detect_dit_format, dit_arguments_from_checkpoint, load_dit
+from bindweave.weights.wan_official import bindweave_to_wan, wan_config_for, wan_dit_arguments
 
 FIXTURES = Path(__file__).parent / "fixtures" / "wan_official"
 TEXT, IMAGE = CrossAttentionBranch("text", 24), CrossAttentionBranch("image", 20, "norm_mlp")
@@ -245,10 +238,10 @@ def test_bf16_load_and_yaml_factory(i2v_reference, tmp_path):
     """PretrainedWanDiT as the model's DiT factory in a config, loading in bfloat16."""
     from lightning.pytorch.cli import instantiate_module
 
-    from bindweave.module import BindWeave
+    from bindweave.training.module import BindWeave
 
     folder = write_layout(i2v_reference[0], tmp_path, "wan")
-    dit_entry = {"class_path": "bindweave.loading.PretrainedWanDiT",
+    dit_entry = {"class_path": "bindweave.weights.dit_loading.PretrainedWanDiT",
                  "init_args": {"pretrained_path": str(folder), "dtype": "bfloat16", "in_channels": 36, **ARCH,
                                "branches": [{"name": "text", "context_dim": 24},
                                             {"name": "image", "context_dim": 20, "embedder": "norm_mlp"}]}}

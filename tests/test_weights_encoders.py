@@ -13,8 +13,8 @@ import transformers
 from open_clip.model import _build_vision_tower
 from safetensors.torch import load_file, save_file
 
-from bindweave.loading import WeightsError
-from bindweave.wan_official import diffusers_vae_to_wan, open_clip_to_wan_clip, transformers_t5_to_wan
+from bindweave.weights.loading import WeightsError
+from bindweave.weights.wan_official import diffusers_vae_to_wan, open_clip_to_wan_clip, transformers_t5_to_wan
 from encoders import CLIPVisionEncoder, MLLMEncoder, T5TextEncoder, WanVAE
 from encoders.text import TINY_T5_CONFIG, load_wan_t5
 
@@ -186,7 +186,7 @@ def test_vae_matches_official_wan_output(tmp_path):
 def test_official_vae_keys_are_covered_both_ways():
     from diffusers import AutoencoderKLWan
 
-    from bindweave.wan_official import vae_config_from_wan, wan_vae_to_diffusers
+    from bindweave.weights.wan_official import vae_config_from_wan, wan_vae_to_diffusers
 
     keys = json.loads((FIXTURES / "keys.json").read_text())
     for blocks in (1, 2):

@@ -13,14 +13,14 @@ import torch
 import yaml
 from diffusers import WanTransformer3DModel
 
-from bindweave.bindweave_official import load_release
-from bindweave.convert import bindweave_to_diffusers, diffusers_config_for
-from bindweave.export import export_checkpoint, save_pretrained, trainable_state_dict
-from bindweave.pretrained import load_pretrained
-from bindweave.loading import WeightsError, save_sharded
-from bindweave.wan_official import bindweave_to_wan, diffusers_vae_to_wan, open_clip_to_wan_clip, \
+from bindweave.weights.bindweave_release import load_release
+from bindweave.weights.diffusers_format import bindweave_to_diffusers, diffusers_config_for
+from bindweave.weights.export import export_checkpoint, save_pretrained, trainable_state_dict
+from bindweave.inference.pretrained import load_pretrained
+from bindweave.weights.loading import WeightsError, save_sharded
+from bindweave.weights.wan_official import bindweave_to_wan, diffusers_vae_to_wan, open_clip_to_wan_clip, \
     transformers_t5_to_wan, wan_config_for
-from bindweave.weights_cli import check_folder, format_report, main
+from bindweave.cli.weights import check_folder, format_report, main
 
 ROOT = Path(__file__).parents[1]
 
@@ -34,11 +34,11 @@ def tiny_config() -> dict:
 def build(config: dict):
     """A BindWeave built from a config, with its hyperparameters set as LightningCLI sets them."""
     from lightning.pytorch.cli import instantiate_module
-    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters_context
 
-    from bindweave.module import BindWeave
+    from bindweave.lightning_compat import build_as_lightning_cli
+    from bindweave.training.module import BindWeave
 
-    with _given_hyperparameters_context(hparams=config, instantiator="lightning.pytorch.cli.instantiate_module"):
+    with build_as_lightning_cli(config):
         module = instantiate_module(BindWeave, config)
     module.configure_model()
     return module
@@ -69,7 +69,7 @@ def test_save_and_load_pretrained(trained, tmp_path):
     save_pretrained(trained, tmp_path, max_shard_bytes=40_000)
     assert (tmp_path / "model.safetensors.index.json").is_file() and not list(tmp_path.glob("*.ckpt"))
     config = yaml.safe_load((tmp_path / "config.yaml").read_text())
-    assert config["model"]["dit"]["class_path"] == "bindweave.dit.WanDiT"
+    assert config["model"]["dit"]["class_path"] == "bindweave.model.dit.WanDiT"
     loaded = load_pretrained(tmp_path)
     expected = trainable_state_dict(trained.model)
     actual = trainable_state_dict(loaded.model)
@@ -81,7 +81,7 @@ def test_save_and_load_pretrained(trained, tmp_path):
 
 
 def test_int8_quantization_error_is_half_a_step_per_output_channel():
-    from bindweave.quantize import SCALE_SUFFIX, dequantize, quantize, quantize_state_dict
+    from bindweave.weights.quantize import SCALE_SUFFIX, dequantize, quantize, quantize_state_dict
 
     torch.manual_seed(0)
     weight = torch.randn(64, 96) * torch.linspace(0.01, 3, 64)[:, None]  # rows of very different ranges
@@ -97,8 +97,8 @@ def test_int8_quantization_error_is_half_a_step_per_output_channel():
 
 
 def test_int8_export_halves_the_bytes_and_loads_back(trained, tmp_path):
-    from bindweave.loading import Checkpoint
-    from bindweave.quantize import SCALE_SUFFIX
+    from bindweave.weights.loading import Checkpoint
+    from bindweave.weights.quantize import SCALE_SUFFIX
 
     save_pretrained(trained, tmp_path / "fp32")
     main(["export", str(tmp_path / "fp32"), str(tmp_path / "bf16"), "--dtype", "bfloat16"])  # an export re-exported
@@ -145,7 +145,7 @@ def test_int8_export_halves_the_bytes_and_loads_back(trained, tmp_path):
 def test_corrupt_int8_scales_are_named(trained, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from bindweave.quantize import SCALE_SUFFIX
+    from bindweave.weights.quantize import SCALE_SUFFIX
 
     save_pretrained(trained, tmp_path / "fp32")
     main(["export", str(tmp_path / "fp32"), str(tmp_path / "int8"), "--int8"])
@@ -347,8 +347,8 @@ def test_config_with_official_weights_builds_and_trains(trained, tmp_path):
     """configs/weights/*.yaml at tiny sizes: PretrainedWanDiT + Wan's .pth VAE/T5/CLIP from one folder."""
     import lightning as L
 
-    from bindweave.cli import BindWeaveCLI
-    from bindweave.module import BindWeave
+    from bindweave.cli.app import BindWeaveCLI
+    from bindweave.training.module import BindWeave
     from encoders.vae import TINY_VAE_CONFIG
     from helpers import synthetic_batch
 
@@ -383,15 +383,15 @@ def test_config_with_official_weights_builds_and_trains(trained, tmp_path):
 def test_weights_configs_layer_on_the_paper_config(name):
     import lightning as L
 
-    from bindweave.cli import BindWeaveCLI
-    from bindweave.module import BindWeave
+    from bindweave.cli.app import BindWeaveCLI
+    from bindweave.training.module import BindWeave
 
     cli = BindWeaveCLI(BindWeave, L.LightningDataModule, subclass_mode_data=True, run=False, args=[
         "-c", str(ROOT / "configs" / "bindweave-wan2.1-i2v-14b.yaml"), "-c", str(ROOT / "configs" / "weights" / name),
         "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.precision=32"])  # parsed; nothing is loaded
     config = cli.config
     model = config.model
-    assert model.dit.class_path == "bindweave.loading.PretrainedWanDiT"
+    assert model.dit.class_path == "bindweave.weights.dit_loading.PretrainedWanDiT"
     assert model.dit.init_args.pretrained_path.startswith("/path/to/Wan2.1-")
     encoders = [model.vae, model.relational.init_args.text_encoder, model.identity.init_args.image_encoder]
     assert all(e.init_args.tiny_config is None and e.init_args.pretrained_path.startswith("/path/to/") for e in encoders)

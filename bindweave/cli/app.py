@@ -1,0 +1,233 @@
+"""``bindweave fit|validate|test|predict``: LightningCLI over :class:`bindweave.training.module.BindWeave`.
+
+Any LightningDataModule can be named with ``data.class_path``; conditioners, encoders, the DiT and
+callbacks are chosen the same way (``class_path`` + ``init_args``), which is the plug-in registry.
+
+Tools that are not training loops have their own subcommand modules (``TOOLS``), each with a
+``main(argv: list[str]) -> None``: ``bindweave data pack ...``, ``bindweave weights check ...``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import faulthandler
+import importlib
+import logging
+import os
+import re
+import signal
+import sys
+import warnings
+from pathlib import Path
+from typing import NoReturn
+
+import lightning as L
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+import callbacks  # noqa: F401  (registers short names for trainer.callbacks)
+import conditioners  # noqa: F401  (registers short names for model.conditioners)
+import encoders  # noqa: F401
+from bindweave.errors import EXIT_USAGE, UserError, one_line, report
+from bindweave.weights.loading import check_lightning_checkpoint
+from bindweave.training.module import BindWeave
+from bindweave.data.synthetic import SyntheticDataModule  # noqa: F401
+
+
+# ----------------------------------------------------------------------------------------------
+# Config errors: the one line that matters, not an 80-line usage dump
+# ----------------------------------------------------------------------------------------------
+
+_UNKNOWN_OPTION = re.compile(r"does not accept option '([^']+)'|unrecognized arguments: (--?[^\s=]+)")
+_BAD_CLASS_PATH = re.compile(r"Problem with given class_path '([^']+)':\s*\n\s*(.+)")
+_MISSING_CONFIG = re.compile(r"Parser key \"config\":\s*File does not exist: '([^']+)'")
+_BAD_KEY = re.compile(r'^Parser key "([^"]+)":\s*(.*)', re.S)
+
+
+def _known_keys(parser) -> list[str]:
+    """Every option key a (sub)command parser accepts, e.g. ``trainer.max_steps``."""
+    return sorted(set(re.findall(r"--([\w.]+)", parser.format_help())))
+
+
+def _close_class(class_path: str) -> str | None:
+    """The class of the same module whose name is closest to a misspelt ``class_path``."""
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        return None
+    names = [n for n, v in vars(module).items() if isinstance(v, type)]
+    match = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
+    return f"{module_name}.{match[0]}" if match else None
+
+
+def condense_parser_error(message: str, parser) -> str:
+    """jsonargparse's multi-line message as one line, with a "did you mean" where a close name exists."""
+    unknown = _UNKNOWN_OPTION.search(message)
+    if unknown:
+        key = (unknown.group(1) or unknown.group(2)).lstrip("-")
+        close = difflib.get_close_matches(key, _known_keys(parser), n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        return f"unknown option {key!r}{hint}"
+    missing = _MISSING_CONFIG.search(message)
+    if missing:
+        return f"-c {missing.group(1)}: no such config file; check the path (configs live in configs/)"
+    bad_class = _BAD_CLASS_PATH.search(message)
+    if bad_class:
+        key = _BAD_KEY.match(message)
+        where = f"{key.group(1)}: " if key else ""
+        close = _close_class(bad_class.group(1))
+        hint = f"; did you mean {close!r}?" if close else ""
+        return f"{where}class_path {bad_class.group(1)!r} cannot be used ({bad_class.group(2).strip()}){hint}"
+    return one_line(message)
+
+
+# ----------------------------------------------------------------------------------------------
+# Top-level names shared with PyPI
+# ----------------------------------------------------------------------------------------------
+
+OWN_PACKAGES = ("encoders", "conditioners", "callbacks")
+"""Top-level packages BindWeave installs beside ``bindweave`` (YAML names them: ``encoders.WanVAE``,
+``callbacks.VideoWriter``). PyPI has unrelated ``encoders`` and ``callbacks`` packages; installed in
+the same environment, one of them could shadow ours."""
+
+
+def check_own_packages() -> None:
+    """Raise :class:`UserError` if an ``encoders``/``conditioners``/``callbacks`` imported here is not
+    the one installed beside ``bindweave`` (another distribution of that name shadows it)."""
+    home = Path(sys.modules["bindweave"].__file__).resolve().parent.parent
+    for name in OWN_PACKAGES:
+        module = sys.modules.get(name) or importlib.import_module(name)
+        where = Path(getattr(module, "__file__", "") or "").resolve()
+        if where.parent.parent != home:
+            raise UserError(
+                f"the `{name}` package imported from {where} is not BindWeave's (expected {home / name}): another "
+                f"package of that name shadows it; `pip uninstall {name}` or use a separate virtual environment."
+            )
+
+
+class BindWeaveArgumentParser(LightningArgumentParser):
+    """Lightning's parser whose errors are one line (the key, the problem, a close valid name),
+    exit status 2; ``--help`` still prints every option."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error:
+            super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        words = parser.prog.replace(" [options]", "").split()
+        command = words[-1] if len(words) > 1 else ""  # "bindweave fit" -> "fit"
+        line = condense_parser_error(message, parser)
+        raise report(command, f"{line} (`bindweave {command + ' ' if command else ''}--help` lists every option)", EXIT_USAGE) from None
+
+
+class BindWeaveCLI(LightningCLI):
+    """LightningCLI with BindWeave's model and any datamodule given by class_path.
+
+    With ``--ckpt_path``, Lightning replaces the model config by the one stored in the checkpoint,
+    so ``predict --ckpt_path X --model.sampling.num_steps 30`` (or ``configs/predict.yaml``'s
+    sampler) would be silently ignored. Here the checkpoint's config only fills in the model: the
+    config files and flags of this command line are applied again on top of it.
+    """
+
+    def parse_arguments(self, parser, args) -> None:
+        self._command_line = args
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry"):
+            check_lightning_checkpoint(ckpt_path)  # one clear line before Lightning reads it
+
+    def _parse_ckpt_path(self) -> None:
+        before = self.config
+        super()._parse_ckpt_path()
+        if self.config is not before:  # the checkpoint's config was applied: the command line wins
+            args = self._command_line if self._command_line is not None else sys.argv[1:]
+            if isinstance(args, dict):
+                self.config = self.parser.parse_object(args, self.config)
+            else:
+                self.config = self.parser.parse_args(list(args), namespace=self.config)
+
+
+def run_cli(args: list[str] | None = None) -> BindWeaveCLI:
+    """Parse ``args`` (default: sys.argv) and run the subcommand; returns the CLI (for tests)."""
+    return BindWeaveCLI(
+        BindWeave,
+        L.LightningDataModule,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        parser_class=BindWeaveArgumentParser,
+        args=args,
+    )
+
+
+TOOLS = {
+    "data": "bindweave.cli.data",
+    "eval": "bindweave.tasks.sprites.cli",
+    "weights": "bindweave.cli.weights",
+}
+"""Subcommands outside LightningCLI: name -> module with ``main(argv)``."""
+
+
+KNOWN_WARNINGS: dict[str, str] = {
+    re.escape("Your `IterableDataset` has `__len__` defined"):
+        "the project's streams split an epoch's batch positions between their workers: the length is exact",
+    r"Found \d+ module\(s\) in eval mode": "frozen encoders are kept in eval mode on purpose",
+    re.escape("`isinstance(treespec, LeafSpec)` is deprecated"): "raised inside Lightning under newer torch",
+}
+"""Library warnings that say nothing a user can act on in this project (message regex -> why).
+The console script hides them for its own process; importing the package changes no filter."""
+
+
+def main() -> None:
+    """Entry point of the ``bindweave`` console script.
+
+    For a job that seems stuck: ``kill -USR1 <pid>`` prints every thread's Python stack to stderr
+    and lets the run go on; the environment variable ``BINDWEAVE_DUMP_STACKS_EVERY=<seconds>`` prints
+    them periodically."""
+    if hasattr(signal, "SIGUSR1"):
+        faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)
+    every = os.environ.get("BINDWEAVE_DUMP_STACKS_EVERY")
+    if every:
+        faulthandler.dump_traceback_later(float(every), repeat=True)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropAdvertisement())
+    for message in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+    run_command()
+
+
+def run_command(argv: list[str] | None = None) -> None:
+    """``bindweave <argv>`` (default: the command line): a tool of :data:`TOOLS` or a LightningCLI
+    subcommand. A :class:`~bindweave.errors.UserError` ends it with one line on stderr and exit
+    status 1."""
+    words = sys.argv[1:] if argv is None else argv
+    command = words[0] if words else ""
+    try:
+        check_own_packages()
+        if command in TOOLS:
+            importlib.import_module(TOOLS[command]).main(words[1:])
+            return
+        run_cli(argv)
+    except UserError as error:  # a mistake the user can fix: one line, no traceback
+        raise report(command, error) from None
+    except ValueError as error:  # jsonargparse wraps what a constructor raised while instantiating
+        cause = _user_error_cause(error)
+        if cause is None:
+            raise
+        raise report(command, cause) from None
+
+
+def _user_error_cause(error: BaseException) -> UserError | None:
+    """The :class:`UserError` that ``error`` was raised from (its ``__cause__``/``__context__`` chain)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, UserError):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+class _DropAdvertisement(logging.Filter):
+    """Lightning's "Tip: try installing litlogger" line, printed by every ``Trainer()``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()

@@ -1,0 +1,379 @@
+"""Sampling: from a batch of requests to uint8 frames, with diffusers' flow schedulers.
+
+``sample_videos(model, batch, config)`` (a :class:`~bindweave.model.bindweave_model.BindWeaveModel`) runs three stages:
+
+1. **Conditions.** Every conditioner's frozen encoders run once per request; guided conditioners
+   turn the same features into their null condition (CFG's unconditional side). Both sides are
+   stacked along the batch and projected by the DiT's context embedders once per video.
+2. **Denoising.** One DiT call per step gives the conditional and unconditional velocities (the
+   latent is duplicated); ``v = v_u + g·(v_c − v_u)``; the scheduler moves the latent to the next σ.
+   Samplers are diffusers' ``FlowMatchEulerDiscreteScheduler`` (``euler``) and
+   ``UniPCMultistepScheduler`` in its flow mode (``unipc``, what Wan2.1 ships), both with Wan's
+   timestep shift ``σ' = sσ / (1 + (s − 1)σ)``.
+3. **Decoding.** The VAE decodes the video latent, optionally tiled or one video at a time.
+
+Noise is drawn per request from its own seed, so a request's video does not depend on what it was
+batched with. Memory options change peak memory, not the video: ``offload_encoders`` gives identical
+frames, ``vae_slicing`` frames within 1/255 (a batch of one convolves with other rounding),
+``vae_tiling`` blends overlapping tiles, so pixels near tile seams differ slightly.
+
+Progress: ``progress=True`` shows a tqdm bar over the steps; code that runs sampling indirectly (a
+Lightning callback around ``predict``) hears every step through :func:`listen_to_steps`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from contextvars import ContextVar
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterator, Literal
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from tqdm.auto import tqdm
+
+from bindweave.model.flow import NUM_TRAIN_TIMESTEPS
+from bindweave.model.bindweave_model import BindWeaveModel
+from conditioners.base import merge, stack_batches
+from encoders.base import FrozenEncoder, frozen_encoders
+
+
+SAMPLERS = ("euler", "unipc")
+
+
+@dataclass
+class SamplingConfig:
+    """Settings of ``predict`` and of :class:`bindweave.inference.pipeline.BindWeavePipeline`.
+
+    Args:
+        num_steps: denoising steps.
+        guidance_scale: classifier-free guidance scale (1.0 switches the unconditional pass off).
+        shift: timestep shift of the sampling schedule (Wan: 5.0 for T2V, 3.0 for 480p I2V).
+        num_frames: frames generated when a request does not say (1 + 4k).
+        height: video height when a request does not say.
+        width: video width when a request does not say.
+        sampler: ``euler`` (flow Euler, first order) or ``unipc`` (flow UniPC, 2nd-order multistep,
+            Wan2.1's default; as good in about half the steps).
+        offload_encoders: keep the frozen encoders (MLLM, T5, CLIP, VAE) on the CPU and move each
+            to the DiT's device only while it runs: the GPU holds the DiT alone while denoising.
+        vae_tiling: decode in overlapping spatial tiles (diffusers' ``AutoencoderKLWan`` tiling;
+            blends tile seams, so pixels differ slightly from untiled decoding).
+        vae_slicing: decode the videos of a batch one at a time (equal up to 1/255 rounding).
+        parallel: with several processes (torch.distributed initialised, every rank given the same
+            requests), how DiT calls are split over the default group: ``cfg`` runs the
+            conditional and unconditional halves on different ranks, ``sequence`` splits the video
+            tokens (Ulysses); ``none`` runs everything on every rank.
+    """
+
+    num_steps: int = 50
+    guidance_scale: float = 5.0
+    shift: float = 5.0
+    num_frames: int = 81
+    height: int = 480
+    width: int = 832
+    sampler: Literal["euler", "unipc"] = "euler"
+    offload_encoders: bool = False
+    vae_tiling: bool = False
+    vae_slicing: bool = False
+    parallel: Literal["none", "cfg", "sequence"] = "none"
+
+
+def _dit_call(dit, config: SamplingConfig):
+    """The DiT call of the sampling loop, split over ranks as ``config.parallel`` asks."""
+    if config.parallel == "none":
+        return dit
+    import torch.distributed as dist
+
+    from bindweave.parallel.sequence import batch_parallel_forward, sequence_parallel_forward
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError(f"parallel={config.parallel!r} needs torch.distributed initialised (e.g. under torchrun).")
+    group = dist.group.WORLD
+    forward = batch_parallel_forward if config.parallel == "cfg" else sequence_parallel_forward
+    return lambda *args, **kwargs: forward(dit, group, *args, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Schedulers
+# ----------------------------------------------------------------------------------------------
+
+
+def make_scheduler(sampler: str, num_steps: int, shift: float, device: torch.device | None = None) -> SchedulerMixin:
+    """A fresh diffusers flow scheduler over ``num_steps`` steps with Wan's ``shift``.
+
+    ``euler``: σ on ``linspace(1, 0, num_steps + 1)`` shifted, the DiT at t = 1000σ; exactly
+    :func:`bindweave.model.flow.euler_sigmas` and :func:`bindweave.model.flow.euler_step`.
+    ``unipc``: diffusers' flow UniPC grid (σ from 1 to 1/1000 before the shift, integer timesteps)
+    as in ``WanPipeline`` and Wan2.1's own sampler.
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
+    if shift <= 0:
+        raise ValueError(f"shift must be > 0, got {shift}.")
+    if sampler == "euler":
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=shift)
+        scheduler.set_timesteps(sigmas=torch.linspace(1.0, 0.0, num_steps + 1)[:-1].tolist(), device=device)
+    elif sampler == "unipc":
+        scheduler = UniPCMultistepScheduler(
+            num_train_timesteps=NUM_TRAIN_TIMESTEPS, prediction_type="flow_prediction", use_flow_sigmas=True,
+            flow_shift=shift, solver_order=2,
+        )
+        scheduler.set_timesteps(num_steps, device=device)
+    else:
+        raise ValueError(f"Unknown sampler {sampler!r}: use one of {list(SAMPLERS)}.")
+    scheduler.set_begin_index(0)  # no timestep lookup (a device sync) in step()
+    return scheduler
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory: encoder offloading
+# ----------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def encoders_on(encoders: list[FrozenEncoder], device: torch.device, offload: bool) -> Iterator[None]:
+    """Run the block with ``encoders`` on ``device``; with ``offload`` they go back to the CPU after.
+
+    Without ``offload``, encoders left on the CPU by an earlier offloaded call are brought back."""
+    for encoder in encoders:
+        if encoder.device != device:
+            encoder.to(device)
+    try:
+        yield
+    finally:
+        if offload and device.type != "cpu":
+            for encoder in encoders:
+                encoder.to("cpu")
+
+
+# ----------------------------------------------------------------------------------------------
+# Progress: who hears about denoising steps
+# ----------------------------------------------------------------------------------------------
+
+StepListener = Callable[[int, int, list[str]], None]
+"""``listener(done, total, ids)``: ``done`` steps of ``total`` for the videos of the requests ``ids``."""
+
+_STEP_LISTENERS: ContextVar[tuple[StepListener, ...]] = ContextVar("bindweave_step_listeners", default=())
+
+
+@contextlib.contextmanager
+def listen_to_steps(listener: StepListener) -> Iterator[None]:
+    """Within the block, every :func:`sample_videos` call reports to ``listener(done, total, ids)``:
+    once with ``done=0`` before the first step, then after each step (host-side, no device sync).
+    ``ids`` are the batch's request ids (empty when the batch has none). ``callbacks.PredictProgress``
+    uses it to show the steps of ``bindweave predict``, whose ``predict_step`` runs the loop."""
+    token = _STEP_LISTENERS.set(_STEP_LISTENERS.get() + (listener,))
+    try:
+        yield
+    finally:
+        _STEP_LISTENERS.reset(token)
+
+
+# ----------------------------------------------------------------------------------------------
+# The sampling loop
+# ----------------------------------------------------------------------------------------------
+
+
+def request_size(batch: dict, key: str, default: int) -> int:
+    """The batch's common ``key`` (num_frames/height/width), or ``default`` when it does not say."""
+    values = batch.get(key)
+    if values is None:
+        return default
+    values = [int(v) for v in (values.tolist() if isinstance(values, torch.Tensor) else values)]
+    if len(set(values)) != 1:
+        raise ValueError(f"All requests of a batch must share {key}; got {values}. Use batch_size 1.")
+    return values[0]
+
+
+def initial_noise(seeds: list[int], shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """(B, *shape) float32 standard normal noise, request i drawn from its own ``seeds[i]``."""
+    return torch.stack([
+        torch.randn(shape, generator=torch.Generator(device).manual_seed(int(seed)), device=device) for seed in seeds
+    ])
+
+
+@torch.no_grad()
+def sample_videos(
+    model: BindWeaveModel, batch: dict, config: SamplingConfig, progress: bool = False, description: str | None = None
+) -> torch.Tensor:
+    """Sample videos for a batch of requests with a built :class:`~bindweave.model.bindweave_model.BindWeaveModel`.
+
+    Returns (B, F, H, W, 3) uint8 frames on the CPU. The only host syncs of the Euler loop are the
+    final copy to the CPU.
+    """
+    num_frames = request_size(batch, "num_frames", config.num_frames)
+    height = request_size(batch, "height", config.height)
+    width = request_size(batch, "width", config.width)
+    model.check_video(num_frames, height, width)
+    model.check_references(batch["references"], height, width)
+    model.check_reference_counts([int(n) for n in batch["num_references"]])  # what the conditioners declare
+    dit, vae = model.dit, model.vae
+    device = dit.patch_embedding.weight.device
+    encoders = frozen_encoders(model)
+    guided = config.guidance_scale != 1.0
+
+    # 1. Conditions: every encoder runs once per request, then (with offloading) leaves the GPU.
+    with encoders_on(encoders, device, config.offload_encoders):
+        features = model.encode_features(batch)
+        parts = model.condition_parts(batch, features)
+        cond = merge(parts)
+        if guided:
+            cond = stack_batches(cond, model.null_conditions(batch, features, parts))
+    context, context_mask = model.context(cond)
+    context = dit.embed_context(context, context_mask)  # once, not per step
+
+    # 2. Denoising: one DiT call per step for both CFG sides.
+    latent_shape = (
+        vae.latent_channels,
+        (num_frames - 1) // vae.temporal_compression + 1,
+        height // vae.spatial_compression,
+        width // vae.spatial_compression,
+    )
+    seeds = batch.get("seed") or list(range(len(batch["prompt"])))
+    x = initial_noise(seeds, latent_shape, device)  # (B, z, T, h, w) fp32
+    dtype = dit.patch_embedding.weight.dtype
+    scheduler = make_scheduler(config.sampler, config.num_steps, config.shift, device)
+    dit_call = _dit_call(dit, config)
+    sigmas = scheduler.sigmas.to(device, torch.float32)  # σ of each step (UniPC's timesteps are rounded)
+    listeners, total = _STEP_LISTENERS.get(), len(scheduler.timesteps)
+    ids = [str(i) for i in batch.get("id") or []] if listeners else []
+    for listener in listeners:
+        listener(0, total, ids)
+    for i, t in enumerate(tqdm(scheduler.timesteps, desc=description, disable=not progress, leave=False)):
+        model_x = torch.cat([x, x]) if guided else x  # (2B or B, z, T, h, w)
+        dit_in, frame_mask = model.assemble_input(model_x.to(dtype), cond)  # (2B or B, C_in, T+N, h, w)
+        timestep = t.to(torch.float32).expand(model_x.shape[0])  # (2B or B,)
+        output = dit_call(dit_in, timestep, context, context_mask, frame_mask, context_embedded=True)
+        output = output[:, :, : latent_shape[1]]  # (2B or B, z, T, h, w)
+        velocity = model.output_velocity(output, model_x, sigmas[i].expand(model_x.shape[0]))  # float32
+        if guided:
+            conditional, unconditional = velocity.chunk(2)
+            velocity = unconditional + config.guidance_scale * (conditional - unconditional)  # (B, z, T, h, w)
+        x = scheduler.step(velocity, t, x, return_dict=False)[0]
+        for listener in listeners:
+            listener(i + 1, total, ids)
+
+    # 3. Decoding.
+    with encoders_on([vae], device, config.offload_encoders):
+        return decode(vae, x, tiling=config.vae_tiling, slicing=config.vae_slicing)
+
+
+def decode(vae, latents: torch.Tensor, tiling: bool = False, slicing: bool = False) -> torch.Tensor:
+    """VAE-decode (B, z, T, h, w) latents to (B, F, H, W, 3) uint8 frames on the CPU.
+
+    ``tiling`` switches diffusers' tiled decoding on for this call; ``slicing`` decodes one video at
+    a time and converts it to uint8 before the next (the float video is 4× the uint8 one)."""
+    chunks = latents.split(1) if slicing else [latents]
+    return torch.cat([_to_uint8(vae.decode(chunk.to(vae.dtype), tiled=tiling)) for chunk in chunks])
+
+
+def _to_uint8(video: torch.Tensor) -> torch.Tensor:
+    """(B, 3, F, H, W) in [-1, 1] -> (B, F, H, W, 3) uint8 on the CPU."""
+    frames = ((video.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return frames.permute(0, 2, 3, 4, 1).cpu()
+
+
+# ----------------------------------------------------------------------------------------------
+# Predict: a batch of requests, failures isolated
+# ----------------------------------------------------------------------------------------------
+
+RECOVERABLE = (ValueError, OSError, torch.OutOfMemoryError)
+"""Errors of one request (bad input, unreadable file, too big for the device) that predict reports
+and moves past; anything else is a bug and stops the run."""
+
+
+def select(batch: dict, indices: list[int]) -> dict:
+    """The requests ``indices`` of a batch (references trimmed to their largest count)."""
+    out = {}
+    for key, value in batch.items():
+        if key == "failed":
+            continue
+        if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == len(batch["prompt"]):
+            out[key] = value[indices]
+        elif isinstance(value, (list, tuple)) and len(value) == len(batch["prompt"]):
+            out[key] = [value[i] for i in indices]
+        else:
+            out[key] = value
+    most = max(int(n) for n in out["num_references"])
+    out["references"] = out["references"][:, :most]
+    return out
+
+
+def request_records(batch: dict, config: SamplingConfig, ids: list[str]) -> list[dict]:
+    """Per request, what reproduces it: a line of a predict JSONL (see :mod:`bindweave.inference.requests`)."""
+    size = len(batch["prompt"])
+    seeds = batch.get("seed") or list(range(size))
+    records = []
+    for i in range(size):
+        record = {"id": ids[i], "prompt": batch["prompt"][i]}
+        if "reference_paths" in batch:
+            record["references"] = list(batch["reference_paths"][i])
+        record["seed"] = int(seeds[i])
+        for key in ("num_frames", "height", "width"):
+            values = batch.get(key)
+            record[key] = int(values[i]) if values is not None else getattr(config, key)
+        records.append(record)
+    return records
+
+
+def references_uint8(references: torch.Tensor) -> torch.Tensor:
+    """(B, N, 3, H, W) in [-1, 1] -> (B, N, H, W, 3) uint8 on the CPU."""
+    return ((references.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 1, 3, 4, 2).cpu()
+
+
+def predict_batch(model: BindWeaveModel, batch: dict, batch_idx: int, config: SamplingConfig) -> dict:
+    """Generate a batch of requests; a request that fails is reported, the others still run.
+
+    A batch that fails is retried request by request, so one bad request does not take its batch
+    mates down. Returns ``video`` (B, F, H, W, 3) uint8 and ``references`` (B, N, H, W, 3) uint8 of
+    the requests that succeeded, their ``id``, ``prompt``, ``seed``, ``num_references``,
+    ``request`` (the JSONL record that reproduces each), ``warnings`` (what the data side noticed
+    about each request's references, e.g. a CMYK image converted; empty lists when the batch has
+    no ``warnings``), ``seconds`` per video and the ``sampling`` settings; ``failed`` lists
+    ``{"id", "error", "request"}`` of the others (including requests the data side could not load:
+    ``batch["failed"]``).
+    """
+    failed = list(batch.get("failed", []))
+    size = len(batch["prompt"])
+    ids = [str(i) for i in (batch.get("id") or [f"sample-{batch_idx:05d}-{i}" for i in range(size)])]
+    records = request_records(batch, config, ids) if size else []
+    done: dict[int, tuple[torch.Tensor, float]] = {}
+    pending = [list(range(size))] if size else []
+    while pending:
+        indices = pending.pop(0)
+        part = batch if len(indices) == size else select(batch, indices)
+        start = time.perf_counter()
+        try:
+            frames = sample_videos(model, part, config)
+        except RECOVERABLE as error:
+            if isinstance(error, torch.OutOfMemoryError) and torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if len(indices) > 1:
+                pending = [[i] for i in indices] + pending
+                continue
+            i = indices[0]
+            where = f" ({batch['where'][i]})" if "where" in batch else ""
+            failed.append({"id": ids[i], "error": f"request {ids[i]!r}{where}: {error}", "request": records[i]})
+            continue
+        seconds = (time.perf_counter() - start) / len(indices)
+        for j, i in enumerate(indices):
+            done[i] = (frames[j], seconds)
+    ok = sorted(done)
+    notes = batch.get("warnings") or [[] for _ in range(size)]
+    num_references = [int(n) for n in batch["num_references"]] if size else []
+    references = references_uint8(batch["references"]) if ok else None
+    return {
+        "video": torch.stack([done[i][0] for i in ok]) if ok else None,
+        "references": torch.stack([references[i] for i in ok]) if ok else None,
+        "id": [ids[i] for i in ok],
+        "prompt": [batch["prompt"][i] for i in ok],
+        "seed": [records[i]["seed"] for i in ok],
+        "num_references": [num_references[i] for i in ok],
+        "request": [records[i] for i in ok],
+        "warnings": [list(notes[i]) for i in ok],
+        "seconds": [done[i][1] for i in ok],
+        "sampling": asdict(config),
+        "failed": failed,
+    }
