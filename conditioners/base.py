@@ -114,11 +114,6 @@ class Conditioner(nn.Module):
         """Encode the batch and condition on it."""
         return self.condition(batch, self.encode(batch), drop)
 
-    @classmethod
-    def tiny(cls) -> "Conditioner":
-        """A small random-weight instance for the shared contract tests."""
-        raise NotImplementedError(f"{cls.__name__} must implement tiny() for the contract tests.")
-
 
 def pad_tokens(parts: list[Tokens]) -> Tokens:
     """Stack Tokens along the batch, right-padding each to the longest sequence (mask False)."""

@@ -65,6 +65,3 @@ class IdentityConditioner(Conditioner):
         token_mask = mask.repeat_interleave(t, dim=1)  # (B, N·T)
         return Conditioning(context={self.branch: Tokens(tokens.reshape(b, n * t, -1), token_mask)})
 
-    @classmethod
-    def tiny(cls) -> "IdentityConditioner":
-        return cls(image_encoder=CLIPVisionEncoder.tiny)

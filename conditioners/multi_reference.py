@@ -71,6 +71,3 @@ class MultiReferenceConditioner(Conditioner):
         padded = min(batch["num_references"]) < n  # host-side: no device sync
         return Conditioning(slots=slots, slot_mask=reference_mask(batch) if padded else None)
 
-    @classmethod
-    def tiny(cls) -> "MultiReferenceConditioner":
-        return cls(max_references=4)

@@ -165,6 +165,3 @@ class RelationalConditioner(Conditioner):
         projected = self.connector(mllm_tokens.to(weight.dtype))  # (B, L_m, C_t)
         return Conditioning(context={self.branch: concat_tokens([Tokens(projected.to(t5_tokens.dtype), mllm_mask), t5])})
 
-    @classmethod
-    def tiny(cls) -> "RelationalConditioner":
-        return cls(text_encoder=T5TextEncoder.tiny, mllm=MLLMEncoder.tiny)

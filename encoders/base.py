@@ -131,11 +131,6 @@ class FrozenEncoder(nn.Module):
             return tensor.device
         return torch.device("cpu")
 
-    @classmethod
-    def tiny(cls) -> "FrozenEncoder":
-        """A small random-weight instance for tests; every concrete subclass implements it."""
-        raise NotImplementedError(f"{cls.__name__} must implement tiny() for the contract tests.")
-
 
 @runtime_checkable
 class VideoAutoencoder(Protocol):

@@ -244,10 +244,6 @@ class CLIPVisionEncoder(FrozenEncoder):
         """Number T of tokens per image: the class token plus one per patch."""
         return self.visual.positional_embedding.shape[0]
 
-    @classmethod
-    def tiny(cls) -> "CLIPVisionEncoder":
-        return cls(tiny_config=copy.deepcopy(TINY_CLIP_CONFIG), dtype="float32")
-
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Encode images.

@@ -130,10 +130,6 @@ class MLLMEncoder(FrozenEncoder):
         """Width D of the returned hidden states."""
         return self.model.config.get_text_config().hidden_size
 
-    @classmethod
-    def tiny(cls) -> "MLLMEncoder":
-        return cls(tiny_config=copy.deepcopy(TINY_MLLM_CONFIG), image_size=56, dtype="float32")
-
     def _texts(self, prompts: list[str], counts: list[int]) -> list[str]:
         """One interleaved text per sample: the prompt, then one image placeholder per reference."""
         tokenizer = self.processor.tokenizer

@@ -66,10 +66,6 @@ class PatchVAE(FrozenEncoder):
         """Pixels per latent pixel along H and W."""
         return self.spatial
 
-    @classmethod
-    def tiny(cls) -> "PatchVAE":
-        return cls(spatial=2, temporal=4)
-
     @torch.no_grad()
     def encode(self, video: torch.Tensor) -> torch.Tensor:
         """Fold pixels into latents.

@@ -132,10 +132,6 @@ class T5TextEncoder(FrozenEncoder):
         """Width D of the returned embeddings (d_model)."""
         return self.model.config.d_model
 
-    @classmethod
-    def tiny(cls) -> "T5TextEncoder":
-        return cls(tiny_config=copy.deepcopy(TINY_T5_CONFIG), max_length=32, dtype="float32")
-
     @torch.no_grad()
     def forward(self, prompts: list[str]) -> Tokens:
         """Encode prompts.

@@ -142,10 +142,6 @@ class WanVAE(FrozenEncoder):
         """Pixels per latent pixel along H and W (8 for Wan2.1)."""
         return 2 ** (len(self.vae.config.dim_mult) - 1) * (self.vae.config.patch_size or 1)
 
-    @classmethod
-    def tiny(cls) -> "WanVAE":
-        return cls(tiny_config=copy.deepcopy(TINY_VAE_CONFIG), dtype="float32")
-
     @torch.no_grad()
     def encode(self, video: torch.Tensor) -> torch.Tensor:
         """Encode videos to normalised latents.

@@ -14,6 +14,7 @@ from conditioners import IdentityConditioner, MultiReferenceConditioner, Relatio
 from conditioners.base import Conditioning
 from encoders import WanVAE
 from encoders.base import Tokens
+from tests.tiny_parts import tiny, tiny_factory
 
 TINY_DIT = dict(
     in_channels=12, out_channels=4, dim=32, ffn_dim=64, num_heads=2, num_layers=2, freq_dim=32,
@@ -25,10 +26,10 @@ def tiny_module(num_steps: int = 2, guidance_scale: float = 5.0, **overrides) ->
     """The full BindWeave composition with tiny random parts, built."""
     args = dict(
         dit=partial(WanDiT, **TINY_DIT),
-        vae=WanVAE.tiny,
-        relational=RelationalConditioner.tiny(),
-        identity=IdentityConditioner.tiny(),
-        multi_reference=MultiReferenceConditioner.tiny(),
+        vae=tiny_factory(WanVAE),
+        relational=tiny(RelationalConditioner),
+        identity=tiny(IdentityConditioner),
+        multi_reference=tiny(MultiReferenceConditioner),
         sampling=SamplingConfig(num_steps=num_steps, guidance_scale=guidance_scale, num_frames=5, height=32, width=32),
     )
     module = BindWeave(**{**args, **overrides})

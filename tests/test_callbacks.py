@@ -11,6 +11,7 @@ from bindweave.cli.app import run_cli
 from callbacks import (CLIPTextImageModel, IdentitySimilarity, MotionMagnitude, PromptVideoSimilarity, SamplingCallback,
                        VideoMetrics)
 from tests.pipeline_helpers import ROOT, TINY, cli_module, tiny_model_config
+from tests.tiny_parts import tiny
 
 
 def test_sampling_and_metric_callbacks_log_on_a_tiny_fit(tmp_path, monkeypatch):
@@ -88,7 +89,7 @@ def test_similarity_metrics():
     torch.testing.assert_close(prompt.compute(), torch.tensor((1 + 0.5**0.5) / 4))
     # Through a CLIP's image and text towers: the mean over videos of the mean frame–prompt cosine.
     prompt = PromptVideoSimilarity()
-    clip = CLIPTextImageModel.tiny()
+    clip = tiny(CLIPTextImageModel)
     frames = clip.encode_images(torch.rand(6, 3, 32, 32) * 2 - 1).view(2, 3, -1)
     text = clip.encode_text(["a red circle", "a blue square"])
     prompt.update(frames, text)

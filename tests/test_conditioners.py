@@ -7,6 +7,7 @@ import conditioners
 from conditioners import Conditioner, Conditioning, IdentityConditioner, MultiReferenceConditioner, RelationalConditioner
 from encoders import T5TextEncoder, WanVAE
 from tests.helpers import synthetic_batch, valid_tokens
+from tests.tiny_parts import tiny, tiny_factory
 
 
 def concrete_subclasses(cls):
@@ -26,8 +27,8 @@ def test_every_conditioner_is_exported():
 
 @pytest.mark.parametrize("cls", ALL, ids=lambda c: c.__name__)
 def test_conditioner_contract(cls):
-    conditioner = cls.tiny()
-    vae = WanVAE.tiny()
+    conditioner = tiny(cls)
+    vae = tiny(WanVAE)
     conditioner.build(vae)
     spec = conditioner.spec()
     batch = synthetic_batch(size=3)
@@ -56,8 +57,8 @@ def test_conditioner_contract(cls):
 
 
 def test_relational_concatenates_connector_tokens_before_t5():
-    c = RelationalConditioner.tiny()
-    c.build(WanVAE.tiny())
+    c = tiny(RelationalConditioner)
+    c.build(tiny(WanVAE))
     batch = synthetic_batch(size=2)
     out = c(batch).context["text"]
     t5 = c.text_encoder(batch["prompt"])
@@ -75,8 +76,8 @@ def test_a_dropped_relational_condition_is_the_empty_prompt_read_without_images(
     """Condition dropout replaces exactly the dropped rows by the documented null condition (the
     empty ``null_prompt`` read without images: ``[connector(MLLM("")) ; T5("")]``), built here from the
     encoders themselves; the other rows keep their own condition."""
-    c = RelationalConditioner.tiny()
-    c.build(WanVAE.tiny())
+    c = tiny(RelationalConditioner)
+    c.build(tiny(WanVAE))
     torch.nn.init.normal_(c.connector[2].weight, std=0.5)  # MLLM tokens that carry information
     batch = synthetic_batch(size=3)
     with torch.no_grad():
@@ -94,30 +95,30 @@ def test_a_dropped_relational_condition_is_the_empty_prompt_read_without_images(
 
 
 def test_t5_only_conditioner_trains_from_a_cache_made_with_an_mllm():
-    full = RelationalConditioner.tiny()
-    full.build(WanVAE.tiny())
+    full = tiny(RelationalConditioner)
+    full.build(tiny(WanVAE))
     batch = synthetic_batch(size=2)
     features, state = full.encode(batch), full.cached_state()
-    t5_only = RelationalConditioner(text_encoder=T5TextEncoder.tiny, mllm=None)
+    t5_only = RelationalConditioner(text_encoder=tiny_factory(T5TextEncoder), mllm=None)
     t5_only.build_cached(None, state)  # the MLLM features and null rows are ignored
     assert t5_only.connector is None and not any("mllm" in k for k in t5_only._null())
     torch.testing.assert_close(t5_only.condition(batch, features).context["text"].tokens, features["t5_tokens"])
     no_mllm_state = {k: v for k, v in state.items() if "mllm" not in k}
     with pytest.raises(ValueError, match="made without an MLLM but this RelationalConditioner has one"):
-        RelationalConditioner.tiny().build_cached(None, no_mllm_state)
+        tiny(RelationalConditioner).build_cached(None, no_mllm_state)
 
 
 def test_relational_without_mllm_is_the_t5_only_ablation():
-    c = RelationalConditioner(text_encoder=T5TextEncoder.tiny, mllm=None)
-    c.build(WanVAE.tiny())
+    c = RelationalConditioner(text_encoder=tiny_factory(T5TextEncoder), mllm=None)
+    c.build(tiny(WanVAE))
     batch = synthetic_batch(size=2)
     torch.testing.assert_close(c(batch).context["text"].tokens, c.text_encoder(batch["prompt"]).tokens)
     assert c.connector is None
 
 
 def test_identity_masks_padded_and_dropped_references():
-    c = IdentityConditioner.tiny()
-    c.build(WanVAE.tiny())
+    c = tiny(IdentityConditioner)
+    c.build(tiny(WanVAE))
     batch = synthetic_batch(size=2)
     one, two = batch["num_references"].index(1), batch["num_references"].index(2)
     out = c(batch).context["image"]
@@ -130,8 +131,8 @@ def test_identity_masks_padded_and_dropped_references():
 
 
 def test_multi_reference_slots_hold_latents_and_masks():
-    vae = WanVAE.tiny()
-    c = MultiReferenceConditioner.tiny()
+    vae = tiny(WanVAE)
+    c = tiny(MultiReferenceConditioner)
     c.build(vae)
     batch = synthetic_batch(size=2)
     one, two = batch["num_references"].index(1), batch["num_references"].index(2)
@@ -150,7 +151,7 @@ def test_multi_reference_slots_hold_latents_and_masks():
 
 def test_multi_reference_rejects_too_many_references():
     c = MultiReferenceConditioner(max_references=1)
-    c.build(WanVAE.tiny())
+    c.build(tiny(WanVAE))
     with pytest.raises(ValueError, match="at most 1"):
         c(synthetic_batch(size=2))
 
@@ -161,8 +162,8 @@ def test_relational_connector_from_the_released_checkpoint(tmp_path):
     from encoders import MLLMEncoder
     from bindweave.weights.loading import WeightsError
 
-    reference = RelationalConditioner.tiny()
-    reference.build(WanVAE.tiny())
+    reference = tiny(RelationalConditioner)
+    reference.build(tiny(WanVAE))
     width, hidden = reference.text_encoder.hidden_size, reference.mllm.hidden_size
     weights = {
         "condition_embedder.text_projector.linear_1.weight": torch.randn(width, hidden),
@@ -172,15 +173,15 @@ def test_relational_connector_from_the_released_checkpoint(tmp_path):
         "blocks.0.attn1.to_q.weight": torch.zeros(2, 2),  # the rest of the DiT, ignored here
     }
     save_file(weights, tmp_path / "release.safetensors")
-    c = RelationalConditioner(text_encoder=T5TextEncoder.tiny, mllm=MLLMEncoder.tiny,
+    c = RelationalConditioner(text_encoder=tiny_factory(T5TextEncoder), mllm=tiny_factory(MLLMEncoder),
                               release_connector_path=str(tmp_path / "release.safetensors"))
-    c.build(WanVAE.tiny())
+    c.build(tiny(WanVAE))
     torch.testing.assert_close(c.connector[0].weight, weights["condition_embedder.text_projector.linear_1.weight"])
     torch.testing.assert_close(c.connector[2].bias, weights["condition_embedder.text_projector.linear_2.bias"])
     save_file({"blocks.0.attn1.to_q.weight": torch.zeros(2, 2)}, tmp_path / "plain.safetensors")
-    wrong = RelationalConditioner(text_encoder=T5TextEncoder.tiny, mllm=MLLMEncoder.tiny,
+    wrong = RelationalConditioner(text_encoder=tiny_factory(T5TextEncoder), mllm=tiny_factory(MLLMEncoder),
                                   release_connector_path=str(tmp_path / "plain.safetensors"))
     with pytest.raises(WeightsError, match="text_projector"):
-        wrong.build(WanVAE.tiny())
+        wrong.build(tiny(WanVAE))
     with pytest.raises(ValueError, match="needs an `mllm`"):
-        RelationalConditioner(text_encoder=T5TextEncoder.tiny, release_connector_path="x")
+        RelationalConditioner(text_encoder=tiny_factory(T5TextEncoder), release_connector_path="x")

@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 from bindweave.data.synthetic import SyntheticSubjects
 from bindweave.model.batch import collate
 from tests.helpers import tiny_module
+from tests.tiny_parts import tiny, tiny_factory
 
 LR = 1e-3
 
@@ -83,8 +84,8 @@ def _worker(rank: int, world: int, port: int, strategy: str, out: str) -> None:
         from tests.helpers import TINY_DIT
 
         torch.manual_seed(0)
-        module = Step(dit=partial(WanDiT, **TINY_DIT), vae=WanVAE.tiny, relational=RelationalConditioner.tiny(),
-                      identity=IdentityConditioner.tiny(), multi_reference=MultiReferenceConditioner.tiny(),
+        module = Step(dit=partial(WanDiT, **TINY_DIT), vae=tiny_factory(WanVAE), relational=tiny(RelationalConditioner),
+                      identity=tiny(IdentityConditioner), multi_reference=tiny(MultiReferenceConditioner),
                       parallelism=ParallelismConfig(fsdp_param_dtype=None))
         for c in module.conditioners.values():
             c.dropout = 0.0
@@ -264,8 +265,8 @@ def _checkpoint_worker(rank: int, world: int, port: int, ckpt_dir: str, out: str
     from tests.helpers import TINY_DIT
 
     torch.manual_seed(rank + (10 if resume else 0))  # different init: the checkpoint must overwrite it
-    module = BindWeave(dit=partial(WanDiT, **TINY_DIT), vae=WanVAE.tiny, relational=RelationalConditioner.tiny(),
-                       identity=IdentityConditioner.tiny(), multi_reference=MultiReferenceConditioner.tiny(),
+    module = BindWeave(dit=partial(WanDiT, **TINY_DIT), vae=tiny_factory(WanVAE), relational=tiny(RelationalConditioner),
+                       identity=tiny(IdentityConditioner), multi_reference=tiny(MultiReferenceConditioner),
                        optimizer=partial(torch.optim.AdamW, lr=LR), parallelism=ParallelismConfig(fsdp_param_dtype=None))
     strategy = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1, save_distributed_checkpoint=True)
     saver = ModelCheckpoint(dirpath=ckpt_dir, save_last=True)

@@ -15,12 +15,14 @@ import encoders
 from encoders import CLIPVisionEncoder, FrozenEncoder, MLLMEncoder, PatchVAE, T5TextEncoder, WanVAE
 from encoders.clip import TINY_CLIP_CONFIG
 from encoders.tokenizer import QWEN2_VL_SPECIAL_TOKENS, byte_level_tokenizer, qwen2_tokenizer
+from tests.tiny_parts import tiny
 
 
 def _concrete_subclasses(cls: type) -> list[type]:
+    """Every subclass the project defines (test doubles defined in tests are left out)."""
     found = []
     for sub in cls.__subclasses__():
-        if sub.tiny is not FrozenEncoder.tiny:
+        if not sub.__module__.startswith("tests"):
             found.append(sub)
         found.extend(_concrete_subclasses(sub))
     return sorted(set(found), key=lambda c: c.__qualname__)
@@ -33,18 +35,18 @@ PRETRAINED = [cls for cls in ENCODERS if cls is not PatchVAE]
 
 @pytest.fixture(scope="module")
 def mllm() -> MLLMEncoder:
-    return MLLMEncoder.tiny()
+    return tiny(MLLMEncoder)
 
 
 @pytest.fixture(scope="module")
 def t5() -> T5TextEncoder:
-    return T5TextEncoder.tiny()
+    return tiny(T5TextEncoder)
 
 
 @pytest.fixture(scope="module")
 def vae() -> WanVAE:
     torch.manual_seed(0)
-    return WanVAE.tiny()
+    return tiny(WanVAE)
 
 
 def _images(batch: int, refs: int, size: int = 40) -> torch.Tensor:
@@ -64,7 +66,7 @@ def test_every_encoder_is_discovered():
 
 @pytest.mark.parametrize("cls", PRETRAINED, ids=lambda c: c.__name__)
 def test_contract(cls):
-    encoder = cls.tiny()
+    encoder = tiny(cls)
     assert isinstance(encoder, FrozenEncoder)
     params = list(encoder.parameters())
     assert params, "a tiny encoder must have weights"
@@ -89,10 +91,10 @@ def test_random_weights_do_not_depend_on_the_default_device(cls):
     """A model trained on a GPU (Lightning builds it under torch.device("cuda")) must find the same
     random frozen encoders when it samples on a CPU: they are drawn on the CPU whatever the default."""
     torch.manual_seed(0)
-    plain = dict(cls.tiny().named_parameters())
+    plain = dict(tiny(cls).named_parameters())
     torch.manual_seed(0)
     with torch.device("meta"):  # stands in for a GPU default device
-        other = dict(cls.tiny().named_parameters())
+        other = dict(tiny(cls).named_parameters())
     assert plain.keys() == other.keys()
     for name, weight in other.items():
         assert weight.device.type == "cpu", name
@@ -101,7 +103,7 @@ def test_random_weights_do_not_depend_on_the_default_device(cls):
 
 @pytest.mark.parametrize("cls", PRETRAINED, ids=lambda c: c.__name__)
 def test_dtype_cast(cls):
-    encoder = cls.tiny()
+    encoder = tiny(cls)
     encoder.dtype = torch.bfloat16
     encoder.freeze()
     assert all(p.dtype == torch.bfloat16 for p in encoder.parameters())
@@ -187,7 +189,7 @@ def test_mllm_sequence_follows_chat_template(mllm):
 
 
 def test_mllm_without_chat_template_and_truncation():
-    mllm = MLLMEncoder.tiny()
+    mllm = tiny(MLLMEncoder)
     mllm.processor.chat_template = None
     assert mllm._texts(["a dog"], [2]) == ["a dog\n<|image_pad|>\n<|image_pad|>"]
     out = mllm(["a dog", "cat"], _images(2, 2), torch.tensor([[True, True], [True, False]]))
@@ -198,7 +200,7 @@ def test_mllm_without_chat_template_and_truncation():
 
 def test_mllm_sequence_with_real_qwen_processor(qwen_tokenizer):
     """The Qwen2.5-VL processor (default sizes) over the offline Qwen tokenizer: 448 px -> 256 tokens."""
-    mllm = MLLMEncoder.tiny()
+    mllm = tiny(MLLMEncoder)
     mllm.processor = transformers.Qwen2_5_VLProcessor(
         image_processor=transformers.Qwen2VLImageProcessor(),
         video_processor=transformers.Qwen2VLVideoProcessor(),
@@ -304,7 +306,7 @@ def _open_clip_block_outputs(model, images: torch.Tensor) -> list[torch.Tensor]:
 
 
 def test_clip_shapes_and_layers():
-    penultimate = CLIPVisionEncoder.tiny()
+    penultimate = tiny(CLIPVisionEncoder)
     last = CLIPVisionEncoder(tiny_config=TINY_CLIP_CONFIG, layer=-1, dtype="float32")
     assert penultimate.num_tokens == (32 // 8) ** 2 + 1 and penultimate.hidden_size == 32
     images = torch.rand(3, 3, 40, 48) * 2 - 1
@@ -445,7 +447,7 @@ def test_patch_vae_decodes_the_mean_of_the_first_frame_copies():
 
 
 def test_patch_vae_is_frozen_and_follows_the_module():
-    vae = PatchVAE.tiny()
+    vae = tiny(PatchVAE)
     assert not list(vae.parameters()) and vae.device == torch.device("cpu")
     vae.train()
     assert not vae.training
@@ -469,7 +471,7 @@ def test_patch_vae_rejects_bad_arguments_and_latents():
     with pytest.raises(ValueError, match="scale"):
         PatchVAE(scale=0.0)
     with pytest.raises(ValueError, match=r"\(B, 48, f, h, w\)"):
-        PatchVAE.tiny().decode(torch.zeros(1, 16, 2, 4, 4))
+        tiny(PatchVAE).decode(torch.zeros(1, 16, 2, 4, 4))
 
 
 def test_tiled_decoding_is_part_of_the_vae_contract():
@@ -477,7 +479,7 @@ def test_tiled_decoding_is_part_of_the_vae_contract():
     setting as it was); the patch VAE, which has no tiling, says so instead of decoding untiled."""
     from encoders.base import VideoAutoencoder
 
-    wan, patch = encoders.WanVAE.tiny(), encoders.PatchVAE.tiny()
+    wan, patch = tiny(encoders.WanVAE), tiny(encoders.PatchVAE)
     assert isinstance(wan, VideoAutoencoder) and isinstance(patch, VideoAutoencoder)
     latents = torch.randn(1, wan.latent_channels, 2, 4, 4, generator=torch.Generator().manual_seed(0))
     tiling_seen = []  # diffusers' tiling flag while its decoder runs

@@ -13,6 +13,7 @@ from lightning.pytorch.plugins.precision import HalfPrecision
 import encoders
 from bindweave.cli.app import BindWeaveCLI
 from bindweave.lightning_compat import CLI_CHECKPOINT_CONFIG_HOOK, build_as_lightning_cli, built_by_lightning_cli
+from tests.tiny_parts import tiny
 
 FIX = "Lightning changed a private API that bindweave/lightning_compat.py wraps: update that file"
 
@@ -34,7 +35,7 @@ def test_building_as_the_cli_is_seen_and_ends():
 def test_a_frozen_encoder_keeps_its_dtype_whatever_casts_the_model():
     """``FrozenEncoder`` overrides ``nn.Module._apply`` (torch has no public hook for casts): every
     cast path of torch and Lightning's ``bf16-true`` precision must go through it."""
-    encoder = encoders.T5TextEncoder.tiny()
+    encoder = tiny(encoders.T5TextEncoder)
     assert encoder.dtype == torch.float32
     wrapper = torch.nn.Sequential(encoder, torch.nn.Linear(2, 2))
     for cast in (lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.bfloat16(), lambda m: m.double(),

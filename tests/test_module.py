@@ -13,6 +13,7 @@ from conditioners import RelationalConditioner
 from conditioners.base import merge
 from encoders import T5TextEncoder
 from tests.helpers import TINY_DIT, hand_null_conditioning, synthetic_batch, tiny_module, valid_tokens
+from tests.tiny_parts import tiny, tiny_factory
 
 
 def fixed_loss(module, batch, repeats=4):
@@ -198,8 +199,8 @@ def test_training_drops_each_condition_with_its_own_probability():
     from conditioners import IdentityConditioner, MultiReferenceConditioner
     from encoders import CLIPVisionEncoder
 
-    module = BindWeave(dit=None, vae=None, relational=RelationalConditioner.tiny(),  # nothing is built
-                       identity=IdentityConditioner(image_encoder=CLIPVisionEncoder.tiny, dropout=0.3),
+    module = BindWeave(dit=None, vae=None, relational=tiny(RelationalConditioner),  # nothing is built
+                       identity=IdentityConditioner(image_encoder=tiny_factory(CLIPVisionEncoder), dropout=0.3),
                        multi_reference=MultiReferenceConditioner(dropout=0.0))
     assert module.conditioners["relational"].dropout == 0.1  # the paper's rate, RelationalConditioner's default
     seen = []
@@ -313,7 +314,7 @@ def test_mismatched_dimensions_are_reported_at_build():
         tiny_module(relational=None, identity=None, multi_reference=None)
     # A text-only model (T5-only, no references) composes fine.
     tiny_module(dit=partial(WanDiT, **dict(t2v, in_channels=4)), identity=None, multi_reference=None,
-                relational=RelationalConditioner(text_encoder=T5TextEncoder.tiny))
+                relational=RelationalConditioner(text_encoder=tiny_factory(T5TextEncoder)))
 
 
 def test_foreground_weight_scales_the_loss_where_the_clip_differs_from_its_background():

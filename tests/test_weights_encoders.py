@@ -17,6 +17,7 @@ from bindweave.weights.loading import WeightsError
 from bindweave.weights.wan_official import diffusers_vae_to_wan, open_clip_to_wan_clip, transformers_t5_to_wan
 from encoders import CLIPVisionEncoder, MLLMEncoder, T5TextEncoder, WanVAE
 from encoders.text import TINY_T5_CONFIG, load_wan_t5
+from tests.tiny_parts import tiny
 
 FIXTURES = Path(__file__).parent / "fixtures" / "wan_official"
 
@@ -158,7 +159,7 @@ def test_clip_wrong_architecture_is_reported(open_clip_dir, tmp_path):
 
 def test_vae_from_wan_pth_matches_diffusers(tmp_path):
     torch.manual_seed(0)
-    reference = WanVAE.tiny()  # diffusers AutoencoderKLWan
+    reference = tiny(WanVAE)  # diffusers AutoencoderKLWan
     torch.save(diffusers_vae_to_wan(reference.vae.state_dict()), tmp_path / "Wan2.1_VAE.pth")
     config = reference.vae.config
     loaded = WanVAE(pretrained_path=str(tmp_path / "Wan2.1_VAE.pth"), latents_mean=list(config.latents_mean),
@@ -205,9 +206,9 @@ def test_official_vae_keys_are_covered_both_ways():
 
 
 def test_mllm_from_sharded_folder_matches_transformers(tmp_path):
-    tiny = MLLMEncoder.tiny()
-    tiny.model.save_pretrained(tmp_path, max_shard_size="100KB")
-    tiny.processor.save_pretrained(tmp_path)
+    small = tiny(MLLMEncoder)
+    small.model.save_pretrained(tmp_path, max_shard_size="100KB")
+    small.processor.save_pretrained(tmp_path)
     assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
     loaded = MLLMEncoder(pretrained_path=str(tmp_path), image_size=56, dtype="float32")
     reference = transformers.AutoModel.from_pretrained(tmp_path, dtype=torch.float32).eval()

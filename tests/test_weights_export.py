@@ -21,6 +21,7 @@ from bindweave.weights.loading import WeightsError, save_sharded
 from bindweave.weights.wan_official import bindweave_to_wan, diffusers_vae_to_wan, open_clip_to_wan_clip, \
     transformers_t5_to_wan, wan_config_for
 from bindweave.cli.weights import check_folder, format_report, main
+from tests.tiny_parts import tiny
 
 ROOT = Path(__file__).parents[1]
 
@@ -282,8 +283,8 @@ def _official_folder(trained, folder: Path) -> Path:
     dit = trained.dit
     save_sharded(bindweave_to_wan(dit.state_dict()), folder, "diffusion_pytorch_model", max_shard_bytes=40_000)
     (folder / "config.json").write_text(json.dumps(wan_config_for(dit)))
-    torch.save(diffusers_vae_to_wan(WanVAE.tiny().vae.state_dict()), folder / "Wan2.1_VAE.pth")
-    t5 = T5TextEncoder.tiny()
+    torch.save(diffusers_vae_to_wan(tiny(WanVAE).vae.state_dict()), folder / "Wan2.1_VAE.pth")
+    t5 = tiny(T5TextEncoder)
     torch.save(transformers_t5_to_wan(t5.model.state_dict()), folder / "models_t5_umt5-xxl-enc-bf16.pth")
     t5.tokenizer.save_pretrained(folder / "google" / "umt5-xxl")
     visual = _build_vision_tower(16, {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8})
