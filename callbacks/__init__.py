@@ -1,5 +1,6 @@
 """Pluggable Lightning callbacks (name them under ``trainer.callbacks`` in a config)."""
 
+from bindweave.data.datamodule import DataMonitor
 from callbacks.checkpoint import RunCheckpoint
 from callbacks.denoise_probe import DenoiseProbe
 from callbacks.metrics import CLIPTextImageModel, IdentitySimilarity, MotionMagnitude, PromptVideoSimilarity, VideoMetrics
@@ -10,6 +11,7 @@ from callbacks.video_writer import VideoWriter
 
 __all__ = [
     "CLIPTextImageModel",
+    "DataMonitor",
     "DenoiseProbe",
     "IdentitySimilarity",
     "MotionMagnitude",

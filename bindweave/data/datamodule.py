@@ -26,7 +26,7 @@ from collections import Counter
 from typing import Literal
 
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from bindweave.model.batch import to_model_batch  # noqa: F401  (to_model_batch: its home before)
 from bindweave.data.curriculum import Curriculum, Stage
@@ -44,17 +44,20 @@ log = logging.getLogger(__name__)
 class DataMonitor(Callback):
     """Logs what the loader reports: ``data/skipped`` (broken samples so far, summed over ranks),
     ``data/skipped/<reason>`` (this rank), each skip as a warning with its shard and key, and the
-    curriculum stage (``data/stage``, plus a line when it changes). Added by :class:`WebDataModule`."""
+    curriculum stage (``data/stage``, plus a line when it changes). Name it in ``trainer.callbacks``
+    (``callbacks.DataMonitor``); the datamodules warn when it is missing."""
 
     def __init__(self) -> None:
         self.skipped: Counter = Counter()
         self.stage: int | None = None
 
     @staticmethod
-    def attach(trainer) -> None:
-        """Add a DataMonitor to ``trainer``'s callbacks unless it has one (a datamodule's ``setup``)."""
+    def check_present(trainer) -> None:
+        """Warn (once per run) when ``trainer`` has no DataMonitor: broken samples would be skipped
+        without being logged. The datamodule's ``setup`` calls it; it never adds the callback itself."""
         if trainer is not None and not any(isinstance(c, DataMonitor) for c in trainer.callbacks):
-            trainer.callbacks.append(DataMonitor())
+            rank_zero_warn("Skipped (broken) samples and curriculum stages are counted but not logged: add "
+                           "`- class_path: callbacks.DataMonitor` to trainer.callbacks (configs/data/*.yaml do).")
 
     def _count(self, batch: dict) -> None:
         for report in batch.get("skipped", ()):
@@ -218,7 +221,7 @@ class WebDataModule(ResumableDataModule):
             rank_zero_info("Data curriculum:\n" + self.curriculum.describe())
         if stage in ("fit", "validate", "test") and self._val_shards is not None:
             self._check_valid(self._val_shards, f"validation shards {self.val_urls!r}", self.eval_decoder)
-        DataMonitor.attach(self.trainer)
+        DataMonitor.check_present(self.trainer)
 
     # -- loaders --
 

@@ -218,7 +218,7 @@ class MemoryCacheDataModule(ResumableDataModule):
             self.train_store = self._load(self.urls, "training")
         if stage in ("fit", "validate") and self.val_urls is not None and self.val_store is None:
             self.val_store = self._load(self.val_urls, "validation")
-        DataMonitor.attach(self.trainer)
+        DataMonitor.check_present(self.trainer)
 
     def train_dataloader(self) -> MemoryBatches:
         rank, world = data_parallel_rank(self.trainer)
