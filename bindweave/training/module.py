@@ -26,6 +26,7 @@ from torch.distributed.tensor import DTensor
 
 from bindweave.model.dit import WanDiT
 from bindweave.lightning_compat import built_by_lightning_cli
+from bindweave.weights.export import lightning_keys, load_trainable_weights
 from bindweave.errors import UserError
 from bindweave.model.flow import RectifiedFlow, foreground_weights
 from bindweave.model.bindweave_model import BindWeaveModel
@@ -87,14 +88,7 @@ def config_differences(stored: dict, current: dict) -> list[str]:
     return [f"{k.replace('.init_args', '')}={before.get(k)!r} (this config: {after.get(k)!r})" for k in keys]
 
 
-def upgrade_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A LightningModule state dict in today's layout: checkpoints written before
-    :class:`~bindweave.model.bindweave_model.BindWeaveModel` held the parts (``dit.*``, ``conditioners.*``,
-    ``vae.*``) get the ``model.`` prefix; today's are returned as they are."""
-    if any(k.startswith("model.") for k in state):
-        return state
-    return {f"model.{k}": v for k, v in state.items()}
-
+upgrade_state_dict = lightning_keys  # its name here before it joined model_keys in bindweave.weights.export
 
 class BindWeave(L.LightningModule):
     """Subject-consistent video generation: registry conditioners feeding a Wan2.1 DiT.
@@ -216,8 +210,6 @@ class BindWeave(L.LightningModule):
         dit = self.dit_factory()
         self.model.attach(dit, self.build_encoders())
         if self.init_weights is not None:
-            from bindweave.weights.export import load_trainable_weights
-
             if not os.path.exists(self.init_weights):
                 raise UserError(
                     f"model.init_weights: {self.init_weights}: no such export folder (relative paths start at "
@@ -376,7 +368,7 @@ class BindWeave(L.LightningModule):
         ``conditioners.*``, now ``model.dit.*``, ...), then fail loudly, in one line, if a trainable
         weight is missing or has another shape (strict_loading is off only for frozen ones)."""
         if "state_dict" in checkpoint:
-            checkpoint["state_dict"] = upgrade_state_dict(checkpoint["state_dict"])
+            checkpoint["state_dict"] = lightning_keys(checkpoint["state_dict"])
         if self.dit is None or "state_dict" not in checkpoint:  # sharded checkpoints load the model separately
             return
         prefixes = tuple(frozen_prefixes(self))

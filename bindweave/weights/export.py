@@ -61,11 +61,23 @@ def export_config(hparams: dict) -> dict:
     return {"format": FORMAT, "model": config}
 
 
+MODEL_PREFIX = "model."
+"""Where the LightningModule holds its :class:`~bindweave.model.bindweave_model.BindWeaveModel`: Lightning
+checkpoints' keys start with it (``model.dit.x``), exports' do not (``dit.x``). Both directions live here."""
+
+
 def model_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A LightningModule state dict with the keys of its :class:`~bindweave.model.bindweave_model.BindWeaveModel`
-    (``model.dit.x`` -> ``dit.x``), the keys exports use; checkpoints written before the model object
-    existed already have them."""
-    return {k.removeprefix("model."): v for k, v in state.items()}
+    """A LightningModule state dict with the keys of its model (``model.dit.x`` -> ``dit.x``), the keys
+    exports use; checkpoints written before the model object existed already have them."""
+    return {k.removeprefix(MODEL_PREFIX): v for k, v in state.items()}
+
+
+def lightning_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A LightningModule state dict in today's layout: checkpoints written before the model object held
+    the parts (``dit.*``, ``conditioners.*``) get the ``model.`` prefix; today's are returned as they are."""
+    if any(k.startswith(MODEL_PREFIX) for k in state):
+        return state
+    return {f"{MODEL_PREFIX}{k}": v for k, v in state.items()}
 
 
 def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
