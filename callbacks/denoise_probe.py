@@ -113,9 +113,7 @@ class DenoiseProbe(L.Callback):
         self._decoder = None
 
     def _vae(self, module):
-        from bindweave.data.feature_cache import LatentSpace
-
-        if not isinstance(module.vae, LatentSpace):
+        if module.vae.can_encode:  # a real VAE (encoders.base.VideoAutoencoder), not a feature cache's stand-in
             return module.vae
         if self._decoder is None:  # trained from a feature cache: the model holds no VAE
             self._decoder = module.vae_factory().to(module.device).eval()

@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 import transformers
 
+from bindweave.weights.loading import Checkpoint, WeightsError, assert_materialized, load_into
+from bindweave.weights.wan_official import umt5_config_from_wan, wan_t5_to_transformers_key
 from encoders.base import FrozenEncoder, Tokens
 from encoders.mllm import build_from_config, locate
 from encoders.tokenizer import byte_level_tokenizer, qwen2_tokenizer
@@ -35,9 +37,6 @@ def load_wan_t5(path: str, dtype: torch.dtype, model_class: str = "transformers.
     tensor is read into place (``torch.load(weights_only=True, mmap=True)``), so loading the 11 GB
     bf16 file needs about its size in memory once.
     """
-    from bindweave.weights.loading import Checkpoint, WeightsError, assert_materialized, load_into
-    from bindweave.weights.wan_official import umt5_config_from_wan, wan_t5_to_transformers_key
-
     checkpoint = Checkpoint.open(path)
     shapes = {k: checkpoint.shape(k) for k in checkpoint.keys()}
     try:

@@ -13,6 +13,13 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKLWan
 
+from bindweave.weights.loading import Checkpoint, WeightsError, assert_materialized, load_into
+from bindweave.weights.wan_official import (
+    WAN21_LATENTS_MEAN,
+    WAN21_LATENTS_STD,
+    vae_config_from_wan,
+    wan_vae_to_diffusers_key,
+)
 from encoders.base import FrozenEncoder, check_video
 
 # Tiny Wan VAE: width 4, 4 latent channels, same 4x temporal / 8x spatial compression as Wan2.1.
@@ -35,14 +42,6 @@ def load_wan_vae(path: str, dtype: torch.dtype, latents_mean: list[float] | None
     latent channels Wan2.1's (``wan/modules/vae.py``) is used unless ``latents_mean``/``latents_std``
     are given; other sizes need them.
     """
-    from bindweave.weights.loading import Checkpoint, WeightsError, assert_materialized, load_into
-    from bindweave.weights.wan_official import (
-        WAN21_LATENTS_MEAN,
-        WAN21_LATENTS_STD,
-        vae_config_from_wan,
-        wan_vae_to_diffusers_key,
-    )
-
     checkpoint = Checkpoint.open(path)
     shapes = {k: checkpoint.shape(k) for k in checkpoint.keys()}
     try:

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from bindweave.errors import UserError
+from bindweave.weights.quantize import SCALE_SUFFIX, dequantize
 
 # ----------------------------------------------------------------------------------------------
 # Errors and reports
@@ -264,8 +265,6 @@ class Checkpoint:
         entry = self.entries[key]
         tensor = self._read_entry(entry, key)
         if entry.scale is not None:
-            from bindweave.weights.quantize import dequantize
-
             tensor = dequantize(tensor, self._read_entry(entry.scale, key))
         if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
             tensor = tensor.to(dtype)
@@ -318,8 +317,6 @@ def check_lightning_checkpoint(path: str | Path) -> None:
 
 def _fold_int8_scales(entries: dict[str, _Entry], source: Path) -> dict[str, _Entry]:
     """Attach each ``<key>@int8_scale`` (bindweave.weights.quantize) to its int8 ``<key>``; check the pair."""
-    from bindweave.weights.quantize import SCALE_SUFFIX
-
     for name in [k for k in entries if k.endswith(SCALE_SUFFIX)]:
         key, scale = name.removesuffix(SCALE_SUFFIX), entries.pop(name)
         values = entries.get(key)
