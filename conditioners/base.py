@@ -5,7 +5,8 @@ A conditioner turns (part of) a batch into a :class:`Conditioning`:
 * ``context``: tokens + mask for named cross-attention branches of the DiT (several conditioners may
   feed one branch: their tokens are concatenated in the order the conditioners are listed);
 * ``slots``: channels of extra temporal slots appended after the video latent (BindWeave's reference
-  latents + masks), with a per-sample ``slot_mask`` when samples have different numbers of slots.
+  latents + masks), with a per-sample ``slot_mask`` when samples have different numbers of slots
+  (or placed before it, and with channels for the video frames too: the released BindWeave's layout).
 
 It works in two halves: :meth:`Conditioner.encode` runs the frozen encoders (its output is what a
 feature cache stores) and :meth:`Conditioner.condition` turns those features into contributions
@@ -19,6 +20,7 @@ Add your own by subclassing and naming it with ``class_path`` in a config (see R
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import nn
@@ -35,11 +37,16 @@ class Conditioning:
         slots: (B, C_slot, N, h, w) channels of N temporal slots appended after the video latent.
         slot_mask: (B, N) bool, False for padding slots (samples with fewer references); None when
             every slot of every sample is real.
+        slot_placement: ``after`` the video frames on the time axis (the paper) or ``before`` them
+            (the released BindWeave: RoPE time positions 0..N-1 for the slots, N.. for the video).
+        video_slots: (B, C_slot, T, h, w) slot channels of the video frames themselves; None: zeros.
     """
 
     context: dict[str, Tokens] = field(default_factory=dict)
     slots: torch.Tensor | None = None
     slot_mask: torch.Tensor | None = None
+    slot_placement: Literal["after", "before"] = "after"
+    video_slots: torch.Tensor | None = None
 
 
 @dataclass
@@ -142,15 +149,19 @@ def merge(conditionings: list[Conditioning]) -> Conditioning:
             if merged.slots is not None:
                 raise ValueError("Only one conditioner may add temporal slots to the DiT input.")
             merged.slots, merged.slot_mask = c.slots, c.slot_mask
+            merged.slot_placement, merged.video_slots = c.slot_placement, c.video_slots
     merged.context = {name: concat_tokens(parts) for name, parts in per_branch.items()}
     return merged
 
 
 def stack_batches(first: Conditioning, second: Conditioning) -> Conditioning:
     """Concatenate two conditionings of the same branches along the batch (for batched CFG)."""
-    out = Conditioning(context={n: pad_tokens([first.context[n], second.context[n]]) for n in first.context})
+    out = Conditioning(context={n: pad_tokens([first.context[n], second.context[n]]) for n in first.context},
+                       slot_placement=first.slot_placement)
     if first.slots is not None:
         out.slots = torch.cat([first.slots, second.slots])
+        if first.video_slots is not None:
+            out.video_slots = torch.cat([first.video_slots, second.video_slots])
         if first.slot_mask is not None:
             out.slot_mask = torch.cat([first.slot_mask, second.slot_mask])
     return out

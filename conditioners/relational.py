@@ -14,18 +14,20 @@ from encoders.mllm import MLLMEncoder
 from encoders.text import T5TextEncoder
 
 
-def _replace_rows(tokens: torch.Tensor, mask: torch.Tensor, null_tokens: torch.Tensor, null_mask: torch.Tensor,
-                  drop: list[bool]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows i with drop[i] take the (1, L', C) null sequence; both are padded to a common length."""
-    length = max(tokens.shape[1], null_tokens.shape[1])
+def _replace_rows(tokens: torch.Tensor, mask: torch.Tensor, new_tokens: torch.Tensor, new_mask: torch.Tensor,
+                  rows: list[bool]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows i with rows[i] take row i of the (B, L', C) replacement (row 0 when it has one row);
+    both are padded to a common length."""
+    length = max(tokens.shape[1], new_tokens.shape[1])
     tokens = nn.functional.pad(tokens, (0, 0, 0, length - tokens.shape[1]))  # (B, L, C)
     mask = nn.functional.pad(mask, (0, length - mask.shape[1]), value=False)  # (B, L)
-    null_tokens = nn.functional.pad(null_tokens, (0, 0, 0, length - null_tokens.shape[1])).to(tokens)
-    null_mask = nn.functional.pad(null_mask, (0, length - null_mask.shape[1]), value=False)
+    new_tokens = nn.functional.pad(new_tokens, (0, 0, 0, length - new_tokens.shape[1])).to(tokens)
+    new_mask = nn.functional.pad(new_mask, (0, length - new_mask.shape[1]), value=False)
     tokens, mask = tokens.clone(), mask.clone()
-    for i, dropped in enumerate(drop):
-        if dropped:
-            tokens[i], mask[i] = null_tokens[0], null_mask[0]
+    for i, replace in enumerate(rows):
+        if replace:
+            j = i if new_tokens.shape[0] > 1 else 0
+            tokens[i], mask[i] = new_tokens[j], new_mask[j]
     return tokens, mask
 
 
@@ -45,6 +47,13 @@ class RelationalConditioner(Conditioner):
     without images; its features are computed once and kept (or set from a feature cache with
     :meth:`set_null_features`).
 
+    A *negative prompt* replaces the null condition of the samples that have one: the batch's
+    ``negative_prompt`` (list[str | None], None = this conditioner's ``negative_prompt``; issue #24's
+    requests carry it), else ``negative_prompt`` here. Its T5 and MLLM features are computed in
+    :meth:`encode` with the prompt's; with ``negative_references`` the MLLM reads it with the sample's
+    reference images (the released BindWeave's negative MLLM states), else without. Samples with no
+    negative prompt keep the null condition.
+
     Args:
         text_encoder: factory of the T5/UMT5 encoder.
         mllm: factory of the MLLM encoder; None switches the MLLM path off.
@@ -52,6 +61,14 @@ class RelationalConditioner(Conditioner):
         null_prompt: prompt of the null condition.
         release_connector_path: the released BindWeave DiT checkpoint (file or sharded folder) to
             initialise the connector from (its ``text_projector``), instead of zeros.
+        attend_t5_padding: the T5 tokens past the prompt (zeros up to the encoder's ``max_length``)
+            count as real tokens and are attended, as the released BindWeave does (T5 zero-padded to
+            512, no attention mask); False masks them (paper). Padding made by batching is masked
+            either way, so a request gives the same output alone or batched (and CFG's two sides stay
+            apart).
+        negative_prompt: default negative prompt of CFG's unconditional side (see above); None: the
+            null condition, unless the batch gives one.
+        negative_references: the MLLM reads the negative prompt with the sample's references.
         dropout: see :class:`Conditioner`.
         guided: see :class:`Conditioner`.
     """
@@ -63,10 +80,16 @@ class RelationalConditioner(Conditioner):
         branch: str = "text",
         null_prompt: str = "",
         release_connector_path: str | None = None,
+        attend_t5_padding: bool = False,
+        negative_prompt: str | None = None,
+        negative_references: bool = False,
         dropout: float = 0.1,
         guided: bool = True,
     ) -> None:
         super().__init__(dropout=dropout, guided=guided)
+        self.attend_t5_padding = attend_t5_padding
+        self.negative_prompt = negative_prompt
+        self.negative_references = negative_references
         if release_connector_path is not None and mllm is None:
             raise ValueError("release_connector_path needs an `mllm`: the connector projects MLLM hidden states.")
         self.release_connector_path = release_connector_path
@@ -128,12 +151,28 @@ class RelationalConditioner(Conditioner):
 
     @torch.no_grad()
     def encode(self, batch: dict) -> dict[str, torch.Tensor]:
-        t5 = self.text_encoder(list(batch["prompt"]))  # (B, L_t, C_t)
+        features = self._encode_texts(batch, list(batch["prompt"]), with_references=True)
+        negatives = self.negative_prompts(batch)
+        if any(text is not None for text in negatives):  # samples without one keep the null condition
+            texts = [text if text is not None else self.null_prompt for text in negatives]
+            negative = self._encode_texts(batch, texts, with_references=self.negative_references)
+            features.update({f"negative_{key}": value for key, value in negative.items()})
+            features["negative_rows"] = torch.tensor([text is not None for text in negatives])
+        return features
+
+    def negative_prompts(self, batch: dict) -> list[str | None]:
+        """Each sample's negative prompt: ``batch["negative_prompt"][i]``, else ``negative_prompt``."""
+        given = batch.get("negative_prompt") or [None] * len(batch["prompt"])
+        return [text if text is not None else self.negative_prompt for text in given]
+
+    def _encode_texts(self, batch: dict, texts: list[str], with_references: bool) -> dict[str, torch.Tensor]:
+        """T5 (and MLLM, with the batch's references when asked) features of one text per sample."""
+        t5 = self.text_encoder(texts)  # (B, L_t, C_t)
         features = {"t5_tokens": t5.tokens, "t5_mask": t5.mask}
         if self.mllm is not None:
-            images = batch.get("references")
+            images = batch.get("references") if with_references else None
             mask = reference_mask(batch) if images is not None and images.shape[1] else None
-            hidden = self.mllm(list(batch["prompt"]), images if mask is not None else None, mask)  # (B, L_m, C_m)
+            hidden = self.mllm(texts, images if mask is not None else None, mask)  # (B, L_m, C_m)
             features.update(mllm_tokens=hidden.tokens, mllm_mask=hidden.mask)
         return features
 
@@ -143,21 +182,26 @@ class RelationalConditioner(Conditioner):
 
     def _null(self) -> dict[str, torch.Tensor]:
         if self.null_features is None:
-            self.null_features = self.encode({"prompt": [self.null_prompt]})
+            self.null_features = self._encode_texts({}, [self.null_prompt], with_references=False)
         return self.null_features
 
     def condition(self, batch: dict, features: dict[str, torch.Tensor], drop: list[bool] | None = None) -> Conditioning:
         t5_tokens, t5_mask = features["t5_tokens"], features["t5_mask"]
         has_mllm = self.connector is not None
+        mllm_tokens, mllm_mask = (features["mllm_tokens"], features["mllm_mask"]) if has_mllm else (None, None)
         if drop is not None and any(drop):
-            null = self._null()
-            t5_tokens, t5_mask = _replace_rows(t5_tokens, t5_mask, null["t5_tokens"], null["t5_mask"], drop)
-            if has_mllm:
-                mllm_tokens, mllm_mask = _replace_rows(
-                    features["mllm_tokens"], features["mllm_mask"], null["mllm_tokens"], null["mllm_mask"], drop
-                )
-        elif has_mllm:
-            mllm_tokens, mllm_mask = features["mllm_tokens"], features["mllm_mask"]
+            negative = features["negative_rows"].tolist() if "negative_rows" in features else [False] * len(drop)
+            for source, rows in ((self._null(), [d and not n for d, n in zip(drop, negative)]),
+                                 ({k[9:]: v for k, v in features.items() if k.startswith("negative_")},
+                                  [d and n for d, n in zip(drop, negative)])):
+                if not any(rows):
+                    continue
+                t5_tokens, t5_mask = _replace_rows(t5_tokens, t5_mask, source["t5_tokens"], source["t5_mask"], rows)
+                if has_mllm:
+                    mllm_tokens, mllm_mask = _replace_rows(
+                        mllm_tokens, mllm_mask, source["mllm_tokens"], source["mllm_mask"], rows)
+        if self.attend_t5_padding:  # the release attends T5's zero padding
+            t5_mask = torch.ones_like(t5_mask)
         t5 = Tokens(t5_tokens, t5_mask)
         if not has_mllm:
             return Conditioning(context={self.branch: t5})

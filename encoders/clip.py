@@ -178,6 +178,9 @@ class CLIPVisionEncoder(FrozenEncoder):
         layer: index of the transformer block whose output is returned; -2 = penultimate, as Wan.
         image_mean: per-channel mean of the CLIP normalisation (applied to images in [0, 1]).
         image_std: per-channel std of the CLIP normalisation.
+        resize: how images are resized to the tower's size: ``bicubic`` (paper) or
+            ``bilinear_antialias`` (torchvision's ``Resize`` on tensors, what the released
+            BindWeave's inference applies to its 1280x720 reference canvas).
         dtype: dtype of the weights and of the computation.
     """
 
@@ -190,9 +193,13 @@ class CLIPVisionEncoder(FrozenEncoder):
         image_mean: tuple[float, float, float] = OPENAI_DATASET_MEAN,
         image_std: tuple[float, float, float] = OPENAI_DATASET_STD,
         checkpoint_format: Literal["auto", "open_clip", "wan", "transformers"] = "auto",
+        resize: Literal["bicubic", "bilinear_antialias"] = "bicubic",
         dtype: str = "bfloat16",
     ) -> None:
         super().__init__(dtype)
+        if resize not in ("bicubic", "bilinear_antialias"):
+            raise ValueError(f"CLIPVisionEncoder: resize must be 'bicubic' or 'bilinear_antialias', got {resize!r}.")
+        self.resize = resize
         self.check_source(pretrained_path, tiny_config, "a local open_clip checkpoint file")
         from_transformers = pretrained_path is not None and (
             checkpoint_format == "transformers" or (checkpoint_format == "auto" and Path(pretrained_path).is_dir()))
@@ -249,14 +256,17 @@ class CLIPVisionEncoder(FrozenEncoder):
         """Encode images.
 
         Args:
-            images: (M, 3, H, W) in [-1, 1], any size (resized bicubic to the tower's size).
+            images: (M, 3, H, W) in [-1, 1], any size (resized to the tower's size as ``resize`` says).
 
         Returns:
             (M, num_tokens, hidden_size) tokens of block ``layer``, class token first.
         """
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be (M, 3, H, W) in [-1, 1], got {tuple(images.shape)}.")
-        x = F.interpolate(images.float(), size=self.image_size, mode="bicubic", align_corners=False)
+        if self.resize == "bilinear_antialias":
+            x = F.interpolate(images.float(), size=self.image_size, mode="bilinear", align_corners=False, antialias=True)
+        else:
+            x = F.interpolate(images.float(), size=self.image_size, mode="bicubic", align_corners=False)
         x = ((x + 1) / 2 - self.mean.float()) / self.std.float()  # (M, 3, S, S) CLIP-normalised
         out = self.visual.forward_intermediates(
             x.to(self.dtype),

@@ -29,6 +29,7 @@ from contextvars import ContextVar
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterator, Literal
 
+import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -61,6 +62,10 @@ class SamplingConfig:
         vae_tiling: decode in overlapping spatial tiles (diffusers' ``AutoencoderKLWan`` tiling;
             blends tile seams, so pixels differ slightly from untiled decoding).
         vae_slicing: decode the videos of a batch one at a time (equal up to 1/255 rounding).
+        sigma_grid: the ``unipc`` σ grid: ``diffusers`` (the installed diffusers' flow grid, σ from
+            1 to 1/1000 before the shift) or ``diffusers_0.33`` (diffusers 0.33.1's, σ from 0.999 to
+            0.999/n before the shift, integer timesteps truncated: what the released BindWeave's
+            inference ran with; 50 steps: 999, 992, 985, ... instead of 999, 993, 986, ...).
         parallel: with several processes (torch.distributed initialised, every rank given the same
             requests), how DiT calls are split over the default group: ``cfg`` runs the
             conditional and unconditional halves on different ranks, ``sequence`` splits the video
@@ -77,6 +82,7 @@ class SamplingConfig:
     offload_encoders: bool = False
     vae_tiling: bool = False
     vae_slicing: bool = False
+    sigma_grid: Literal["diffusers", "diffusers_0.33"] = "diffusers"
     parallel: Literal["none", "cfg", "sequence"] = "none"
 
 
@@ -100,14 +106,19 @@ def _dit_call(dit, config: SamplingConfig):
 # ----------------------------------------------------------------------------------------------
 
 
-def make_scheduler(sampler: str, num_steps: int, shift: float, device: torch.device | None = None) -> SchedulerMixin:
+def make_scheduler(sampler: str, num_steps: int, shift: float, device: torch.device | None = None,
+                   sigma_grid: str = "diffusers") -> SchedulerMixin:
     """A fresh diffusers flow scheduler over ``num_steps`` steps with Wan's ``shift``.
 
     ``euler``: σ on ``linspace(1, 0, num_steps + 1)`` shifted, the DiT at t = 1000σ; exactly
     :func:`bindweave.model.flow.euler_sigmas` and :func:`bindweave.model.flow.euler_step`.
     ``unipc``: diffusers' flow UniPC grid (σ from 1 to 1/1000 before the shift, integer timesteps)
-    as in ``WanPipeline`` and Wan2.1's own sampler.
+    as in ``WanPipeline`` and Wan2.1's own sampler; ``sigma_grid="diffusers_0.33"`` gives diffusers
+    0.33.1's grid instead (σ from 0.999 to 0.999/n before the shift: the released BindWeave's; equal to
+    its timesteps and σ in ``tests/fixtures/bindweave_official/scheduler.json``).
     """
+    if sigma_grid not in ("diffusers", "diffusers_0.33"):
+        raise ValueError(f"Unknown sigma_grid {sigma_grid!r}: use 'diffusers' or 'diffusers_0.33'.")
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
     if shift <= 0:
@@ -120,7 +131,11 @@ def make_scheduler(sampler: str, num_steps: int, shift: float, device: torch.dev
             num_train_timesteps=NUM_TRAIN_TIMESTEPS, prediction_type="flow_prediction", use_flow_sigmas=True,
             flow_shift=shift, solver_order=2,
         )
-        scheduler.set_timesteps(num_steps, device=device)
+        if sigma_grid == "diffusers_0.33":  # 0.33.1: sigmas = 1 - linspace(1, 1/1000, n + 1), flipped, last dropped
+            unshifted = np.linspace(1.0 - 1.0 / NUM_TRAIN_TIMESTEPS, 0.0, num_steps + 1)[:-1]
+            scheduler.set_timesteps(sigmas=unshifted, device=device)
+        else:
+            scheduler.set_timesteps(num_steps, device=device)
     else:
         raise ValueError(f"Unknown sampler {sampler!r}: use one of {list(SAMPLERS)}.")
     scheduler.set_begin_index(0)  # no timestep lookup (a device sync) in step()
@@ -209,6 +224,8 @@ def sample_videos(
     model.check_video(num_frames, height, width)
     model.check_references(batch["references"], height, width)
     model.check_reference_counts([int(n) for n in batch["num_references"]])  # what the conditioners declare
+    size = len(batch["prompt"])  # conditioners may read the video size (e.g. a grey video's latents)
+    batch = {**batch, "num_frames": [num_frames] * size, "height": [height] * size, "width": [width] * size}
     dit, vae = model.dit, model.vae
     device = dit.patch_embedding.weight.device
     encoders = frozen_encoders(model)
@@ -233,8 +250,7 @@ def sample_videos(
     )
     seeds = batch.get("seed") or list(range(len(batch["prompt"])))
     x = initial_noise(seeds, latent_shape, device)  # (B, z, T, h, w) fp32
-    dtype = dit.patch_embedding.weight.dtype
-    scheduler = make_scheduler(config.sampler, config.num_steps, config.shift, device)
+    scheduler = make_scheduler(config.sampler, config.num_steps, config.shift, device, config.sigma_grid)
     dit_call = _dit_call(dit, config)
     sigmas = scheduler.sigmas.to(device, torch.float32)  # σ of each step (UniPC's timesteps are rounded)
     listeners, total = _STEP_LISTENERS.get(), len(scheduler.timesteps)
@@ -242,15 +258,8 @@ def sample_videos(
     for listener in listeners:
         listener(0, total, ids)
     for i, t in enumerate(tqdm(scheduler.timesteps, desc=description, disable=not progress, leave=False)):
-        model_x = torch.cat([x, x]) if guided else x  # (2B or B, z, T, h, w)
-        dit_in, frame_mask = model.assemble_input(model_x.to(dtype), cond)  # (2B or B, C_in, T+N, h, w)
-        timestep = t.to(torch.float32).expand(model_x.shape[0])  # (2B or B,)
-        output = dit_call(dit_in, timestep, context, context_mask, frame_mask, context_embedded=True)
-        output = output[:, :, : latent_shape[1]]  # (2B or B, z, T, h, w)
-        velocity = model.output_velocity(output, model_x, sigmas[i].expand(model_x.shape[0]))  # float32
-        if guided:
-            conditional, unconditional = velocity.chunk(2)
-            velocity = unconditional + config.guidance_scale * (conditional - unconditional)  # (B, z, T, h, w)
+        velocity = guided_velocity(model, dit_call, x, t, sigmas[i], cond, context, context_mask,
+                                   config.guidance_scale if guided else 1.0)  # (B, z, T, h, w) float32
         x = scheduler.step(velocity, t, x, return_dict=False)[0]
         for listener in listeners:
             listener(i + 1, total, ids)
@@ -258,6 +267,25 @@ def sample_videos(
     # 3. Decoding.
     with encoders_on([vae], device, config.offload_encoders):
         return decode(vae, x, tiling=config.vae_tiling, slicing=config.vae_slicing)
+
+
+def guided_velocity(model: BindWeaveModel, dit_call, x: torch.Tensor, t: torch.Tensor, sigma: torch.Tensor,
+                    cond, context: dict, context_mask: dict | None, guidance_scale: float) -> torch.Tensor:
+    """One denoising step's velocity (B, z, T, h, w) float32 at x (B, z, T, h, w), DiT timestep ``t``
+    and σ: with ``guidance_scale`` != 1, ``cond`` and ``context`` hold the conditional then the
+    unconditional side stacked on the batch (one DiT call for both) and ``v = v_u + g·(v_c − v_u)``."""
+    guided = guidance_scale != 1.0
+    model_x = torch.cat([x, x]) if guided else x  # (2B or B, z, T, h, w)
+    dtype = model.dit.patch_embedding.weight.dtype
+    dit_in, frame_mask = model.assemble_input(model_x.to(dtype), cond)  # (2B or B, C_in, T+N, h, w)
+    timestep = t.to(torch.float32).expand(model_x.shape[0])  # (2B or B,)
+    output = dit_call(dit_in, timestep, context, context_mask, frame_mask, context_embedded=True)
+    output = model.video_frames(output, x.shape[2], cond)  # (2B or B, z, T, h, w)
+    velocity = model.output_velocity(output, model_x, sigma.expand(model_x.shape[0]))  # float32
+    if guided:
+        conditional, unconditional = velocity.chunk(2)
+        velocity = unconditional + guidance_scale * (conditional - unconditional)  # (B, z, T, h, w)
+    return velocity
 
 
 def decode(vae, latents: torch.Tensor, tiling: bool = False, slicing: bool = False) -> torch.Tensor:

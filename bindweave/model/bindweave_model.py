@@ -3,6 +3,7 @@
 Batch ──conditioners──▶ Conditioning (context per branch, reference slots)
 x_σ (B, z, T, h, w) ──[x_σ ; slots] on time, [noisy | mask | ref latent] on channels──▶ DiT
       ──▶ output (B, z, T+N, h, w) ──[:, :, :T]──▶ velocity (or x̂₀, turned into the velocity)
+(with ``slot_placement: before``, the released BindWeave's layout: [slots ; x_σ] and [:, :, N:])
 
 It owns the DiT, the VAE and the conditioners and knows nothing of Lightning: the LightningModule
 (:class:`bindweave.training.module.BindWeave`) holds one and adds the loss, optimisers and checkpoint
@@ -185,7 +186,9 @@ class BindWeaveModel(nn.Module):
     # -- the DiT call --------------------------------------------------------------------------
 
     def assemble_input(self, noisy: torch.Tensor, cond: Conditioning) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """[noisy latent ; empty slots] over time, [noisy | slot channels] over channels.
+        """[noisy latent ; empty slots] over time (slots after the video, or before it with
+        ``cond.slot_placement == "before"``), [noisy | slot channels] over channels; the video
+        frames' slot channels are ``cond.video_slots`` (zeros when None).
 
         noisy (B, z, T, h, w) -> DiT input (B, z + C_slot, T + N, h, w) and frame mask (B, T + N) or None.
         """
@@ -199,13 +202,24 @@ class BindWeaveModel(nn.Module):
                 f"references must be resized to the video size before encoding."
             )
         c_slot, n = slots.shape[1], slots.shape[2]
-        video_part = torch.cat([noisy, noisy.new_zeros(b, c_slot, t, h, w)], dim=1)  # (B, z+C, T, h, w)
+        video_slots = noisy.new_zeros(b, c_slot, t, h, w) if cond.video_slots is None else cond.video_slots.to(noisy)
+        video_part = torch.cat([noisy, video_slots], dim=1)  # (B, z+C, T, h, w)
         slot_part = torch.cat([noisy.new_zeros(b, z, n, h, w), slots], dim=1)  # (B, z+C, N, h, w)
-        x = torch.cat([video_part, slot_part], dim=2)  # (B, z+C, T+N, h, w)
+        before = cond.slot_placement == "before"
+        x = torch.cat([slot_part, video_part] if before else [video_part, slot_part], dim=2)  # (B, z+C, T+N, h, w)
         frame_mask = None
         if cond.slot_mask is not None:
-            frame_mask = torch.cat([cond.slot_mask.new_ones(b, t), cond.slot_mask], dim=1)  # (B, T+N)
-        return x, frame_mask
+            video_mask = cond.slot_mask.new_ones(b, t)
+            frame_mask = torch.cat([cond.slot_mask, video_mask] if before else [video_mask, cond.slot_mask], dim=1)
+        return x, frame_mask  # frame_mask: (B, T+N)
+
+    @staticmethod
+    def video_frames(output: torch.Tensor, num_frames: int, cond: Conditioning) -> torch.Tensor:
+        """The video latent's frames of a DiT output (B, z, T+N, h, w) -> (B, z, T, h, w): the
+        reference slots' outputs are dropped, wherever ``cond`` placed them."""
+        if cond.slots is not None and cond.slot_placement == "before":
+            return output[:, :, output.shape[2] - num_frames:]
+        return output[:, :, :num_frames]
 
     def video_output(self, noisy: torch.Tensor, sigmas: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """One DiT call on x_σ (B, z, T, h, w) at σ (B,) under ``cond``, without classifier-free
@@ -213,7 +227,7 @@ class BindWeaveModel(nn.Module):
         x, frame_mask = self.assemble_input(noisy, cond)  # (B, C_in, T+N, h, w)
         context, context_mask = self.context(cond)
         output = self.dit(x, sigmas * 1000, context, context_mask, frame_mask)  # (B, z, T+N, h, w)
-        return output[:, :, : noisy.shape[2]]
+        return self.video_frames(output, noisy.shape[2], cond)
 
     def output_velocity(self, output: torch.Tensor, noisy: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
         """The velocity (float32) from the DiT's output on the video latent: the output itself, or

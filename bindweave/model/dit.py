@@ -52,6 +52,14 @@ class CrossAttentionBranch:
             token cannot learn from its neighbours which clause it belongs to ("right" in "starts at
             the right" vs "moves to the right") unless the encoder already wrote it there, as a
             trained T5 does and a random-weight one does not. 0: none (Wan).
+        keep_tokens: with ``overflow_to``, only this branch's first ``keep_tokens`` embedded tokens
+            go through its own key/value projections; the rest are handed to ``overflow_to``.
+            None: all of them (Wan). The released BindWeave embeds 4 x 257 CLIP tokens with the
+            image embedder and keeps 257 (its ``clip_token_len``) in the image branch.
+        overflow_to: the branch whose key/value projections attend this branch's tokens past
+            ``keep_tokens``: they join that branch's softmax, placed *before* its own tokens (the
+            release: CLIP tokens of references 2-4 in the text softmax, before MLLM and T5 tokens).
+            Routed once per forward; no cost when None.
     """
 
     name: str
@@ -59,6 +67,8 @@ class CrossAttentionBranch:
     embedder: Literal["mlp", "norm_mlp"] = "mlp"
     position: bool = False
     refiner_layers: int = 0
+    keep_tokens: int | None = None
+    overflow_to: str | None = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -411,6 +421,13 @@ class WanDiT(nn.Module):
         for b in branches:
             if b.refiner_layers < 0:
                 raise ValueError(f"Branch {b.name!r}: refiner_layers must be >= 0, got {b.refiner_layers}.")
+            if (b.keep_tokens is None) != (b.overflow_to is None):
+                raise ValueError(f"Branch {b.name!r}: set keep_tokens and overflow_to together (or neither).")
+            if b.overflow_to is not None and (b.overflow_to not in names or b.overflow_to == b.name
+                                              or b.keep_tokens < 0):
+                raise ValueError(
+                    f"Branch {b.name!r}: overflow_to must name another branch of {names} and keep_tokens be "
+                    f">= 0; got overflow_to={b.overflow_to!r}, keep_tokens={b.keep_tokens}.")
         self.context_refiners = nn.ModuleDict({  # only branches with refiner layers: Wan's keys stay as they are
             b.name: nn.ModuleList(RefinerLayer(dim, num_heads, eps) for _ in range(b.refiner_layers))
             for b in branches if b.refiner_layers
@@ -480,6 +497,8 @@ class WanDiT(nn.Module):
         converted there, its weights would run without them and predict something else."""
         options = (["absolute_position"] if self.absolute_position else []) + [
             f"position on branch {name!r}" for name, branch in self.branches.items() if branch.position] + [
+            f"overflow of branch {name!r} to {branch.overflow_to!r}" for name, branch in self.branches.items()
+            if branch.overflow_to is not None] + [
             f"refiner layers on branch {name!r}" for name in self.context_refiners]
         if options:
             raise ValueError(
@@ -518,6 +537,27 @@ class WanDiT(nn.Module):
             for layer in self.context_refiners[name] if name in self.context_refiners else ():
                 embedded[name] = layer(embedded[name], (context_mask or {}).get(name))  # (B, L, D)
         return embedded
+
+    def route_context(
+        self, context: dict[str, torch.Tensor], context_mask: dict[str, torch.Tensor | None]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor | None]]:
+        """Hand each branch's embedded tokens past ``keep_tokens`` to its ``overflow_to`` branch,
+        before that branch's own tokens ({name: (B, L, D)} in, the same out with moved lengths);
+        masks move with their tokens. Identity for DiTs without overflow."""
+        for name, branch in self.branches.items():
+            if branch.overflow_to is None:
+                continue
+            keep, target = branch.keep_tokens, branch.overflow_to
+            tokens, own = context[name], context[target]  # (B, L, D), (B, L_t, D)
+            mask, own_mask = context_mask.get(name), context_mask.get(target)
+            context = {**context, name: tokens[:, :keep],  # (B, keep, D)
+                       target: torch.cat([tokens[:, keep:], own], dim=1)}  # (B, L - keep + L_t, D)
+            if mask is not None or own_mask is not None:
+                mask = mask if mask is not None else _all_real(tokens)  # (B, L)
+                own_mask = own_mask if own_mask is not None else _all_real(own)  # (B, L_t)
+                context_mask = {**context_mask, name: mask[:, :keep],
+                                target: torch.cat([mask[:, keep:], own_mask], dim=1)}  # (B, L - keep + L_t)
+        return context, context_mask
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise a helpful ValueError if ``x`` cannot be patchified by this model."""
@@ -588,10 +628,11 @@ class WanDiT(nn.Module):
         time_emb = self.time_embedding(time_features.to(tokens.dtype)).float()  # (B, D)
         time_mod = self.time_modulation(time_emb.to(tokens.dtype)).float().unflatten(1, (6, -1))  # (B, 6, D)
 
+        context, context_mask = self.route_context(context, dict(context_mask or {}))  # {name: (B, Lc, D)}
         token_mask = None
         if frame_mask is not None:
             token_mask = frame_mask[:, ::pt].repeat_interleave(grid[1] * grid[2], dim=1)  # (B, L)
-        return DiTState(tokens, time_emb, time_mod, cos, sin, context, dict(context_mask or {}), token_mask,
+        return DiTState(tokens, time_emb, time_mod, cos, sin, context, context_mask, token_mask,
                         tuple(x.shape), grid)
 
     def run_blocks(self, tokens: torch.Tensor, state: "DiTState") -> torch.Tensor:
@@ -609,6 +650,11 @@ class WanDiT(nn.Module):
         out = out.view(batch, *state.grid, pt, ph, pw, self.out_channels)  # (B, f, h, w, pt, ph, pw, C)
         out = out.permute(0, 7, 1, 4, 2, 5, 3, 6)  # (B, C, f, pt, h, ph, w, pw)
         return out.reshape(batch, self.out_channels, frames, height, width)  # (B, C_out, F, H, W)
+
+
+def _all_real(tokens: torch.Tensor) -> torch.Tensor:
+    """(B, L) True mask for (B, L, D) tokens."""
+    return torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
 
 
 @dataclass
