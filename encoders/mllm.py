@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import pydoc
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -80,6 +81,14 @@ class MLLMEncoder(FrozenEncoder):
             model directly and skips reading the LM head weights.
         image_size: references are resized (bicubic) to this square size before the processor;
             for Qwen2-VL models a multiple of 28 avoids a second resize (448 -> 256 tokens).
+            Used with ``image_sizing: square``.
+        image_sizing: ``square`` (``image_size``, the paper's setup here) or ``scaled``: the
+            released BindWeave's feature extraction, each reference scaled by 0.3 when it has more
+            than 720 x 1280 pixels and by 0.75 otherwise (sizes truncated to integers; bicubic with
+            antialias, PIL's default filter for RGB being bicubic), then the processor's own resize
+            (Qwen2-VL: multiples of 28 within its pixel limits): native aspect and resolution.
+        add_generation_prompt: end the chat-templated sequence with the assistant header
+            (``<|im_start|>assistant\n``), as the release's feature extraction does.
         max_length: truncate each prompt to this many tokens before the images are appended (the
             chat template and the image tokens come on top); None keeps the whole prompt.
         layer: hidden layer returned; -1 is the last hidden state (after the final norm), other
@@ -96,6 +105,8 @@ class MLLMEncoder(FrozenEncoder):
         tiny_tokenizer: str = "bytes",
         model_class: str = "transformers.AutoModelForImageTextToText",
         image_size: int = 448,
+        image_sizing: Literal["square", "scaled"] = "square",
+        add_generation_prompt: bool = False,
         max_length: int | None = None,
         layer: int = -1,
         attn_implementation: str = "sdpa",
@@ -107,7 +118,11 @@ class MLLMEncoder(FrozenEncoder):
             raise ValueError(f"image_size must be positive, got {image_size}.")
         if max_length is not None and max_length <= 0:
             raise ValueError(f"max_length must be positive or None, got {max_length}.")
+        if image_sizing not in ("square", "scaled"):
+            raise ValueError(f"image_sizing must be 'square' or 'scaled', got {image_sizing!r}.")
         self.image_size = image_size
+        self.image_sizing = image_sizing
+        self.add_generation_prompt = add_generation_prompt
         self.max_length = max_length
         self.layer = layer
 
@@ -130,6 +145,13 @@ class MLLMEncoder(FrozenEncoder):
         """Width D of the returned hidden states."""
         return self.model.config.get_text_config().hidden_size
 
+    def input_size(self, height: int, width: int) -> tuple[int, int]:
+        """(height, width) a reference of this size is resized to before the processor."""
+        if self.image_sizing == "square":
+            return self.image_size, self.image_size
+        factor = 0.3 if height * width > 720 * 1280 else 0.75  # the release's feature extraction
+        return max(1, int(height * factor)), max(1, int(width * factor))
+
     def _texts(self, prompts: list[str], counts: list[int]) -> list[str]:
         """One interleaved text per sample: the prompt, then one image placeholder per reference."""
         tokenizer = self.processor.tokenizer
@@ -142,7 +164,8 @@ class MLLMEncoder(FrozenEncoder):
                 for p, n in zip(prompts, counts)
             ]
             templater = self.processor if getattr(self.processor, "chat_template", None) else tokenizer
-            return [templater.apply_chat_template(c, tokenize=False) for c in conversations]
+            return [templater.apply_chat_template(c, tokenize=False, add_generation_prompt=self.add_generation_prompt)
+                    for c in conversations]
         # No template: a newline before each placeholder keeps consecutive images apart.
         return [p + ("\n" + self.processor.image_token) * n for p, n in zip(prompts, counts)]
 
@@ -180,7 +203,8 @@ class MLLMEncoder(FrozenEncoder):
             image_mask = image_mask.to(images.device, torch.bool)
             counts = image_mask.sum(1).tolist()
             refs = images[image_mask].float()  # (M, 3, H, W), sample-major order
-            refs = F.interpolate(refs, size=(self.image_size,) * 2, mode="bicubic", align_corners=False)
+            refs = F.interpolate(refs, size=self.input_size(*refs.shape[-2:]), mode="bicubic", align_corners=False,
+                                 antialias=self.image_sizing == "scaled")
             refs = ((refs + 1) / 2).clamp(0, 1).cpu()  # (M, 3, S, S) in [0, 1]
             flat = list(refs)
 

@@ -35,7 +35,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("data and sampling", {"bindweave.data.samples", "bindweave.data.streams", "bindweave.data.datamodule",
                            "bindweave.data.feature_cache", "bindweave.data.memory", "bindweave.data.synthetic",
                            "bindweave.inference.requests", "bindweave.inference.sampler", "bindweave.inference.outputs",
-                           "bindweave.tasks.sprites.scenes"}),
+                           "bindweave.tasks.sprites.scenes", "bindweave.data.reference_canvas"}),
     ("training (LightningModule)", {"bindweave.training.module"}),
     ("trained models", {"bindweave.inference.pretrained", "bindweave.inference.pipeline"}),
     ("callbacks", {"callbacks", "callbacks.checkpoint", "callbacks.denoise_probe", "callbacks.metrics",

@@ -84,7 +84,10 @@ def release_model(tmp_path: Path, fixture: dict, vae: StubVAE) -> BindWeaveModel
     identity = IdentityConditioner(image_encoder=tiny_factory(CLIPVisionEncoder), fixed_references=4)
     references = MultiReferenceConditioner(max_references=4, slot_placement="before", fixed_slots=4, mask="letterbox",
                                            video_condition="grey_latents")
-    relational.build_cached(vae, {"width": torch.tensor(cfg["text_dim"]), "mllm_width": torch.tensor(cfg["mllm_dim"])})
+    null = {"null.t5_tokens": torch.zeros(1, 512, cfg["text_dim"]), "null.t5_mask": torch.zeros(1, 512, dtype=torch.bool),
+            "null.mllm_tokens": torch.zeros(1, 1, cfg["mllm_dim"]), "null.mllm_mask": torch.ones(1, 1, dtype=torch.bool)}
+    relational.build_cached(vae, {"width": torch.tensor(cfg["text_dim"]), "mllm_width": torch.tensor(cfg["mllm_dim"]),
+                                  **null})  # an empty null prompt: what the release does NOT use
     identity.build_cached(vae, {"width": torch.tensor(cfg["img_dim"])})
     references.build(vae)
     model = BindWeaveModel({"relational": relational, "identity": identity, "references": references})
@@ -193,7 +196,8 @@ def test_letterbox_masks_match_official():
     on the 720p latent grid (nearest resize, as the multi-reference conditioner does)."""
     fixture = load_file(str(FIXTURE / "dit.safetensors"))
     for name, image in official_images().items():
-        _, mask = ReferenceCanvas().fit(image, 720, 1280)
+        pixels, mask = ReferenceCanvas().fit(image, 720, 1280)
+        assert (pixels[:, ~mask] == -1).all()  # a black canvas (FACTS: RefTransform pastes on black)
         small = torch.nn.functional.interpolate(mask[None, None].float(), size=(90, 160), mode="nearest")[0, 0]
         torch.testing.assert_close(small.to(torch.uint8), fixture[f"mask90x160/{name}"], rtol=0, atol=0)
 
@@ -219,3 +223,24 @@ def test_unipc_trajectory_matches_official():
         x = scheduler.step(0.5 * x + 0.01 * t.float(), t, x, return_dict=False)[0]
         assert t.item() == step["t"]
         torch.testing.assert_close(x, torch.tensor(step["x"]), rtol=1e-6, atol=1e-6)
+
+
+def test_mllm_release_template_and_image_sizes():
+    """The release's feature extraction (FACTS (c)): one user turn, the prompt THEN the images,
+    the default system prompt, the assistant header at the end; references scaled 0.75 (0.3 above
+    720 x 1280 pixels) at native aspect, then the processor's own grid."""
+    import copy
+
+    from encoders.mllm import TINY_MLLM_CONFIG
+
+    mllm = MLLMEncoder(tiny_config=copy.deepcopy(TINY_MLLM_CONFIG), image_sizing="scaled", add_generation_prompt=True,
+                       dtype="float32")
+    text = mllm._texts(["a cat"], [2])[0]
+    assert text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\na cat")
+    assert text.index("a cat") < text.index("<|vision_start|>") and text.count("<|image_pad|>") == 2
+    assert text.endswith("<|im_end|>\n<|im_start|>assistant\n")
+    assert mllm.input_size(1080, 1920) == (324, 576) and mllm.input_size(720, 1280) == (540, 960)
+    assert mllm.input_size(100, 60) == (75, 45)
+    out = mllm(["a cat"], torch.zeros(1, 2, 3, 64, 96))  # 48 x 72 each: 6 x 9 merged patches of 8 pixels
+    plain = mllm(["a cat"])
+    assert out.tokens.shape[1] - plain.tokens.shape[1] == 2 * (54 + 2)  # + vision start/end per image

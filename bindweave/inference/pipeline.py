@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from bindweave.model.bindweave_model import BindWeaveModel
-from bindweave.inference.requests import load_reference
+from bindweave.inference.requests import load_reference_and_mask
 from bindweave.inference.sampler import SamplingConfig, frozen_encoders, references_uint8, sample_videos
 from bindweave.data.video_io import write_video
 from bindweave.inference.pretrained import load_checkpoint, load_pretrained
@@ -185,15 +185,19 @@ class BindWeavePipeline:
         self.model.check_video(num_frames, height, width)
         if isinstance(references, (str, Path, Image.Image)):
             references = [references]
-        images = []
+        images, masks = [], []
         for i, reference in enumerate(references):
             try:
-                images.append(load_reference(reference, height, width))  # (3, H, W)
+                image, mask = load_reference_and_mask(reference, height, width, canvas=config.reference_canvas)
             except ValueError as error:
                 raise ValueError(f"Reference {i}: {error}") from None
+            images.append(image)  # (3, H, W)
+            masks.append(mask)  # (H, W) bool
         refs = torch.stack(images) if images else torch.zeros(0, 3, height, width)
+        masks = torch.stack(masks) if masks else torch.zeros(0, height, width, dtype=torch.bool)
         batch = {
             "prompt": [prompt], "references": refs[None].to(self.device), "num_references": [len(images)],
+            "reference_masks": masks[None].to(self.device),
             "seed": [int(seed)], "num_frames": [num_frames], "height": [height], "width": [width],
         }
         start = time.perf_counter()

@@ -38,6 +38,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from bindweave.data.reference_canvas import ReferenceCanvas
 from bindweave.model.batch import check_num_frames, collate, fit_reference, reference_warnings
 from bindweave.errors import UserError
 from bindweave.inference.outputs import OutputLocation
@@ -74,9 +75,20 @@ def default_id(fields: dict) -> str:
 
 
 def load_reference(
-    source: str | Path | Image.Image, height: int, width: int, notes: list[str] | None = None
+    source: str | Path | Image.Image, height: int, width: int, notes: list[str] | None = None,
+    canvas: ReferenceCanvas | None = None,
 ) -> torch.Tensor:
-    """A reference image (path or PIL image) fitted into (height, width): (3, H, W) in [-1, 1].
+    """A reference image (path or PIL image) fitted into (height, width): (3, H, W) in [-1, 1]."""
+    return load_reference_and_mask(source, height, width, notes, canvas)[0]
+
+
+def load_reference_and_mask(
+    source: str | Path | Image.Image, height: int, width: int, notes: list[str] | None = None,
+    canvas: ReferenceCanvas | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A reference image (path or PIL image) fitted into (height, width): (3, H, W) in [-1, 1], and
+    the (H, W) bool mask of where it lies; ``canvas`` gives the fitting rule (None:
+    :func:`bindweave.model.batch.fit_reference`, the paper's; the release's: :class:`ReferenceCanvas`).
 
     Raises ValueError naming the file and the fix when it is missing, unreadable or not a colour image.
     With ``notes``, what :func:`bindweave.model.batch.reference_warnings` says about the image (a colour
@@ -84,10 +96,10 @@ def load_reference(
     """
     name = "the reference" if isinstance(source, Image.Image) else f"reference {Path(source).name!r}"
 
-    def fit(image: Image.Image) -> torch.Tensor:
+    def fit(image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
         if notes is not None:
             notes.extend(f"{name}: {note}" for note in reference_warnings(image, height, width))
-        return fit_reference(image, height, width)[0]
+        return canvas.fit(image, height, width) if canvas is not None else fit_reference(image, height, width)
 
     if isinstance(source, Image.Image):
         return fit(source)
@@ -253,12 +265,14 @@ class RequestDataset(Dataset):
         max_references: most references a request may have (None: let the model check).
         skip: requests whose id it returns True for are left out (e.g. :func:`is_done`); they are
             listed in ``skipped``. Requests that cannot be parsed are never skipped.
+        canvas: how references are fitted into the video size (None: the paper's rule).
     """
 
     def __init__(
         self, path: str | Path, num_frames: int, height: int, width: int, max_references: int | None = None,
-        skip: Callable[[str], bool] | None = None,
+        skip: Callable[[str], bool] | None = None, canvas: ReferenceCanvas | None = None,
     ) -> None:
+        self.canvas = canvas
         entries = read_requests(path, num_frames, height, width, max_references)
         skipped = [isinstance(e, Request) and skip is not None and skip(e.id) for e in entries]
         self.entries = [e for e, s in zip(entries, skipped) if not s]
@@ -277,13 +291,15 @@ class RequestDataset(Dataset):
             return {"failed": entry}
         notes: list[str] = []
         try:
-            references = [load_reference(p, entry.height, entry.width, notes) for p in entry.references]
+            fitted = [load_reference_and_mask(p, entry.height, entry.width, notes, self.canvas) for p in entry.references]
         except ValueError as error:
             return {"failed": {"id": entry.id, "error": f"request {entry.id!r} ({entry.where}): {error}",
                                "request": entry.record()}}
-        refs = torch.stack(references) if references else torch.zeros(0, 3, entry.height, entry.width)
+        refs = torch.stack([f[0] for f in fitted]) if fitted else torch.zeros(0, 3, entry.height, entry.width)
+        masks = torch.stack([f[1] for f in fitted]) if fitted else torch.zeros(0, entry.height, entry.width, dtype=torch.bool)
         return {
             "id": entry.id, "prompt": entry.prompt, "references": refs,  # (n, 3, H, W) in [-1, 1]
+            "reference_masks": masks,  # (n, H, W) bool: where each reference lies on its canvas
             "reference_paths": list(entry.references), "seed": entry.seed, "where": entry.where,
             "num_frames": entry.num_frames, "height": entry.height, "width": entry.width,
             "warnings": list(dict.fromkeys(notes)),  # once per request, even for a file given twice
@@ -393,7 +409,9 @@ class RequestDataModule(L.LightningDataModule):
         num_frames, height, width = self._defaults()
         output_dir = self._output_dir() if self.hparams.skip_done else None
         skip = (lambda request_id: is_done(output_dir, request_id)) if output_dir is not None else None
-        dataset = RequestDataset(self.hparams.requests, num_frames, height, width, self.hparams.max_references, skip)
+        sampling = getattr(getattr(self.trainer, "lightning_module", None), "sampling", None) if self.trainer else None
+        dataset = RequestDataset(self.hparams.requests, num_frames, height, width, self.hparams.max_references, skip,
+                                 getattr(sampling, "reference_canvas", None))
         self.skipped = dataset.skipped
         return dataset
 

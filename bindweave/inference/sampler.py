@@ -35,6 +35,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from tqdm.auto import tqdm
 
+from bindweave.data.reference_canvas import ReferenceCanvas
 from bindweave.model.flow import NUM_TRAIN_TIMESTEPS
 from bindweave.model.bindweave_model import BindWeaveModel
 from conditioners.base import merge, stack_batches
@@ -66,6 +67,10 @@ class SamplingConfig:
             1 to 1/1000 before the shift) or ``diffusers_0.33`` (diffusers 0.33.1's, σ from 0.999 to
             0.999/n before the shift, integer timesteps truncated: what the released BindWeave's
             inference ran with; 50 steps: 999, 992, 985, ... instead of 999, 993, 986, ...).
+        reference_canvas: how predict and the pipeline fit reference images into the video size:
+            None is the paper's (:func:`bindweave.model.batch.fit_reference`: bicubic, enlarging
+            allowed, white canvas); a :class:`~bindweave.data.reference_canvas.ReferenceCanvas` is the
+            released BindWeave's (LANCZOS, no enlarging, black canvas, letterbox mask).
         parallel: with several processes (torch.distributed initialised, every rank given the same
             requests), how DiT calls are split over the default group: ``cfg`` runs the
             conditional and unconditional halves on different ranks, ``sequence`` splits the video
@@ -83,6 +88,7 @@ class SamplingConfig:
     vae_tiling: bool = False
     vae_slicing: bool = False
     sigma_grid: Literal["diffusers", "diffusers_0.33"] = "diffusers"
+    reference_canvas: ReferenceCanvas | None = None
     parallel: Literal["none", "cfg", "sequence"] = "none"
 
 
@@ -326,6 +332,8 @@ def select(batch: dict, indices: list[int]) -> dict:
             out[key] = value
     most = max(int(n) for n in out["num_references"])
     out["references"] = out["references"][:, :most]
+    if "reference_masks" in out:
+        out["reference_masks"] = out["reference_masks"][:, :most]
     return out
 
 

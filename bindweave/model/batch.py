@@ -137,8 +137,13 @@ def collate(samples: list[dict]) -> dict:
         references[i, : counts[i]] = s["references"]
     batch["references"] = references
     batch["num_references"] = counts
+    if "reference_masks" in samples[0]:  # (n, H, W) bool each -> (B, N, H, W), False for padding
+        masks = samples[0]["reference_masks"]
+        batch["reference_masks"] = masks.new_zeros(len(samples), most, *masks.shape[1:])
+        for i, s in enumerate(samples):
+            batch["reference_masks"][i, : counts[i]] = s["reference_masks"]
     for key in samples[0]:
-        if key == "references":
+        if key in ("references", "reference_masks"):
             continue
         values = [s[key] for s in samples]
         batch[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
