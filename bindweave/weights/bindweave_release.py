@@ -15,8 +15,10 @@ What the official repository (github.com/bytedance/BindWeave at 5d9f749) says ab
 
 So the weights map exactly onto :class:`~bindweave.model.dit.WanDiT` (diffusers keys, see
 ``bindweave.weights.diffusers_format``) and the relational conditioner's connector (``connector.0`` = ``linear_1``,
-``connector.2`` = ``linear_2``, same GELU-tanh in between). The semantic differences between the
-release's conditioning and ours are in ``docs/weights.md`` ("BindWeave's released weights").
+``connector.2`` = ``linear_2``, same GELU-tanh in between). The release's inference layout (CLIP
+routing, slots before the video, letterbox masks, negative prompt, ...) is configuration:
+``configs/layout/release.yaml``, checked against the official code in ``tests/test_release_parity.py``
+(``docs/weights.md``, "BindWeave's released weights").
 """
 
 from __future__ import annotations
@@ -61,8 +63,8 @@ def load_release(module, path: str | Path, dtype: torch.dtype | None = None) -> 
     """Load the released BindWeave DiT and text projector into a built
     :class:`~bindweave.training.module.BindWeave` (its ``dit`` and ``conditioners.relational.connector``).
 
-    Returns the DiT's and the connector's load reports. See ``docs/weights.md`` for what the release
-    does differently at inference (reference-slot order, CLIP token routing), which loading cannot change.
+    Returns the DiT's and the connector's load reports. Loading sets no layout: build the model from
+    ``configs/layout/release.yaml`` to run the release as its own inference does.
     """
     checkpoint = Checkpoint.open(path)
     relational = module.conditioners["relational"] if "relational" in module.conditioners else None
