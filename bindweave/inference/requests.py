@@ -10,6 +10,9 @@ Each line is a JSON object; only ``prompt`` is required::
   canvas (:func:`bindweave.model.batch.fit_reference`). A conversion or an upscale the user should know
   about (:func:`bindweave.model.batch.reference_warnings`: CMYK, palette, enlarged more than 4×, ...)
   travels with the request as ``warnings`` into its ``<id>.json`` and the run's summary.
+* ``negative_prompt``: what CFG's unconditional side is read from for this request (default: the
+  model's own, e.g. ``RelationalConditioner``'s); carried in the batch as ``negative_prompt``
+  (``list[str | None]``, None for requests without one).
 * ``seed``: noise seed (default 0); ``num_frames``, ``height``, ``width``: default to the
   datamodule's, else the model's ``sampling`` settings.
 * ``id``: names the output files ``<id>.mp4``/``.png``/``.json``; default: a slug of the prompt plus
@@ -43,7 +46,7 @@ from bindweave.model.batch import check_num_frames, collate, fit_reference, refe
 from bindweave.errors import UserError
 from bindweave.inference.outputs import OutputLocation
 
-KEYS = ("id", "prompt", "references", "seed", "num_frames", "height", "width")
+KEYS = ("id", "prompt", "negative_prompt", "references", "seed", "num_frames", "height", "width")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -54,6 +57,7 @@ class Request:
     id: str
     prompt: str
     references: list[str] = field(default_factory=list)
+    negative_prompt: str | None = None
     seed: int = 0
     num_frames: int = 81
     height: int = 480
@@ -63,12 +67,14 @@ class Request:
 
     def record(self) -> dict:
         """The JSONL line that reproduces this request."""
-        return {k: v for k, v in asdict(self).items() if k != "where"}
+        return {k: v for k, v in asdict(self).items() if k != "where" and not (k == "negative_prompt" and v is None)}
 
 
 def default_id(fields: dict) -> str:
     """A readable, stable id: the prompt's first words and a hash of what the request asks for."""
-    content = json.dumps({k: fields.get(k) for k in KEYS if k != "id"}, sort_keys=True)
+    # A request without a negative prompt keeps the id it had before requests could have one.
+    content = json.dumps({k: fields.get(k) for k in KEYS if k != "id"
+                          and not (k == "negative_prompt" and fields.get(k) is None)}, sort_keys=True)
     digest = hashlib.sha1(content.encode()).hexdigest()[:8]
     slug = re.sub(r"[^a-z0-9]+", "-", str(fields.get("prompt", "")).lower()).strip("-")[:40].rstrip("-")
     return f"{slug}-{digest}" if slug else digest
@@ -131,6 +137,10 @@ def parse_request(
     prompt = fields.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError(f"{where}: the prompt is empty or missing; describe the video in \"prompt\".")
+    negative_prompt = fields.get("negative_prompt")
+    if negative_prompt is not None and not isinstance(negative_prompt, str):
+        raise ValueError(f"{where}: \"negative_prompt\" must be a string (or null for the model's default), "
+                         f"got {negative_prompt!r}.")
     references = fields.get("references", [])
     if isinstance(references, str):
         references = [references]
@@ -160,7 +170,7 @@ def parse_request(
             f"(at most 128, not starting with '.' or '-')."
         )
     resolved = [str((root / r).resolve()) if not Path(r).is_absolute() else r for r in references]
-    return Request(request_id, prompt, resolved, where=where, **values)
+    return Request(request_id, prompt, resolved, negative_prompt, where=where, **values)
 
 
 def read_requests(
@@ -298,7 +308,8 @@ class RequestDataset(Dataset):
         refs = torch.stack([f[0] for f in fitted]) if fitted else torch.zeros(0, 3, entry.height, entry.width)
         masks = torch.stack([f[1] for f in fitted]) if fitted else torch.zeros(0, entry.height, entry.width, dtype=torch.bool)
         return {
-            "id": entry.id, "prompt": entry.prompt, "references": refs,  # (n, 3, H, W) in [-1, 1]
+            "id": entry.id, "prompt": entry.prompt, "negative_prompt": entry.negative_prompt,
+            "references": refs,  # (n, 3, H, W) in [-1, 1]
             "reference_masks": masks,  # (n, H, W) bool: where each reference lies on its canvas
             "reference_paths": list(entry.references), "seed": entry.seed, "where": entry.where,
             "num_frames": entry.num_frames, "height": entry.height, "width": entry.width,

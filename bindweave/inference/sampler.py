@@ -215,14 +215,20 @@ def initial_noise(seeds: list[int], shape: tuple[int, ...], device: torch.device
     ])
 
 
+StepCallback = Callable[[int, torch.Tensor, torch.Tensor], "torch.Tensor | None"]
+"""``on_step(i, t, latents)`` after step ``i`` (timestep ``t``) with the (B, z, T, h, w) float32
+latents; a tensor it returns replaces them (diffusers' ``callback_on_step_end``)."""
+
+
 @torch.no_grad()
 def sample_videos(
-    model: BindWeaveModel, batch: dict, config: SamplingConfig, progress: bool = False, description: str | None = None
+    model: BindWeaveModel, batch: dict, config: SamplingConfig, progress: bool = False, description: str | None = None,
+    on_step: StepCallback | None = None,
 ) -> torch.Tensor:
     """Sample videos for a batch of requests with a built :class:`~bindweave.model.bindweave_model.BindWeaveModel`.
 
     Returns (B, F, H, W, 3) uint8 frames on the CPU. The only host syncs of the Euler loop are the
-    final copy to the CPU.
+    final copy to the CPU (and whatever ``on_step`` does).
     """
     num_frames = request_size(batch, "num_frames", config.num_frames)
     height = request_size(batch, "height", config.height)
@@ -267,6 +273,9 @@ def sample_videos(
         velocity = guided_velocity(model, dit_call, x, t, sigmas[i], cond, context, context_mask,
                                    config.guidance_scale if guided else 1.0)  # (B, z, T, h, w) float32
         x = scheduler.step(velocity, t, x, return_dict=False)[0]
+        if on_step is not None:
+            replaced = on_step(i, t, x)
+            x = x if replaced is None else replaced
         for listener in listeners:
             listener(i + 1, total, ids)
 
@@ -344,6 +353,8 @@ def request_records(batch: dict, config: SamplingConfig, ids: list[str]) -> list
     records = []
     for i in range(size):
         record = {"id": ids[i], "prompt": batch["prompt"][i]}
+        if (batch.get("negative_prompt") or [None] * size)[i] is not None:
+            record["negative_prompt"] = batch["negative_prompt"][i]
         if "reference_paths" in batch:
             record["references"] = list(batch["reference_paths"][i])
         record["seed"] = int(seeds[i])
