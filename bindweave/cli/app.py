@@ -161,6 +161,7 @@ def run_cli(args: list[str] | None = None) -> BindWeaveCLI:
 
 TOOLS = {
     "data": "bindweave.cli.data",
+    "demo": "bindweave.cli.demo",
     "eval": "bindweave.tasks.sprites.cli",
     "weights": "bindweave.cli.weights",
 }
