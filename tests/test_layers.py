@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("bindweave", "encoders", "conditioners", "callbacks")
 
 LAYERS: list[tuple[str, set[str]]] = [
-    ("base", {"bindweave.errors", "bindweave.dtypes", "bindweave.atomic", "bindweave.moved", "bindweave.lightning_compat", "bindweave.model.attention",
+    ("base", {"bindweave.errors", "bindweave.progress", "bindweave.dtypes", "bindweave.atomic", "bindweave.moved", "bindweave.lightning_compat", "bindweave.model.attention",
               "bindweave.model.flow", "bindweave.weights.quantize", "bindweave.data.video_decode",
               "bindweave.data.curriculum", "bindweave.data.resume", "encoders.base", "encoders.tokenizer",
               "conditioners.references",
@@ -27,6 +27,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("weights and infra (applied from outside the model)", {
         "bindweave.weights.diffusers_format", "bindweave.weights.wan_official", "bindweave.weights.loading",
         "bindweave.weights.dit_loading", "bindweave.weights.bindweave_release", "bindweave.weights.export",
+        "bindweave.weights.model_card",
         "bindweave.parallel", "bindweave.parallel.per_block", "bindweave.parallel.fsdp", "bindweave.parallel.sequence"}),
     ("encoders", {"encoders", "encoders.clip", "encoders.text", "encoders.vae", "encoders.mllm", "encoders.patch_vae"}),
     ("conditioners", {"conditioners", "conditioners.base", "conditioners.identity", "conditioners.multi_reference",

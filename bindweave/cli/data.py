@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from bindweave.model.batch import to_rgb
 from bindweave.errors import UserError, report
+from bindweave.progress import progress
 from bindweave.data.shards import (
     FEATURES, IMAGE_EXTENSIONS, MAX_REFERENCES, REASONS, VIDEO_EXTENSIONS, BrokenSample, ShardWriter, expand_urls,
     parse_record, parse_sample, read_image, sample_key,
@@ -279,9 +280,11 @@ def format_pack_summary(summary: dict, max_listed: int = 20, summary_file: str |
 # -- inspect ----------------------------------------------------------------------------------
 
 
-def inspect(urls: list[str], check: bool = False, limit: int | None = None, max_references: int = MAX_REFERENCES) -> dict:
+def inspect(urls: list[str], check: bool = False, limit: int | None = None, max_references: int = MAX_REFERENCES,
+            show_progress: bool = False) -> dict:
     """Counts, durations, resolutions, frame rates and reference counts of a shard set (raw or
-    cached). ``check`` decodes every video fully; otherwise the record (or container) metadata is used."""
+    cached). ``check`` decodes every video fully; otherwise the record (or container) metadata is used.
+    ``show_progress`` counts the samples read on stderr (:func:`bindweave.progress.progress`)."""
     shards = expand_urls(urls)
     stats = {"shards": len(shards), "samples": 0, "raw": 0, "cached": 0}
     durations, sizes, rates, refs, masks, features, broken = [], Counter(), Counter(), Counter(), 0, Counter(), []
@@ -291,7 +294,8 @@ def inspect(urls: list[str], check: bool = False, limit: int | None = None, max_
                                    shard=next((a for a in error.args[1:] if isinstance(a, str)), None)).report())
         return True
 
-    for sample in wds.DataPipeline(wds.SimpleShardList(shards), wds.tarfile_to_samples(handler=on_error)):
+    samples = wds.DataPipeline(wds.SimpleShardList(shards), wds.tarfile_to_samples(handler=on_error))
+    for sample in progress(samples, limit, "inspect --check" if check else "inspect", "sample", enabled=show_progress):
         if limit is not None and stats["samples"] + len(broken) >= limit:
             break
         cached = FEATURES in sample
@@ -490,7 +494,7 @@ def run(args) -> None:
 
         run_sprites(sub)
     elif args.command == "inspect":
-        stats = inspect(sub.urls, check=sub.check, limit=sub.limit)
+        stats = inspect(sub.urls, check=sub.check, limit=sub.limit, show_progress=sub.check)
         print(json.dumps(stats, indent=2) if sub.json else format_inspect(stats))
     else:
         summary = cache(sub.config, sub.urls, sub.output, sub.device, sub.overwrite, sub.part, sub.progress, sub.dtype)

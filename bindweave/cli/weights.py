@@ -391,10 +391,17 @@ def main(argv: list[str] | None = None) -> None:
                         help="cast the weights (default: as trained)")
     export.add_argument("--int8", action="store_true",
                         help="store the large matrices as int8 with per-channel scales (half of bfloat16's bytes)")
+    card = sub.add_parser("card", help="(re)write an export folder's model card, README.md (export writes one)")
+    card.add_argument("folder")
+    card.add_argument("--scores", help="a Markdown file of measured scores (e.g. `bindweave eval --table`)")
+    card.add_argument("--name", help="the card's title (default: the folder's name)")
+    card.add_argument("--description", help="a Markdown file with a paragraph on what this model is")
     args = parser.parse_args(argv)
     try:
         if args.command == "check":
             run_check(args)
+        elif args.command == "card":
+            run_card(args)
         else:
             run_export(args)
     except (UserError, WeightsError) as e:
@@ -420,7 +427,21 @@ def run_export(args: argparse.Namespace) -> None:
         raise
     except ValueError as e:  # export.py still raises some of the user's mistakes (a config-less model) as ValueError
         raise UserError(str(e)) from None
-    print(f"exported {args.checkpoint} -> {out} (load with bindweave.inference.pretrained.load_pretrained)")
+    print(f"exported {args.checkpoint} -> {out} (load with bindweave.inference.pretrained.load_pretrained; "
+          f"model card: {Path(out) / 'README.md'})")
+
+
+def run_card(args: argparse.Namespace) -> None:
+    from bindweave.weights.export import write_card
+
+    texts = {}
+    for key in ("scores", "description"):
+        path = getattr(args, key)
+        if path is not None:
+            if not Path(path).is_file():
+                raise UserError(f"--{key} {path!r} does not exist; pass a Markdown file.")
+            texts[key] = Path(path).read_text()
+    print(f"wrote {write_card(args.folder, name=args.name, **texts)}")
 
 if __name__ == "__main__":
     main()

@@ -3,7 +3,9 @@
 Layout of an export folder::
 
     config.yaml                          the model's config: ``model:`` = BindWeave's init args, as in a
-                                         LightningCLI config; the DiT entry is the plain architecture
+                                         LightningCLI config; the DiT entry is the plain architecture;
+                                         ``training:`` steps, epochs, data of the checkpoint it came from
+    README.md                            the model card (:mod:`bindweave.weights.model_card`)
     model.safetensors                    the trainable weights (DiT + connector), BindWeave state-dict keys,
       or model-0000i-of-0000N.safetensors  sharded above ``max_shard_bytes``,
          + model.safetensors.index.json    with the Hugging Face index
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
 from pathlib import Path
 
 import torch
@@ -24,11 +27,14 @@ import yaml
 
 from encoders.base import frozen_prefixes, resolve_dtype
 
-from bindweave.atomic import AtomicPath
+from bindweave.atomic import AtomicPath, write_atomic
+from bindweave.progress import progress
 from bindweave.model.dit import WanDiT
 from bindweave.weights.loading import Checkpoint, WeightsError, save_sharded
+from bindweave.weights.model_card import model_card, stored_shapes
 
 CONFIG_NAME = "config.yaml"
+CARD_NAME = "README.md"
 WEIGHTS_NAME = "model"
 FORMAT = "bindweave-export/1"
 _HEAVY = ("dit", "vae")
@@ -108,11 +114,12 @@ def write_export(state: dict[str, torch.Tensor], content: dict, directory: str |
                  max_shard_bytes: int = 5 * 1024**3) -> Path:
     """Write an export folder (weights + ``config.yaml``) whole or not at all: into a temporary
     folder beside ``directory``, then swapped in (:class:`~bindweave.atomic.AtomicPath`). An existing
-    ``directory`` is replaced only if it is an export (nothing but ``config.yaml`` and
-    ``model*.safetensors*``), so no other file is lost."""
+    ``directory`` is replaced only if it is an export (nothing but ``config.yaml``, ``README.md`` and
+    ``model*.safetensors*``), so no other file is lost. The model card (``README.md``) is written from
+    ``content`` and the weights' shapes."""
     directory = Path(directory)
     if directory.exists():
-        foreign = sorted(p.name for p in directory.iterdir() if p.is_dir() or p.name != CONFIG_NAME
+        foreign = sorted(p.name for p in directory.iterdir() if p.is_dir() or p.name not in (CONFIG_NAME, CARD_NAME)
                          and not (p.name.startswith(WEIGHTS_NAME) and ".safetensors" in p.name))
         if foreign:
             raise WeightsError(f"{directory} exists and holds files that are not an export's ({foreign[:5]}): "
@@ -120,7 +127,38 @@ def write_export(state: dict[str, torch.Tensor], content: dict, directory: str |
     with AtomicPath(directory, folder=True) as tmp:
         save_sharded(state, tmp, WEIGHTS_NAME, max_shard_bytes, {"bindweave": FORMAT})
         (tmp / CONFIG_NAME).write_text(yaml.safe_dump(content, sort_keys=False))
+        (tmp / CARD_NAME).write_text(model_card(directory, content["model"], training=content.get("training"),
+                                                **stored_shapes(state)))
     return directory
+
+
+def write_card(directory: str | Path, scores: str | None = None, name: str | None = None,
+               description: str | None = None, training: dict | None = None) -> Path:
+    """(Re)write an export folder's model card (``README.md``) from its ``config.yaml`` and weight
+    headers, with ``scores`` (Markdown), a title, a description and ``training`` facts (default: the
+    ``training:`` section of ``config.yaml``); nothing else in the folder changes."""
+    directory = Path(directory)
+    content = _read_content(directory)
+    checkpoint = Checkpoint.open(directory, prefix=WEIGHTS_NAME)
+    entries = [checkpoint.entries[k] for k in checkpoint.keys()]
+    card = model_card(directory, content["model"], {k: tuple(checkpoint.shape(k)) for k in checkpoint.keys()},
+                      training or content.get("training"), scores, name, description,
+                      dtypes={str(e.dtype).removeprefix("torch.") for e in entries},
+                      int8=any(e.scale is not None for e in entries))
+    return write_atomic(directory / CARD_NAME, card.encode())
+
+
+def training_record(checkpoint: dict) -> dict:
+    """What a Lightning checkpoint says about its training: steps, epochs, the datamodule's class and
+    arguments, Lightning's version (plain YAML values)."""
+    record: dict = {"steps": checkpoint.get("global_step"), "epochs": checkpoint.get("epoch")}
+    data = checkpoint.get("datamodule_hyper_parameters")
+    if isinstance(data, dict) and data:
+        plain = json.loads(json.dumps({k: v for k, v in data.items() if not k.startswith("_")}, default=str))
+        record["data"] = {"class": str(data.get("_class_path", "?")), **plain}
+    if checkpoint.get("pytorch-lightning_version"):
+        record["lightning"] = str(checkpoint["pytorch-lightning_version"])
+    return {k: v for k, v in record.items() if v is not None}
 
 
 def export_checkpoint(checkpoint_path: str | Path, directory: str | Path,
@@ -140,7 +178,9 @@ def export_checkpoint(checkpoint_path: str | Path, directory: str | Path,
     """
     path = Path(checkpoint_path)
     if path.is_dir() and (path / CONFIG_NAME).is_file():  # an export folder
-        content = {"format": FORMAT, "model": read_config(path)}
+        existing = _read_content(path)
+        content = {"format": FORMAT, "model": existing["model"],
+                   **({"training": existing["training"]} if existing.get("training") else {})}
         source = Checkpoint.open(path, prefix=WEIGHTS_NAME)
         state = {k: source.read(k) for k in source.keys()}  # all in memory: the folder may be replaced
         return _write_converted(state, content, directory, max_shard_bytes, dtype, int8)
@@ -156,6 +196,7 @@ def export_checkpoint(checkpoint_path: str | Path, directory: str | Path,
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
         raise WeightsError(f"{path}: not a Lightning checkpoint of a BindWeave model (no state_dict/hyper_parameters).")
     content = export_config(checkpoint["hyper_parameters"])
+    content["training"] = training_record(checkpoint)
     state = model_keys(checkpoint["state_dict"])
     if not any(k.startswith("dit.") for k in state):
         raise WeightsError(f"{path}: the checkpoint holds no DiT weights (dit.*).")
@@ -167,12 +208,13 @@ def _write_converted(state: dict[str, torch.Tensor], content: dict, directory: s
     """Cast (``dtype``), quantize (``int8``) and write an export folder."""
     from bindweave.weights.quantize import quantize_state_dict
 
-    if dtype is not None:
-        cast = resolve_dtype(dtype)
-        state = {k: v.to(cast) if v.is_floating_point() else v for k, v in state.items()}
-    if int8:
-        state = quantize_state_dict(state)
-    return write_export(state, content, directory, max_shard_bytes)
+    cast = resolve_dtype(dtype) if dtype is not None else None
+    converted: dict[str, torch.Tensor] = {}
+    for key, tensor in progress(state.items(), len(state), f"export {Path(directory).name}", "tensor"):
+        if cast is not None and tensor.is_floating_point():
+            tensor = tensor.to(cast)
+        converted.update(quantize_state_dict({key: tensor}) if int8 else {key: tensor})
+    return write_export(converted, content, directory, max_shard_bytes)
 
 
 def read_sharded_checkpoint(directory: str | Path) -> dict:
@@ -199,13 +241,18 @@ def read_sharded_checkpoint(directory: str | Path) -> dict:
 
 def read_config(directory: str | Path) -> dict:
     """The ``model:`` section of an export folder's ``config.yaml``."""
+    return _read_content(directory)["model"]
+
+
+def _read_content(directory: str | Path) -> dict:
+    """An export folder's whole ``config.yaml`` (``format``, ``model``, maybe ``training``)."""
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise WeightsError(f"{directory}: not a BindWeave export (no {CONFIG_NAME}).")
     content = yaml.safe_load(path.read_text())
     if not isinstance(content, dict) or content.get("format") != FORMAT or "model" not in content:
         raise WeightsError(f"{path}: not a BindWeave export config (expected format: {FORMAT} and a model: section).")
-    return content["model"]
+    return content
 
 
 def check_export_matches(checkpoint: Checkpoint, state: dict[str, torch.Tensor], directory: str | Path,

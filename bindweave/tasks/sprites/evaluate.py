@@ -38,6 +38,7 @@ from PIL import Image
 
 from bindweave.tasks.sprites import scenes as S
 from bindweave.atomic import write_atomic
+from bindweave.progress import progress
 from bindweave.data.shards import expand_urls, parse_record, read_image
 
 PSNR_CAP = 60.0
@@ -283,23 +284,24 @@ def _single_threaded() -> None:
     torch.set_num_threads(1)
 
 
-def _map_samples(score, truth: dict[str, dict], limit: int | None, workers: int) -> list:
+def _map_samples(score, truth: dict[str, dict], limit: int | None, workers: int, desc: str = "eval") -> list:
     """``score((sample_id, item))`` for the first ``limit`` samples, in ``workers`` single-threaded
-    processes (same numbers as one)."""
+    processes (same numbers as one), with progress on stderr (:func:`bindweave.progress.progress`)."""
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}.")
     jobs = list(truth.items())[:limit]
     if workers == 1:
-        return list(map(score, jobs))
+        return list(progress(map(score, jobs), len(jobs), desc, "sample"))
     with multiprocessing.get_context("fork").Pool(workers, initializer=_single_threaded) as pool:
-        return pool.map(score, jobs, chunksize=4)
+        return list(progress(pool.imap(score, jobs, chunksize=4), len(jobs), desc, "sample"))
 
 
 def evaluate_run(videos: str | Path | None, truth: dict[str, dict], limit: int | None = None, workers: int = 1) -> dict:
     """Score the videos ``<videos>/<id>.mp4`` of a run against the ground truth (``videos`` None:
     the ground truth itself, the perfect score). Missing videos are listed, not scored. ``workers``
     processes score in parallel (same numbers)."""
-    scored = _map_samples(partial(_score_one, videos), truth, limit, workers)
+    scored = _map_samples(partial(_score_one, videos), truth, limit, workers,
+                          f"eval {Path(videos).name if videos is not None else 'ground truth'}")
     results = {sample_id: r for sample_id, r in scored if r is not None}
     missing = [sample_id for sample_id, r in scored if r is None]
     if not results:
