@@ -22,7 +22,6 @@ from bindweave.inference.pipeline import BindWeavePipeline
 from tests.pipeline_helpers import cli_module, draw_reference, tiny_model_config
 
 ROOT = Path(__file__).resolve().parents[1]
-SCREENSHOT = os.environ.get("BINDWEAVE_DEMO_SCREENSHOT")  # set to write the README's screenshot
 
 
 @pytest.fixture(scope="module")
@@ -107,8 +106,6 @@ def test_the_page_in_a_headless_browser(pipe, red, tmp_path):
             page.wait_for_selector("#video video[src]", timeout=60_000)
             assert page.get_attribute("#video video", "src").endswith(".mp4")
             page.wait_for_selector("#sheet img[src]")
-            if SCREENSHOT:
-                page.screenshot(path=SCREENSHOT)
             # A bad input: its message on the page, no traceback.
             page.fill("#prompt textarea", "")
             page.click("#generate")
