@@ -27,6 +27,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("weights and infra (applied from outside the model)", {
         "bindweave.weights.diffusers_format", "bindweave.weights.wan_official", "bindweave.weights.loading",
         "bindweave.weights.dit_loading", "bindweave.weights.bindweave_release", "bindweave.weights.export",
+        "bindweave.weights.lora_formats",
         "bindweave.parallel", "bindweave.parallel.per_block", "bindweave.parallel.fsdp", "bindweave.parallel.sequence"}),
     ("encoders", {"encoders", "encoders.clip", "encoders.text", "encoders.vae", "encoders.mllm", "encoders.patch_vae"}),
     ("conditioners", {"conditioners", "conditioners.base", "conditioners.identity", "conditioners.multi_reference",
@@ -36,7 +37,7 @@ LAYERS: list[tuple[str, set[str]]] = [
                            "bindweave.data.feature_cache", "bindweave.data.memory", "bindweave.data.synthetic",
                            "bindweave.inference.requests", "bindweave.inference.sampler", "bindweave.inference.outputs",
                            "bindweave.tasks.sprites.scenes"}),
-    ("training (LightningModule)", {"bindweave.training.module"}),
+    ("training (LightningModule)", {"bindweave.training.module", "bindweave.training.lora"}),
     ("trained models", {"bindweave.inference.pretrained", "bindweave.inference.pipeline"}),
     ("callbacks", {"callbacks", "callbacks.checkpoint", "callbacks.denoise_probe", "callbacks.metrics",
                    "callbacks.predict_progress", "callbacks.resume", "callbacks.sampling", "callbacks.video_writer"}),
