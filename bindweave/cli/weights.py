@@ -436,7 +436,7 @@ def _export_merged(args: argparse.Namespace):
 
     from bindweave.inference.pretrained import load_checkpoint, load_pretrained
     from bindweave.training.lora import merge_lora
-    from bindweave.weights.export import save_pretrained
+    from bindweave.weights.export import read_config, save_pretrained
 
     source = Path(args.checkpoint)
     module = load_pretrained(source) if source.is_dir() and not (source / "meta.pt").is_file() else load_checkpoint(source)
@@ -444,7 +444,12 @@ def _export_merged(args: argparse.Namespace):
         raise UserError(f"{source}: --merge_lora needs a LoRA fine-tune (its config has no model.lora); "
                         f"export it without --merge_lora.")
     merge_lora(module.model)
-    config = {k: v for k, v in dict(module.hparams).items()}
+    if source.is_dir():
+        config = read_config(source)
+    else:  # the config the checkpoint stores (the rebuilt module's hparams hold objects, not the config)
+        import torch
+
+        config = dict(torch.load(source, map_location="cpu", weights_only=True, mmap=True)["hyper_parameters"])
     config["lora"] = None
     return save_pretrained(module, args.output, config=config, max_shard_bytes=int(args.max_shard_gb * 1024**3))
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -127,7 +128,9 @@ def _inject(part: nn.Module, config, adapter: str) -> None:
     from peft import inject_adapter_in_model
 
     flags = {name: p.requires_grad for name, p in part.named_parameters()}
-    inject_adapter_in_model(config, part, adapter_name=adapter)
+    with warnings.catch_warnings():  # several adapters in one model are what load_lora is for
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        inject_adapter_in_model(config, part, adapter_name=adapter)
     for name, parameter in part.named_parameters():
         base = name.replace(".base_layer.", ".")
         if name in flags or base in flags:
