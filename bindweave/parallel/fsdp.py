@@ -54,6 +54,7 @@ def shard_model(
     if gradient_divide_factor is not None:
         for unit in [*dit.blocks, dit]:
             unit.set_gradient_divide_factor(gradient_divide_factor)
+            unit.set_force_sum_reduction_for_comms(True)  # a plain sum then a division: gloo has no PREMUL_SUM
     if shard_encoders:
         for encoder in encoders:
             if not isinstance(encoder, FrozenEncoder):
