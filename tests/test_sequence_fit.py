@@ -23,11 +23,12 @@ def make_module(cls, **options):
     from conditioners import IdentityConditioner, MultiReferenceConditioner, RelationalConditioner
     from encoders import WanVAE
     from tests.helpers import TINY_DIT
+    from tests.tiny_parts import tiny, tiny_factory
 
     torch.manual_seed(0)
     lora = options.pop("lora", None)
-    module = cls(dit=partial(WanDiT, **TINY_DIT), vae=WanVAE.tiny, relational=RelationalConditioner.tiny(),
-                 identity=IdentityConditioner.tiny(), multi_reference=MultiReferenceConditioner.tiny(),
+    module = cls(dit=partial(WanDiT, **TINY_DIT), vae=tiny_factory(WanVAE), relational=tiny(RelationalConditioner),
+                 identity=tiny(IdentityConditioner), multi_reference=tiny(MultiReferenceConditioner),
                  parallelism=ParallelismConfig(fsdp_param_dtype=None, **options),
                  lora=LoraConfig(rank=4, also_train=["conditioners.relational.connector"]) if lora else None)
     for c in module.conditioners.values():
