@@ -1,4 +1,5 @@
-"""Sample videos for fixed requests every N steps of ``fit``: files on disk and TensorBoard videos."""
+"""Sample videos for fixed requests every N steps of ``fit``: files on disk, and videos to whatever
+loggers the trainer has (TensorBoard, Weights & Biases, MLflow; CSV and others get the files)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import move_data_to_device, rank_zero_info
 from lightning.pytorch.utilities.model_helpers import is_overridden
@@ -164,10 +165,46 @@ class SamplingCallback(Callback):
         for i, sample_id in enumerate(ids):
             refs = references[i][: int(batch["num_references"][i])]
             record = {"id": sample_id, "step": step, "request": records[i], "sampling": config}
-            self.written.append(write_outputs(root / f"step-{step:07d}", sample_id, frames[i], refs, record, self.fps))
+            written = write_outputs(root / f"step-{step:07d}", sample_id, frames[i], refs, record, self.fps)
+            self.written.append(written)
             for logger in trainer.loggers:
-                if isinstance(logger, TensorBoardLogger):
-                    writer = logger.experiment
-                    writer._get_file_writer().add_summary(gif_summary(f"samples/{sample_id}", frames[i], self.fps), step)
-                    sheet = contact_sheet(frames[i], refs)
-                    writer.add_image(f"samples/{sample_id}/sheet", sheet, step, dataformats="HWC")
+                log_video(logger, f"samples/{sample_id}", frames[i], contact_sheet(frames[i], refs), written, step,
+                          self.fps)
+
+
+def log_video(logger: Logger, tag: str, frames: torch.Tensor, sheet, files: Path, step: int, fps: int) -> str:
+    """Give one sample video to ``logger`` through its public API; returns how (``tensorboard``,
+    ``wandb``, ``mlflow`` or ``files``: loggers without media, e.g. CSV, have the files written
+    under the log dir).
+
+    Args:
+        logger: a Lightning logger.
+        tag: name of the video (``samples/<id>``).
+        frames: (F, H, W, 3) uint8.
+        sheet: the contact sheet, (H', W', 3) uint8 (references, then frames).
+        files: the mp4 written for it (``.png`` and ``.json`` beside it).
+        step: the global step.
+        fps: frame rate.
+    """
+    if isinstance(logger, TensorBoardLogger):
+        writer = logger.experiment  # torch's SummaryWriter: add_video needs moviepy, so the GIF goes in directly
+        writer._get_file_writer().add_summary(gif_summary(tag, frames, fps), step)  # as before; no public route
+        writer.add_image(f"{tag}/sheet", sheet, step, dataformats="HWC")
+        return "tensorboard"
+    kind = type(logger).__name__
+    if kind == "WandbLogger":  # lightning.pytorch.loggers.WandbLogger, imported only when wandb is there
+        import wandb
+
+        video = frames.permute(0, 3, 1, 2).numpy()  # (F, 3, H, W), what wandb.Video takes
+        logger.experiment.log({tag: wandb.Video(video, fps=fps, format="gif"),
+                               f"{tag}/sheet": wandb.Image(sheet.numpy() if hasattr(sheet, "numpy") else sheet),
+                               "trainer/global_step": step})
+        return "wandb"
+    if kind == "MLFlowLogger":
+        folder = f"samples/step-{step:07d}"
+        for suffix in (".mp4", ".png", ".json"):
+            path = files.with_suffix(suffix)
+            if path.is_file():
+                logger.experiment.log_artifact(logger.run_id, str(path), folder)
+        return "mlflow"
+    return "files"

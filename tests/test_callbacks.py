@@ -134,3 +134,40 @@ def test_run_checkpoint_follows_the_root_not_the_logger(tmp_path):
     assert not list((tmp_path / "logs").rglob("*.ckpt"))
     fit(tmp_path / "other", dirpath=tmp_path / "mine")  # an explicit dirpath still wins
     assert (tmp_path / "mine/last.ckpt").is_file() and not (tmp_path / "other/checkpoints").exists()
+
+
+def test_sampling_callback_logs_to_each_logger_it_knows_and_leaves_files_for_the_others(tmp_path):
+    import sys
+
+    import numpy as np
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    from callbacks.sampling import log_video
+
+    module = cli_module(tiny_model_config(num_steps=2))
+    tensorboard, csv = TensorBoardLogger(tmp_path / "tb"), CSVLogger(tmp_path / "csv")
+    callback = SamplingCallback(every_n_steps=1, requests=str(ROOT / "examples" / "requests.jsonl"))
+    trainer = SimpleNamespace(global_step=3, is_global_zero=True, strategy=None, loggers=[csv, tensorboard],
+                              log_dir=csv.log_dir, default_root_dir=str(tmp_path))
+    callback.on_train_batch_end(trainer, module, None, None, 0)
+    step = Path(csv.log_dir) / "samples" / "step-0000003"  # CSV (and no logger): the files under the log dir
+    assert sorted(p.name for p in step.iterdir()) == [
+        "red-blue.json", "red-blue.mp4", "red-blue.png", "red-left.json", "red-left.mp4", "red-left.png"]
+    tensorboard.experiment.flush()
+    events = EventAccumulator(tensorboard.log_dir, size_guidance={"images": 0})
+    events.Reload()
+    assert sorted(events.Tags()["images"]) == ["samples/red-blue", "samples/red-blue/sheet", "samples/red-left",
+                                               "samples/red-left/sheet"]
+    assert events.Images("samples/red-left")[0].step == 3
+    # W&B and MLflow through their loggers' public experiment objects (when installed).
+    frames, sheet = torch.zeros(5, 8, 8, 3, dtype=torch.uint8), np.zeros((8, 16, 3), np.uint8)
+    mp4 = step / "red-left.mp4"
+    for package, make in [("wandb", lambda: __import__("lightning.pytorch.loggers", fromlist=["WandbLogger"])
+                           .WandbLogger(save_dir=str(tmp_path), offline=True)),
+                          ("mlflow", lambda: __import__("lightning.pytorch.loggers", fromlist=["MLFlowLogger"])
+                           .MLFlowLogger(tracking_uri=f"file:{tmp_path / 'mlruns'}"))]:
+        if package not in sys.modules and __import__("importlib.util").util.find_spec(package) is None:
+            continue
+        logger = make()
+        assert log_video(logger, "samples/red-left", frames, sheet, mp4, 3, 8) == package
+    assert log_video(csv, "samples/x", frames, sheet, mp4, 3, 8) == "files"  # W&B/MLflow above run only if installed

@@ -391,6 +391,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="cast the weights (default: as trained)")
     export.add_argument("--int8", action="store_true",
                         help="store the large matrices as int8 with per-channel scales (half of bfloat16's bytes)")
+    export.add_argument("--merge_lora", "--merge-lora", action="store_true",
+                        help="a LoRA fine-tune: fold the adapters into the base weights and export the whole model "
+                             "(default: the adapters only, loaded onto the base the config names)")
     card = sub.add_parser("card", help="(re)write an export folder's model card, README.md (export writes one)")
     card.add_argument("folder")
     card.add_argument("--scores", help="a Markdown file of measured scores (e.g. `bindweave eval --table`)")
@@ -422,7 +425,11 @@ def run_export(args: argparse.Namespace) -> None:
     from bindweave.weights.export import export_checkpoint
 
     try:
-        out = export_checkpoint(args.checkpoint, args.output, int(args.max_shard_gb * 1024**3), args.dtype, args.int8)
+        if args.merge_lora:
+            out = _export_merged(args)
+        if not args.merge_lora or args.dtype or args.int8:
+            out = export_checkpoint(args.output if args.merge_lora else args.checkpoint, args.output,
+                                    int(args.max_shard_gb * 1024**3), args.dtype, args.int8)
     except (UserError, WeightsError):
         raise
     except ValueError as e:  # export.py still raises some of the user's mistakes (a config-less model) as ValueError
@@ -442,6 +449,30 @@ def run_card(args: argparse.Namespace) -> None:
                 raise UserError(f"--{key} {path!r} does not exist; pass a Markdown file.")
             texts[key] = Path(path).read_text()
     print(f"wrote {write_card(args.folder, name=args.name, **texts)}")
+
+
+def _export_merged(args: argparse.Namespace):
+    """A LoRA checkpoint (or adapter-only export) built on its base, adapters merged, exported whole."""
+    from pathlib import Path
+
+    from bindweave.inference.pretrained import load_checkpoint, load_pretrained
+    from bindweave.training.lora import merge_lora
+    from bindweave.weights.export import read_config, save_pretrained
+
+    source = Path(args.checkpoint)
+    module = load_pretrained(source) if source.is_dir() and not (source / "meta.pt").is_file() else load_checkpoint(source)
+    if module.lora is None:
+        raise UserError(f"{source}: --merge_lora needs a LoRA fine-tune (its config has no model.lora); "
+                        f"export it without --merge_lora.")
+    merge_lora(module.model)
+    if source.is_dir():
+        config = read_config(source)
+    else:  # the config the checkpoint stores (the rebuilt module's hparams hold objects, not the config)
+        import torch
+
+        config = dict(torch.load(source, map_location="cpu", weights_only=True, mmap=True)["hyper_parameters"])
+    config["lora"] = None
+    return save_pretrained(module, args.output, config=config, max_shard_bytes=int(args.max_shard_gb * 1024**3))
 
 if __name__ == "__main__":
     main()

@@ -31,6 +31,7 @@ from bindweave.inference.requests import load_reference_and_mask
 from bindweave.inference.sampler import SamplingConfig, frozen_encoders, references_uint8, sample_videos
 from bindweave.data.video_io import write_video
 from bindweave.inference.pretrained import load_checkpoint, load_pretrained
+from bindweave.training import lora
 from bindweave.inference.outputs import contact_sheet, png_bytes, write_atomic, write_outputs
 from encoders.base import FrozenEncoder, resolve_dtype
 
@@ -134,6 +135,22 @@ class BindWeavePipeline:
         module = load_pretrained(directory, dtype=dtype if isinstance(dtype, str) else None,
                                  model_overrides=model_overrides)
         return cls(module.model, replace(module.sampling, **sampling)).to(device, dtype)
+
+    # -- LoRA ----------------------------------------------------------------------------------
+
+    def load_lora(self, path: str | Path, scale: float = 1.0, name: str | None = None) -> str:
+        """Load a LoRA file (ours, diffusers, kohya/musubi or ComfyUI layout) as adapter ``name``
+        (default: the file's stem), active beside those already loaded; returns its name. See
+        :mod:`bindweave.training.lora`."""
+        return lora.load_lora(self.model, path, scale, name)
+
+    def set_lora_scale(self, name: str, scale: float) -> None:
+        """Scale LoRA ``name``'s effect (1.0 as trained, 0.0 off)."""
+        lora.set_lora_scale(self.model, name, scale)
+
+    def unload_lora(self, name: str | None = None) -> None:
+        """Remove LoRA ``name`` (None: every loaded one)."""
+        lora.unload_lora(self.model, name)
 
     # -- placement -----------------------------------------------------------------------------
 

@@ -60,15 +60,16 @@ def load_pretrained(directory: str | Path, dtype: str | None = None, model_overr
                   hint=f"The DiT entry of {directory / CONFIG_NAME} does not describe these weights.")
         return dit
 
-    module.dit_factory = load_dit
-    module.configure_model()
+    if module.lora is None:
+        module.dit_factory = load_dit
+    module.configure_model()  # a LoRA export holds adapters only: the base DiT loads as its config says
     module.dit_factory = build_dit
     # Every trainable weight in the export with its shape and nothing else (the DiT's were checked
     # before it loaded); then the rest (connector, ...) are copied in.
     state = trainable_state_dict(module.model)
     check_export_matches(checkpoint, state, directory)
     with torch.no_grad():
-        for key in [k for k in state if not k.startswith("dit.")]:
+        for key in [k for k in state if module.lora is not None or not k.startswith("dit.")]:
             state[key].copy_(checkpoint.read(key, state[key].dtype))
     return module.eval()
 

@@ -644,9 +644,12 @@ class WanDiT(nn.Module):
 
     def unembed(self, tokens: torch.Tensor, state: "DiTState") -> torch.Tensor:
         """Stage 3: output head and unpatchify, (B, L, D) -> (B, C_out, F, H, W)."""
+        return self.unpatchify(self.head(tokens, state.time_emb), state)  # (B, C_out, F, H, W)
+
+    def unpatchify(self, out: torch.Tensor, state: "DiTState") -> torch.Tensor:
+        """The head's per-token output (B, L, C_out·pt·ph·pw) as a video (B, C_out, F, H, W)."""
         batch, _, frames, height, width = state.input_shape
         pt, ph, pw = self.patch_size
-        out = self.head(tokens, state.time_emb)  # (B, L, C_out·pt·ph·pw)
         out = out.view(batch, *state.grid, pt, ph, pw, self.out_channels)  # (B, f, h, w, pt, ph, pw, C)
         out = out.permute(0, 7, 1, 4, 2, 5, 3, 6)  # (B, C, f, pt, h, ph, w, pw)
         return out.reshape(batch, self.out_channels, frames, height, width)  # (B, C_out, F, H, W)

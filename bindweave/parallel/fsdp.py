@@ -24,6 +24,7 @@ def shard_model(
     reduce_dtype: str = "float32",
     reshard_after_forward: bool = True,
     shard_encoders: bool = True,
+    gradient_divide_factor: float | None = None,
 ) -> None:
     """Shard ``dit`` (per block, then root) and the frozen ``encoders`` over ``mesh``, in place.
 
@@ -38,6 +39,9 @@ def shard_model(
         reshard_after_forward: free gathered block weights after forward (ZeRO-3); False keeps
             them until backward (ZeRO-2-like, more memory, less communication).
         shard_encoders: shard the frozen encoders too.
+        gradient_divide_factor: divide the summed gradients by this instead of the mesh size
+            (sequence parallelism: the mesh spans dp × sp ranks, whose sum over an SP group is one
+            data-parallel rank's gradient, so the mean is over the dp size).
     """
     if mesh.ndim > 1:
         mesh = mesh["data_parallel"]
@@ -47,6 +51,10 @@ def shard_model(
     for block in dit.blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     fully_shard(dit, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    if gradient_divide_factor is not None:
+        for unit in [*dit.blocks, dit]:
+            unit.set_gradient_divide_factor(gradient_divide_factor)
+            unit.set_force_sum_reduction_for_comms(True)  # a plain sum then a division: gloo has no PREMUL_SUM
     if shard_encoders:
         for encoder in encoders:
             if not isinstance(encoder, FrozenEncoder):

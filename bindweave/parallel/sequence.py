@@ -99,8 +99,17 @@ def sequence_parallel_forward(dit: WanDiT, group: ProcessGroup, *args, **kwargs)
     """``dit(*args, **kwargs)`` with its tokens split across ``group`` (every rank passes the same
     inputs and gets the full output). The token count must be divisible by the group size.
 
-    In training, each rank's gradients of replicated parameters are its shard's share: reduce them
-    over the sequence-parallel group as well as the data-parallel one (sum)."""
+    Differentiable: each rank's gradients of the parameters (and of the inputs) are its shard's
+    share, so their sum over the group is the full gradient (:func:`apply_sequence_parallel` is the
+    training form)."""
+    with _ulysses_self_attention(dit, group):
+        return _sharded_forward(dit, group, *args, **kwargs)
+
+
+def _sharded_forward(dit: WanDiT, group: ProcessGroup, *args, **kwargs) -> torch.Tensor:
+    """The DiT's stages with the blocks and the head on this rank's rows; the self-attention kernel
+    must already be Ulysses'. The head runs on the shard too, so that no parameter's gradient is
+    counted once per rank: everything after the embedding sees only this rank's tokens."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     state = dit.embed(*args, **kwargs)
     length = state.tokens.shape[1]
@@ -111,10 +120,21 @@ def sequence_parallel_forward(dit: WanDiT, group: ProcessGroup, *args, **kwargs)
         )
     rows = slice(rank * length // world, (rank + 1) * length // world)
     state.cos, state.sin = state.cos[rows], state.sin[rows]  # this shard's positions
-    with _ulysses_self_attention(dit, group):
-        tokens = dit.run_blocks(state.tokens[:, rows], state)  # (B, L/P, D); keys use the full token_mask
-    tokens = _GatherSequence.apply(tokens, group)  # (B, L, D)
-    return dit.unembed(tokens, state)
+    tokens = dit.run_blocks(state.tokens[:, rows], state)  # (B, L/P, D); keys use the full token_mask
+    out = _GatherSequence.apply(dit.head(tokens, state.time_emb), group)  # (B, L, C_out·pt·ph·pw)
+    return dit.unpatchify(out, state)  # (B, C_out, F, H, W)
+
+
+def apply_sequence_parallel(dit: WanDiT, group: ProcessGroup) -> WanDiT:
+    """Make every call of ``dit`` sequence-parallel over ``group``, in place (training: ``model.
+    parallelism.sequence_parallel``). Every rank of the group passes the same inputs and gets the
+    full output; the summed gradients over the group are the full ones. The Ulysses kernel is
+    installed for good (not per call), so activation checkpointing recomputes with it. Apply
+    before activation checkpointing, compile and FSDP, as the other wrappers."""
+    for block in dit.blocks:
+        block.self_attn.attention_fn = partial(ulysses_attention, group=group)
+    dit.forward = partial(_sharded_forward, dit, group)  # instance attribute: class and state dict unchanged
+    return dit
 
 
 def _split_batch(value, rank: int, world: int):

@@ -31,6 +31,8 @@ from bindweave.errors import UserError
 from bindweave.model.flow import RectifiedFlow, foreground_weights
 from bindweave.model.bindweave_model import BindWeaveModel
 from bindweave.inference.sampler import SamplingConfig, predict_batch, sample_videos
+from bindweave.training.lora import LoraConfig, apply_lora
+from bindweave.weights.lora_formats import lora_trainable_keys
 from conditioners.base import Conditioner
 from encoders.base import FrozenEncoder, VideoAutoencoder, frozen_prefixes
 
@@ -59,6 +61,10 @@ class ParallelismConfig:
             (None: storage dtype).
         fsdp_reshard_after_forward: free gathered block weights after forward (ZeRO-3 style).
         fsdp_shard_encoders: shard the frozen encoders too (else replicated on every rank).
+        sequence_parallel: split each DiT call's video tokens over this many ranks (Ulysses; 1: off).
+            Needs ``ModelParallelStrategy`` with ``tensor_parallel_size`` equal to it: the mesh's
+            second axis carries the sequence groups, whose ranks read the same batch; FSDP then
+            shards over all ranks and gradients are reduced over both axes (docs/distributed.md).
     """
 
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
@@ -66,6 +72,7 @@ class ParallelismConfig:
     fsdp_param_dtype: str | None = "bfloat16"
     fsdp_reshard_after_forward: bool = True
     fsdp_shard_encoders: bool = True
+    sequence_parallel: int = 1
 
 
 def _flatten(config: object, prefix: str = "") -> dict[str, object]:
@@ -124,7 +131,9 @@ class BindWeave(L.LightningModule):
         mask_context_padding: mask padded condition tokens out of cross-attention. Wan was trained
             attending to its zero padding; set False to reproduce that exactly.
         sampling: settings of ``predict``.
-        parallelism: activation checkpointing, compilation and FSDP2 options.
+        parallelism: activation checkpointing, compilation, FSDP2 and sequence-parallel options.
+        lora: fine-tune LoRA adapters (PEFT) instead of the full weights
+            (:class:`bindweave.training.lora.LoraConfig`); None: train the weights themselves.
         feature_cache: folder written by ``bindweave data cache``: train from its cached features
             (pair it with cached shards, ``data: cached: true``). The VAE and the conditioners'
             encoders are then never built; their sizes and the null condition come from the cache.
@@ -155,6 +164,7 @@ class BindWeave(L.LightningModule):
         parallelism: ParallelismConfig = ParallelismConfig(),
         feature_cache: str | None = None,
         init_weights: str | None = None,
+        lora: LoraConfig | None = None,
     ) -> None:
         super().__init__()
         # Under LightningCLI the hyperparameters are the config (class_path/init_args dicts), so a
@@ -162,7 +172,7 @@ class BindWeave(L.LightningModule):
         # Built in Python, the factories and conditioners are objects: keep them out of the checkpoint.
         from_cli = built_by_lightning_cli()
         heavy = ["dit", "vae", "relational", "identity", "multi_reference", "extra_conditioners", "optimizer",
-                 "sampling", "parallelism"]  # objects: not loadable with torch.load(weights_only=True)
+                 "sampling", "parallelism", "lora"]  # objects: not loadable with torch.load(weights_only=True)
         self.save_hyperparameters(ignore=None if from_cli else heavy)
         self.dit_factory, self.vae_factory = dit, vae
         named = {"relational": relational, "identity": identity, "multi_reference": multi_reference}
@@ -181,6 +191,7 @@ class BindWeave(L.LightningModule):
         self.parallelism = parallelism
         self.feature_cache = feature_cache
         self.init_weights = init_weights
+        self.lora = lora
         # Checkpoints hold trainable weights only; frozen encoders come from their own files.
         self.strict_loading = False
 
@@ -216,6 +227,8 @@ class BindWeave(L.LightningModule):
                     f"{os.getcwd()}); give the folder of `bindweave weights export` or run from the repository root."
                 )
             load_trainable_weights(self, self.init_weights)
+        if self.lora is not None:
+            apply_lora(self.model, self.lora)  # before AC, compile and FSDP: they wrap the adapted blocks
         self._apply_parallelism()
 
     def build_encoders(self) -> VideoAutoencoder:
@@ -276,14 +289,38 @@ class BindWeave(L.LightningModule):
         from encoders.base import frozen_encoders
 
         p = self.parallelism
+        mesh, divide = self._sequence_parallel_mesh()
         apply_activation_checkpointing(self.dit, p.activation_checkpointing)
         if p.compile:
             apply_compile(self.dit)
-        if self.device_mesh is not None:
+        if mesh is not None:
             shard_model(
-                self.dit, frozen_encoders(self), self.device_mesh, p.fsdp_param_dtype,
+                self.dit, frozen_encoders(self), mesh, p.fsdp_param_dtype,
                 reshard_after_forward=p.fsdp_reshard_after_forward, shard_encoders=p.fsdp_shard_encoders,
+                gradient_divide_factor=divide,
             )
+
+    def _sequence_parallel_mesh(self):
+        """With ``sequence_parallel`` N > 1: make the DiT sequence-parallel over the mesh's second
+        axis and return (a 1-D mesh over every rank for FSDP, the data-parallel size that divides
+        the gradients); else (the strategy's mesh, None)."""
+        n = self.parallelism.sequence_parallel
+        if n == 1:
+            return self.device_mesh, None
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from bindweave.parallel.sequence import apply_sequence_parallel
+
+        mesh = self.device_mesh
+        if mesh is None or mesh.ndim != 2 or mesh.size(1) != n:
+            have = "no device mesh" if mesh is None else f"a mesh of shape {tuple(mesh.shape)}"
+            raise UserError(
+                f"model.parallelism.sequence_parallel={n} needs trainer.strategy ModelParallelStrategy with "
+                f"tensor_parallel_size: {n} (its second mesh axis holds the sequence-parallel groups), got {have}; "
+                f"layer configs/strategy/fsdp2.yaml and pass --trainer.strategy.init_args.tensor_parallel_size {n}.")
+        apply_sequence_parallel(self.dit, mesh.get_group(1))
+        everyone = init_device_mesh(mesh.device_type, (mesh.size(),))  # FSDP shards over dp × sp ranks
+        return everyone, float(mesh.size(0))
 
     # -- training ------------------------------------------------------------------------------
 
@@ -360,7 +397,8 @@ class BindWeave(L.LightningModule):
         if any(isinstance(value, DTensor) for value in state.values()):  # a sharded (distributed) save
             checkpoint["frozen_prefixes"] = list(prefixes)  # lets an export drop them (bindweave.weights.export)
             return
-        for key in [k for k in state if k.startswith(prefixes)]:
+        lora = lora_trainable_keys(self.model)  # a LoRA fine-tune: adapters (+ also_train) only
+        for key in [k for k in state if k.startswith(prefixes) or lora is not None and k.removeprefix("model.") not in lora]:
             del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -372,7 +410,9 @@ class BindWeave(L.LightningModule):
         if self.dit is None or "state_dict" not in checkpoint:  # sharded checkpoints load the model separately
             return
         prefixes = tuple(frozen_prefixes(self))
-        own = {k: v for k, v in self.state_dict().items() if not k.startswith(prefixes)}
+        lora = lora_trainable_keys(self.model)
+        own = {k: v for k, v in self.state_dict().items()
+               if not k.startswith(prefixes) and (lora is None or k.removeprefix("model.") in lora)}
         stored = checkpoint["state_dict"]
         missing = sorted(set(own) - set(stored))
         wrong = [k for k, v in own.items() if k in stored and tuple(stored[k].shape) != tuple(v.shape)]

@@ -31,6 +31,7 @@ from bindweave.atomic import AtomicPath, write_atomic
 from bindweave.progress import progress
 from bindweave.model.dit import WanDiT
 from bindweave.weights.loading import Checkpoint, WeightsError, save_sharded
+from bindweave.weights.lora_formats import lora_trainable_keys
 from bindweave.weights.model_card import model_card, stored_shapes
 
 CONFIG_NAME = "config.yaml"
@@ -61,6 +62,10 @@ def export_config(hparams: dict) -> dict:
             f"The model's hyperparameters have no config for {missing}: it was built in Python, not from a "
             f"config. Pass config= (the `model:` section of a BindWeave config) to save_pretrained."
         )
+    if config.get("lora"):  # adapters only: the base DiT still comes from where the config says
+        config.pop("feature_cache", None)
+        return {"format": FORMAT, "model": config}
+    config.pop("lora", None)
     config["dit"] = _plain_dit_entry(config["dit"])
     config.pop("init_weights", None)  # the export holds the weights
     config.pop("feature_cache", None)  # an export samples: it builds its encoders
@@ -88,9 +93,10 @@ def lightning_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The weights an export holds: a :class:`~bindweave.model.bindweave_model.BindWeaveModel`'s state dict but the
-    frozen encoders (DiT, connector, ...)."""
+    frozen encoders (DiT, connector, ...); of a LoRA fine-tune, its adapters (and ``also_train`` weights)."""
     prefixes = tuple(frozen_prefixes(model))
-    return {k: v for k, v in model.state_dict().items() if not k.startswith(prefixes)}
+    lora = lora_trainable_keys(model)
+    return {k: v for k, v in model.state_dict().items() if not k.startswith(prefixes) and (lora is None or k in lora)}
 
 
 def save_pretrained(module, directory: str | Path, config: dict | None = None,
