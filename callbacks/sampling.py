@@ -14,6 +14,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelP
 from lightning.pytorch.utilities import move_data_to_device, rank_zero_info
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from PIL import Image
+from torch.utils.tensorboard.writer import FileWriter
 
 from bindweave.model.batch import collate
 from bindweave.inference.requests import RequestDataset, collate_requests
@@ -172,6 +173,17 @@ class SamplingCallback(Callback):
                           self.fps)
 
 
+_GIF_WRITERS: dict[str, FileWriter] = {}
+
+
+def _gif_writer(logdir: str) -> FileWriter:
+    """One event-file writer per TensorBoard log dir for the sample GIFs (TensorBoard reads every
+    event file of a run's folder)."""
+    if logdir not in _GIF_WRITERS:
+        _GIF_WRITERS[logdir] = FileWriter(logdir, filename_suffix=".samples")
+    return _GIF_WRITERS[logdir]
+
+
 def log_video(logger: Logger, tag: str, frames: torch.Tensor, sheet, files: Path, step: int, fps: int) -> str:
     """Give one sample video to ``logger`` through its public API; returns how (``tensorboard``,
     ``wandb``, ``mlflow`` or ``files``: loggers without media, e.g. CSV, have the files written
@@ -187,8 +199,10 @@ def log_video(logger: Logger, tag: str, frames: torch.Tensor, sheet, files: Path
         fps: frame rate.
     """
     if isinstance(logger, TensorBoardLogger):
-        writer = logger.experiment  # torch's SummaryWriter: add_video needs moviepy, so the GIF goes in directly
-        writer._get_file_writer().add_summary(gif_summary(tag, frames, fps), step)  # as before; no public route
+        writer = logger.experiment  # torch's SummaryWriter: add_video needs moviepy, so the GIF goes in directly,
+        gifs = _gif_writer(writer.get_logdir())  # through torch's public FileWriter (an event file of its own)
+        gifs.add_summary(gif_summary(tag, frames, fps), step)
+        gifs.flush()
         writer.add_image(f"{tag}/sheet", sheet, step, dataformats="HWC")
         return "tensorboard"
     kind = type(logger).__name__
