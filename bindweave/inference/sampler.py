@@ -38,6 +38,9 @@ from tqdm.auto import tqdm
 from bindweave.data.reference_canvas import ReferenceCanvas
 from bindweave.model.flow import NUM_TRAIN_TIMESTEPS
 from bindweave.model.bindweave_model import BindWeaveModel
+from bindweave.inference.dit_offload import DiTOffloadConfig, apply_dit_offload, offloaded_run_blocks
+from bindweave.inference.fp8 import apply_fp8
+from bindweave.inference.step_cache import FirstBlockCache, StepCacheConfig
 from conditioners.base import merge, stack_batches
 from encoders.base import FrozenEncoder, frozen_encoders
 
@@ -75,6 +78,12 @@ class SamplingConfig:
             requests), how DiT calls are split over the default group: ``cfg`` runs the
             conditional and unconditional halves on different ranks, ``sequence`` splits the video
             tokens (Ulysses); ``none`` runs everything on every rank.
+        step_cache: skip most of a DiT call when its first block changed little since the last full
+            step (:mod:`bindweave.inference.step_cache`; e.g. ``{kind: first_block, threshold: 0.05}``).
+        dit_offload: keep the DiT's blocks in CPU memory, copied to the GPU a group at a time
+            (:mod:`bindweave.inference.dit_offload`; e.g. ``{group_size: 1, use_stream: true}``).
+        fp8: the DiT blocks' linear layers in FP8 (torchao, row-wise dynamic; :mod:`bindweave.inference.fp8`);
+            where that cannot run (CPU, pre-Ada GPU, no torchao) one line says so and bf16 runs.
     """
 
     num_steps: int = 50
@@ -90,21 +99,46 @@ class SamplingConfig:
     sigma_grid: Literal["diffusers", "diffusers_0.33"] = "diffusers"
     reference_canvas: ReferenceCanvas | None = None
     parallel: Literal["none", "cfg", "sequence"] = "none"
+    step_cache: StepCacheConfig | None = None
+    dit_offload: DiTOffloadConfig | None = None
+    fp8: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.step_cache, dict):
+            self.step_cache = StepCacheConfig(**self.step_cache)
+        if isinstance(self.dit_offload, dict):
+            self.dit_offload = DiTOffloadConfig(**self.dit_offload)
 
 
 def _dit_call(dit, config: SamplingConfig):
-    """The DiT call of the sampling loop, split over ranks as ``config.parallel`` asks."""
+    """The DiT call of the sampling loop, split over ranks as ``config.parallel`` asks, its blocks
+    run through a fresh step cache (one per video) and the block offload when those are on."""
+    group = None
+    if config.parallel != "none":
+        import torch.distributed as dist
+
+        if not dist.is_available() or not dist.is_initialized():
+            raise ValueError(f"parallel={config.parallel!r} needs torch.distributed initialised (e.g. under torchrun).")
+        group = dist.group.WORLD
+    run_blocks = dit.run_blocks
+    if config.step_cache is not None:
+        cache = FirstBlockCache(config.step_cache, sequence_group=group if config.parallel == "sequence" else None,
+                                batch_group=group if config.parallel == "cfg" else None)
+        run_blocks = lambda tokens, state: cache.run_blocks(dit, tokens, state)  # noqa: E731
+    run_blocks = offloaded_run_blocks(dit, run_blocks)
+    staged = dit
+    if run_blocks != dit.run_blocks:
+        def staged(*args, **kwargs):  # dit.forward with its stage 2 replaced
+            state = dit.embed(*args, **kwargs)
+            return dit.unembed(run_blocks(state.tokens, state), state)  # (B, C_out, F, H, W)
     if config.parallel == "none":
-        return dit
-    import torch.distributed as dist
+        return staged
 
     from bindweave.parallel.sequence import batch_parallel_forward, sequence_parallel_forward
 
-    if not dist.is_available() or not dist.is_initialized():
-        raise ValueError(f"parallel={config.parallel!r} needs torch.distributed initialised (e.g. under torchrun).")
-    group = dist.group.WORLD
-    forward = batch_parallel_forward if config.parallel == "cfg" else sequence_parallel_forward
-    return lambda *args, **kwargs: forward(dit, group, *args, **kwargs)
+    if config.parallel == "cfg":
+        return lambda *args, **kwargs: batch_parallel_forward(staged, group, *args, **kwargs)
+    return lambda *args, **kwargs: sequence_parallel_forward(dit, group, *args, run_blocks=run_blocks, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -242,6 +276,10 @@ def sample_videos(
     device = dit.patch_embedding.weight.device
     encoders = frozen_encoders(model)
     guided = config.guidance_scale != 1.0
+    if config.fp8:
+        apply_fp8(dit)  # once per DiT; a message and bf16 where FP8 cannot run
+    if config.dit_offload is not None:
+        apply_dit_offload(dit, device, config.dit_offload)  # once per DiT
 
     # 1. Conditions: every encoder runs once per request, then (with offloading) leaves the GPU.
     with encoders_on(encoders, device, config.offload_encoders):

@@ -635,9 +635,10 @@ class WanDiT(nn.Module):
         return DiTState(tokens, time_emb, time_mod, cos, sin, context, context_mask, token_mask,
                         tuple(x.shape), grid)
 
-    def run_blocks(self, tokens: torch.Tensor, state: "DiTState") -> torch.Tensor:
-        """Stage 2: the transformer blocks over (B, L, D) tokens (or a sequence shard of them)."""
-        for block in self.blocks:
+    def run_blocks(self, tokens: torch.Tensor, state: "DiTState", start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Stage 2: the transformer blocks over (B, L, D) tokens (or a sequence shard of them);
+        ``start``/``stop`` run only ``blocks[start:stop]`` (a step cache runs the first block apart)."""
+        for block in self.blocks[start:stop]:
             tokens = block(tokens, state.time_mod, state.cos, state.sin, state.context, state.context_mask,
                            state.token_mask)  # (B, L, D)
         return tokens

@@ -95,18 +95,19 @@ def _ulysses_self_attention(dit: WanDiT, group: ProcessGroup) -> Iterator[None]:
             block.self_attn.attention_fn = kernel
 
 
-def sequence_parallel_forward(dit: WanDiT, group: ProcessGroup, *args, **kwargs) -> torch.Tensor:
+def sequence_parallel_forward(dit: WanDiT, group: ProcessGroup, *args, run_blocks=None, **kwargs) -> torch.Tensor:
     """``dit(*args, **kwargs)`` with its tokens split across ``group`` (every rank passes the same
     inputs and gets the full output). The token count must be divisible by the group size.
+    ``run_blocks(tokens, state)`` replaces ``dit.run_blocks`` on this rank's shard (a step cache).
 
     Differentiable: each rank's gradients of the parameters (and of the inputs) are its shard's
     share, so their sum over the group is the full gradient (:func:`apply_sequence_parallel` is the
     training form)."""
     with _ulysses_self_attention(dit, group):
-        return _sharded_forward(dit, group, *args, **kwargs)
+        return _sharded_forward(dit, group, *args, run_blocks=run_blocks, **kwargs)
 
 
-def _sharded_forward(dit: WanDiT, group: ProcessGroup, *args, **kwargs) -> torch.Tensor:
+def _sharded_forward(dit: WanDiT, group: ProcessGroup, *args, run_blocks=None, **kwargs) -> torch.Tensor:
     """The DiT's stages with the blocks and the head on this rank's rows; the self-attention kernel
     must already be Ulysses'. The head runs on the shard too, so that no parameter's gradient is
     counted once per rank: everything after the embedding sees only this rank's tokens."""
@@ -120,7 +121,7 @@ def _sharded_forward(dit: WanDiT, group: ProcessGroup, *args, **kwargs) -> torch
         )
     rows = slice(rank * length // world, (rank + 1) * length // world)
     state.cos, state.sin = state.cos[rows], state.sin[rows]  # this shard's positions
-    tokens = dit.run_blocks(state.tokens[:, rows], state)  # (B, L/P, D); keys use the full token_mask
+    tokens = (run_blocks or dit.run_blocks)(state.tokens[:, rows], state)  # (B, L/P, D); keys use the full token_mask
     out = _GatherSequence.apply(dit.head(tokens, state.time_emb), group)  # (B, L, C_out·pt·ph·pw)
     return dit.unpatchify(out, state)  # (B, C_out, F, H, W)
 
