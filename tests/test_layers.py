@@ -36,7 +36,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("model", {"bindweave.model", "bindweave.model.bindweave_model"}),
     ("data and sampling", {"bindweave.data.samples", "bindweave.data.streams", "bindweave.data.datamodule",
                            "bindweave.data.feature_cache", "bindweave.data.memory", "bindweave.data.synthetic",
-                           "bindweave.inference.requests", "bindweave.inference.sampler", "bindweave.inference.outputs",
+                           "bindweave.inference.requests", "bindweave.inference.mllm_states", "bindweave.inference.sampler", "bindweave.inference.outputs",
                            "bindweave.inference.step_cache", "bindweave.inference.dit_offload", "bindweave.inference.fp8",
                            "bindweave.tasks.sprites.scenes", "bindweave.data.reference_canvas"}),
     ("training (LightningModule)", {"bindweave.training.module", "bindweave.training.lora"}),
