@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, set[str]]] = [
                              "bindweave.data.shards"}),
     ("weights and infra (applied from outside the model)", {
         "bindweave.weights.diffusers_format", "bindweave.weights.wan_official", "bindweave.weights.loading",
-        "bindweave.weights.dit_loading", "bindweave.weights.bindweave_release", "bindweave.weights.export",
+        "bindweave.weights.dit_loading", "bindweave.weights.bindweave_release", "bindweave.weights.export", "bindweave.weights.layouts",
         "bindweave.weights.model_card",
         "bindweave.weights.lora_formats",
         "bindweave.parallel", "bindweave.parallel.per_block", "bindweave.parallel.fsdp", "bindweave.parallel.sequence"}),
