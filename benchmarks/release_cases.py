@@ -115,7 +115,8 @@ def run(repo: Path, out: Path, stand_ins: bool = False, width: int = 3584, steps
         "trainer": {"default_root_dir": str(out), "enable_progress_bar": False},
         "model": {"relational": {"init_args": {"mllm": None, "mllm_width": width}},
                   "sampling": {"num_steps": steps, "num_frames": num_frames, "height": height, "width": width_px}},
-        "data": {"init_args": {"requests": str(out / "requests.jsonl"), "max_references": 4}}}))
+        "data": {"init_args": {"requests": str(out / "requests.jsonl"), "max_references": 4, "num_frames": num_frames,
+                                "height": height, "width": width_px}}}))
     configs = [str(ROOT / c) for c in LAYERS] + [str(overlay)]
     checkpoint = tiny_release_checkpoint(configs, out / "tiny-release.ckpt")
     start = time.perf_counter()

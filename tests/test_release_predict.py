@@ -144,8 +144,8 @@ def load_script():
 
 def test_the_official_test_cases_run_through_predict_on_a_tiny_release_model(tmp_path, monkeypatch):
     """The three official cases (JSON -> requests naming the existing files -> .pt states without an
-    MLLM -> the tiny release layout -> videos); the empty file fails its request in one line and the
-    others still run; with stand-ins all three run."""
+    MLLM -> the tiny release layout -> videos, through --ckpt_path); the empty file fails its request
+    in one line and the others still run; ``--stand-ins`` replaces it by random states, said so."""
     monkeypatch.chdir(tmp_path)
     repo = fake_official_repo(tmp_path / "BindWeave")
     script = load_script()
@@ -157,7 +157,8 @@ def test_the_official_test_cases_run_through_predict_on_a_tiny_release_model(tmp
                                                           "singleface_hidden_states.pt; real states (21, 32)")
     request = cases["multihuman_14"]["request"]
     assert request["mllm_states"].endswith("multihuman_hidden_states.pt") and len(request["references"]) == 2
-    summary = script.run(repo, tmp_path / "stand-ins", stand_ins=True, width=TINY_WIDTH, steps=2, num_frames=5,
-                         height=32, width_px=32)
-    assert all(case["video"] for case in summary["cases"].values())
-    assert "random stand-in" in summary["cases"]["faceobj_1"]["mllm_states"]
+    assert (request["num_frames"], request["height"], request["width"]) == (5, 32, 32)
+    picked = script.official_requests(repo, tmp_path / "stand-ins", stand_ins=True, width=TINY_WIDTH)
+    assert "random stand-in" in picked["faceobj_1"]["mllm_states"]  # the empty file replaced, said so
+    request = json.loads((tmp_path / "stand-ins" / "requests.jsonl").read_text().splitlines()[0])
+    assert read_mllm_states(request["mllm_states"]).shape == (500, TINY_WIDTH)
