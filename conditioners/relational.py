@@ -7,11 +7,15 @@ from typing import Callable
 import torch
 from torch import nn
 
-from conditioners.base import Conditioner, ConditionerSpec, Conditioning, concat_tokens
+from conditioners.base import Conditioner, ConditionerSpec, Conditioning, concat_tokens, pad_tokens
 from conditioners.references import reference_mask
 from encoders.base import Tokens
 from encoders.mllm import MLLMEncoder
 from encoders.text import T5TextEncoder
+
+
+_NOT_NEEDED = object()
+"""A negative row's MLLM states that nobody reads (the sample keeps the null condition): no MLLM call."""
 
 
 def _replace_rows(tokens: torch.Tensor, mask: torch.Tensor, new_tokens: torch.Tensor, new_mask: torch.Tensor,
@@ -54,9 +58,19 @@ class RelationalConditioner(Conditioner):
     reference images (the released BindWeave's negative MLLM states), else without. Samples with no
     negative prompt keep the null condition.
 
+    *Precomputed MLLM states*: a batch's ``mllm_states`` / ``negative_mllm_states`` (lists with one
+    (L, C_m) tensor or None per sample; :mod:`bindweave.inference.mllm_states` reads the release's
+    ``.pt`` files and this project's feature cache) replace the MLLM's output for the samples that
+    have them; a sample with ``negative_mllm_states`` is a negative row even without a negative
+    prompt (its T5 side then reads ``null_prompt``). With ``mllm_width`` and no ``mllm``, no MLLM is
+    loaded at all and every request must bring its states (as the official inference runs).
+
     Args:
         text_encoder: factory of the T5/UMT5 encoder.
-        mllm: factory of the MLLM encoder; None switches the MLLM path off.
+        mllm: factory of the MLLM encoder; None switches the MLLM path off (unless ``mllm_width``).
+        mllm_width: with ``mllm`` None, the width of precomputed MLLM states (3584 for
+            Qwen2.5-VL-7B): the connector is built for it and no MLLM is loaded; requests must carry
+            ``mllm_states`` (and, where CFG needs the MLLM side, ``negative_mllm_states``).
         branch: DiT cross-attention branch fed.
         null_prompt: prompt of the null condition.
         release_connector_path: the released BindWeave DiT checkpoint (file or sharded folder) to
@@ -77,6 +91,7 @@ class RelationalConditioner(Conditioner):
         self,
         text_encoder: Callable[[], T5TextEncoder],
         mllm: Callable[[], MLLMEncoder] | None = None,
+        mllm_width: int | None = None,
         branch: str = "text",
         null_prompt: str = "",
         release_connector_path: str | None = None,
@@ -90,8 +105,13 @@ class RelationalConditioner(Conditioner):
         self.attend_t5_padding = attend_t5_padding
         self.negative_prompt = negative_prompt
         self.negative_references = negative_references
-        if release_connector_path is not None and mllm is None:
-            raise ValueError("release_connector_path needs an `mllm`: the connector projects MLLM hidden states.")
+        if release_connector_path is not None and mllm is None and mllm_width is None:
+            raise ValueError("release_connector_path needs an `mllm` (or `mllm_width` for precomputed states): the "
+                             "connector projects MLLM hidden states.")
+        if mllm is not None and mllm_width is not None:
+            raise ValueError("Give `mllm` (its width is read from the model) or `mllm_width` (precomputed states, no "
+                             "MLLM loaded), not both.")
+        self.mllm_width = mllm_width
         self.release_connector_path = release_connector_path
         self.text_encoder_factory = text_encoder
         self.mllm_factory = mllm
@@ -107,7 +127,7 @@ class RelationalConditioner(Conditioner):
         """Build the encoders and the connector, whose sizes come from the encoders' configs."""
         text_encoder = self.text_encoder_factory()
         mllm = self.mllm_factory() if self.mllm_factory is not None else None
-        self._build_connector(text_encoder.hidden_size, mllm.hidden_size if mllm is not None else None)
+        self._build_connector(text_encoder.hidden_size, mllm.hidden_size if mllm is not None else self.mllm_width)
         self.mllm = mllm
         self.text_encoder = text_encoder
 
@@ -135,29 +155,37 @@ class RelationalConditioner(Conditioner):
         with an MLLM also serves a conditioner without one (its MLLM features are ignored: the
         T5-only ablations train from the full model's cache)."""
         mllm_width = int(state["mllm_width"]) if "mllm_width" in state else None
-        if mllm_width is None and self.mllm_factory is not None:
+        if mllm_width is None and self.has_mllm:
             raise ValueError(
                 "The feature cache was made without an MLLM but this RelationalConditioner has one; re-run "
                 "`bindweave data cache` with this model config."
             )
-        if self.mllm_factory is None:
+        if not self.has_mllm:
             mllm_width = None
             state = {key: value for key, value in state.items() if "mllm" not in key}
         self._build_connector(int(state["width"]), mllm_width)
         self.set_null_features({key[5:]: value for key, value in state.items() if key.startswith("null.")})
+
+    @property
+    def has_mllm(self) -> bool:
+        """Whether the MLLM path is on (an MLLM, or precomputed states of ``mllm_width``)."""
+        return self.mllm_factory is not None or self.mllm_width is not None
 
     def spec(self) -> ConditionerSpec:
         return ConditionerSpec(branches={self.branch: self.width})
 
     @torch.no_grad()
     def encode(self, batch: dict) -> dict[str, torch.Tensor]:
-        features = self._encode_texts(batch, list(batch["prompt"]), with_references=True)
+        features = self._encode_texts(batch, list(batch["prompt"]), True, batch.get("mllm_states"))
         negatives = self.negative_prompts(batch)
-        if any(text is not None for text in negatives):  # samples without one keep the null condition
+        given = batch.get("negative_mllm_states") or [None] * len(negatives)
+        rows = [text is not None or states is not None for text, states in zip(negatives, given)]
+        if any(rows):  # samples without one keep the null condition
             texts = [text if text is not None else self.null_prompt for text in negatives]
-            negative = self._encode_texts(batch, texts, with_references=self.negative_references)
+            states = [s if s is not None else None if row else _NOT_NEEDED for s, row in zip(given, rows)]
+            negative = self._encode_texts(batch, texts, self.negative_references, states)
             features.update({f"negative_{key}": value for key, value in negative.items()})
-            features["negative_rows"] = torch.tensor([text is not None for text in negatives])
+            features["negative_rows"] = torch.tensor(rows)
         return features
 
     def negative_prompts(self, batch: dict) -> list[str | None]:
@@ -165,15 +193,36 @@ class RelationalConditioner(Conditioner):
         given = batch.get("negative_prompt") or [None] * len(batch["prompt"])
         return [text if text is not None else self.negative_prompt for text in given]
 
-    def _encode_texts(self, batch: dict, texts: list[str], with_references: bool) -> dict[str, torch.Tensor]:
-        """T5 (and MLLM, with the batch's references when asked) features of one text per sample."""
+    def _encode_texts(self, batch: dict, texts: list[str], with_references: bool,
+                      states: list | None = None) -> dict[str, torch.Tensor]:
+        """T5 and MLLM features of one text per sample: the MLLM reads the text (with the batch's
+        references when asked) for the samples without precomputed ``states``."""
         t5 = self.text_encoder(texts)  # (B, L_t, C_t)
         features = {"t5_tokens": t5.tokens, "t5_mask": t5.mask}
-        if self.mllm is not None:
+        if not self.has_mllm:
+            return features
+        states = list(states) if states is not None else [None] * len(texts)
+        if self.mllm is None and any(s is None for s in states):
+            raise ValueError("this model has no MLLM (relational mllm_width: precomputed states only) and a request "
+                             "brings no MLLM states; give the request `mllm_states` and `negative_mllm_states` files.")
+        if self.mllm is not None and any(s is None for s in states):
             images = batch.get("references") if with_references else None
             mask = reference_mask(batch) if images is not None and images.shape[1] else None
             hidden = self.mllm(texts, images if mask is not None else None, mask)  # (B, L_m, C_m)
-            features.update(mllm_tokens=hidden.tokens, mllm_mask=hidden.mask)
+            if all(s is None or s is _NOT_NEEDED for s in states):  # nothing precomputed: as the MLLM pads
+                features.update(mllm_tokens=hidden.tokens, mllm_mask=hidden.mask)
+                return features
+            states = [hidden.tokens[i, hidden.mask[i]] if s is None else s for i, s in enumerate(states)]
+        states = [s if s is not _NOT_NEEDED else t5.tokens.new_zeros(0, self.connector[0].in_features) for s in states]
+        width = self.connector[0].in_features
+        for s in states:
+            if s.ndim != 2 or s.shape[1] != width:
+                raise ValueError(f"precomputed MLLM states of shape {tuple(s.shape)}, but the connector reads (L, {width}) "
+                                 f"states; give states of this model's MLLM (or set relational mllm_width).")
+        tokens = pad_tokens([Tokens(s[None].to(t5.tokens.device, torch.float32), torch.ones(1, len(s), dtype=torch.bool,
+                                                                                           device=t5.tokens.device))
+                             for s in states])
+        features.update(mllm_tokens=tokens.tokens, mllm_mask=tokens.mask)  # (B, L_m, C_m), (B, L_m)
         return features
 
     def set_null_features(self, features: dict[str, torch.Tensor]) -> None:
@@ -182,6 +231,9 @@ class RelationalConditioner(Conditioner):
 
     def _null(self) -> dict[str, torch.Tensor]:
         if self.null_features is None:
+            if self.has_mllm and self.mllm is None:
+                raise ValueError("the null condition needs the MLLM, which this model does not load (relational "
+                                 "mllm_width); give every request `negative_mllm_states` (or a negative prompt).")
             self.null_features = self._encode_texts({}, [self.null_prompt], with_references=False)
         return self.null_features
 
@@ -191,11 +243,12 @@ class RelationalConditioner(Conditioner):
         mllm_tokens, mllm_mask = (features["mllm_tokens"], features["mllm_mask"]) if has_mllm else (None, None)
         if drop is not None and any(drop):
             negative = features["negative_rows"].tolist() if "negative_rows" in features else [False] * len(drop)
-            for source, rows in ((self._null(), [d and not n for d, n in zip(drop, negative)]),
-                                 ({k[9:]: v for k, v in features.items() if k.startswith("negative_")},
+            for source, rows in ((self._null, [d and not n for d, n in zip(drop, negative)]),
+                                 (lambda: {k[9:]: v for k, v in features.items() if k.startswith("negative_")},
                                   [d and n for d, n in zip(drop, negative)])):
                 if not any(rows):
                     continue
+                source = source()
                 t5_tokens, t5_mask = _replace_rows(t5_tokens, t5_mask, source["t5_tokens"], source["t5_mask"], rows)
                 if has_mllm:
                     mllm_tokens, mllm_mask = _replace_rows(

@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, set[str]]] = [
                              "bindweave.data.shards"}),
     ("weights and infra (applied from outside the model)", {
         "bindweave.weights.diffusers_format", "bindweave.weights.wan_official", "bindweave.weights.loading",
-        "bindweave.weights.dit_loading", "bindweave.weights.bindweave_release", "bindweave.weights.export",
+        "bindweave.weights.dit_loading", "bindweave.weights.bindweave_release", "bindweave.weights.export", "bindweave.weights.layouts",
         "bindweave.weights.model_card",
         "bindweave.weights.lora_formats",
         "bindweave.parallel", "bindweave.parallel.per_block", "bindweave.parallel.fsdp", "bindweave.parallel.sequence"}),
@@ -36,7 +36,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("model", {"bindweave.model", "bindweave.model.bindweave_model"}),
     ("data and sampling", {"bindweave.data.samples", "bindweave.data.streams", "bindweave.data.datamodule",
                            "bindweave.data.feature_cache", "bindweave.data.memory", "bindweave.data.synthetic",
-                           "bindweave.inference.requests", "bindweave.inference.sampler", "bindweave.inference.outputs",
+                           "bindweave.inference.requests", "bindweave.inference.mllm_states", "bindweave.inference.sampler", "bindweave.inference.outputs",
                            "bindweave.inference.step_cache", "bindweave.inference.dit_offload", "bindweave.inference.fp8",
                            "bindweave.tasks.sprites.scenes", "bindweave.data.reference_canvas"}),
     ("training (LightningModule)", {"bindweave.training.module", "bindweave.training.lora"}),

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import NoReturn
 
 import lightning as L
+from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 import callbacks  # noqa: F401  (registers short names for trainer.callbacks)
@@ -140,11 +141,32 @@ class BindWeaveCLI(LightningCLI):
         before = self.config
         super()._parse_ckpt_path()
         if self.config is not before:  # the checkpoint's config was applied: the command line wins
+            stored = _take_dataclasses(self.config)
             args = self._command_line if self._command_line is not None else sys.argv[1:]
             if isinstance(args, dict):
                 self.config = self.parser.parse_object(args, self.config)
             else:
                 self.config = self.parser.parse_args(list(args), namespace=self.config)
+            for key, value in stored.items():  # the checkpoint's, where the command line does not set it
+                if self.config.get(key) is None:
+                    self.config[key] = value
+
+
+OPTIONAL_DATACLASSES = ("model.sampling.reference_canvas",)
+"""Options typed ``SomeDataclass | None``. Once set from a checkpoint, a config file that sets one
+again fails to validate (jsonargparse mixes the file's fields into the stored value:
+``predict -c configs/layout/release.yaml --ckpt_path ...``); set on None, it parses."""
+
+
+def _take_dataclasses(config: Namespace) -> dict[str, object]:
+    """Set the :data:`OPTIONAL_DATACLASSES` of the subcommand's config to None; return their values."""
+    taken = {}
+    for option in OPTIONAL_DATACLASSES:
+        key = f"{config.subcommand}.{option}"
+        if config.get(key) is not None:
+            taken[key] = config[key]
+            config[key] = None
+    return taken
 
 
 def run_cli(args: list[str] | None = None) -> BindWeaveCLI:

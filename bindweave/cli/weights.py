@@ -394,6 +394,10 @@ def main(argv: list[str] | None = None) -> None:
     export.add_argument("--merge_lora", "--merge-lora", action="store_true",
                         help="a LoRA fine-tune: fold the adapters into the base weights and export the whole model "
                              "(default: the adapters only, loaded onto the base the config names)")
+    export.add_argument("--layout", choices=["bindweave", "release", "wan", "diffusers"], default="bindweave",
+                        help="bindweave: this project's export; release: the official BindWeave inference's DiT + "
+                             "text_projector; wan: Wan2.1/ComfyUI DiT keys; diffusers: WanTransformer3DModel "
+                             "(docs/weights.md)")
     card = sub.add_parser("card", help="(re)write an export folder's model card, README.md (export writes one)")
     card.add_argument("folder")
     card.add_argument("--scores", help="a Markdown file of measured scores (e.g. `bindweave eval --table`)")
@@ -424,6 +428,18 @@ def run_check(args: argparse.Namespace) -> None:
 def run_export(args: argparse.Namespace) -> None:
     from bindweave.weights.export import export_checkpoint
 
+    if args.layout != "bindweave":
+        from bindweave.weights.layouts import export_layout
+        from bindweave.dtypes import resolve_dtype
+
+        if args.int8 or args.merge_lora:
+            raise UserError(f"--int8 and --merge_lora write this project's export; with --layout {args.layout}, export "
+                            f"with them first, then export that folder with --layout {args.layout}.")
+        out = export_layout(args.checkpoint, args.output, args.layout, int(args.max_shard_gb * 1024**3),
+                            resolve_dtype(args.dtype) if args.dtype else None)
+        print(f"exported {args.checkpoint} -> {out} ({args.layout} layout: DiT"
+              f"{' + text_projector' if args.layout == 'release' else ''}, config.json)")
+        return
     try:
         if args.merge_lora:
             out = _export_merged(args)

@@ -15,6 +15,10 @@ Each line is a JSON object; only ``prompt`` is required::
   (``list[str | None]``, None for requests without one).
 * ``seed``: noise seed (default 0); ``num_frames``, ``height``, ``width``: default to the
   datamodule's, else the model's ``sampling`` settings.
+* ``mllm_states``, ``negative_mllm_states``: precomputed MLLM states of the prompt and of the
+  negative prompt (the released BindWeave's ``.pt`` files, a feature-cache sample ``.safetensors`` or
+  ``shard.tar#key``; relative to the JSONL file's folder; :mod:`bindweave.inference.mllm_states`):
+  the relational conditioner uses them instead of running its MLLM.
 * ``id``: names the output files ``<id>.mp4``/``.png``/``.json``; default: a slug of the prompt plus
   a hash of the request, so an unchanged request keeps its id when lines are added or moved.
 
@@ -44,9 +48,11 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from bindweave.data.reference_canvas import ReferenceCanvas
 from bindweave.model.batch import check_num_frames, collate, fit_reference, reference_warnings
 from bindweave.errors import UserError
+from bindweave.inference.mllm_states import KEYS as STATE_KEYS
+from bindweave.inference.mllm_states import read_mllm_states, resolve_source
 from bindweave.inference.outputs import OutputLocation
 
-KEYS = ("id", "prompt", "negative_prompt", "references", "seed", "num_frames", "height", "width")
+KEYS = ("id", "prompt", "negative_prompt", "references", "seed", "num_frames", "height", "width", *STATE_KEYS)
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -62,19 +68,23 @@ class Request:
     num_frames: int = 81
     height: int = 480
     width: int = 832
+    mllm_states: str | None = None
+    negative_mllm_states: str | None = None
     where: str = ""
     """Where it came from, for error messages (``line 3 of requests.jsonl``)."""
 
     def record(self) -> dict:
         """The JSONL line that reproduces this request."""
-        return {k: v for k, v in asdict(self).items() if k != "where" and not (k == "negative_prompt" and v is None)}
+        return {k: v for k, v in asdict(self).items()
+                if k != "where" and (v is not None or k not in ("negative_prompt", *STATE_KEYS))}
 
 
 def default_id(fields: dict) -> str:
     """A readable, stable id: the prompt's first words and a hash of what the request asks for."""
-    # A request without a negative prompt keeps the id it had before requests could have one.
+    # A request without a negative prompt or states keeps the id it had before requests could have them.
     content = json.dumps({k: fields.get(k) for k in KEYS if k != "id"
-                          and not (k == "negative_prompt" and fields.get(k) is None)}, sort_keys=True)
+                          and not (k == "negative_prompt" and fields.get(k) is None)
+                          and not (k in STATE_KEYS and not fields.get(k))}, sort_keys=True)
     digest = hashlib.sha1(content.encode()).hexdigest()[:8]
     slug = re.sub(r"[^a-z0-9]+", "-", str(fields.get("prompt", "")).lower()).strip("-")[:40].rstrip("-")
     return f"{slug}-{digest}" if slug else digest
@@ -170,7 +180,13 @@ def parse_request(
             f"(at most 128, not starting with '.' or '-')."
         )
     resolved = [str((root / r).resolve()) if not Path(r).is_absolute() else r for r in references]
-    return Request(request_id, prompt, resolved, negative_prompt, where=where, **values)
+    states = {}
+    for key in STATE_KEYS:
+        source = fields.get(key)
+        if source is not None and (not isinstance(source, str) or not source):
+            raise ValueError(f"{where}: \"{key}\" must be the path of a states file, got {source!r}.")
+        states[key] = resolve_source(source, root) if source else None
+    return Request(request_id, prompt, resolved, negative_prompt, where=where, **values, **states)
 
 
 def read_requests(
@@ -302,6 +318,8 @@ class RequestDataset(Dataset):
         notes: list[str] = []
         try:
             fitted = [load_reference_and_mask(p, entry.height, entry.width, notes, self.canvas) for p in entry.references]
+            states = {key: read_mllm_states(getattr(entry, key), key.startswith("negative"))
+                      if getattr(entry, key) else None for key in STATE_KEYS}
         except ValueError as error:
             return {"failed": {"id": entry.id, "error": f"request {entry.id!r} ({entry.where}): {error}",
                                "request": entry.record()}}
@@ -314,6 +332,8 @@ class RequestDataset(Dataset):
             "reference_paths": list(entry.references), "seed": entry.seed, "where": entry.where,
             "num_frames": entry.num_frames, "height": entry.height, "width": entry.width,
             "warnings": list(dict.fromkeys(notes)),  # once per request, even for a file given twice
+            **states,  # (L, C) float32 or None each
+            "request_extra": {key: getattr(entry, key) for key in STATE_KEYS if getattr(entry, key)},
         }
 
 
@@ -321,7 +341,9 @@ def collate_requests(samples: list[dict]) -> dict:
     """Collate predict samples; ``failed`` entries go to ``batch["failed"]``."""
     good = [s for s in samples if "failed" not in s]
     if good:
+        ragged = {key: [s.pop(key, None) for s in good] for key in STATE_KEYS}  # (L_i, C): lists, not stacked
         batch = collate(good)
+        batch.update({key: values for key, values in ragged.items() if any(v is not None for v in values)})
     else:
         batch = {"prompt": [], "id": [], "num_references": [], "references": torch.zeros(0, 0, 3, 8, 8)}
     batch["failed"] = [s["failed"] for s in samples if "failed" in s]

@@ -399,6 +399,7 @@ def request_records(batch: dict, config: SamplingConfig, ids: list[str]) -> list
         for key in ("num_frames", "height", "width"):
             values = batch.get(key)
             record[key] = int(values[i]) if values is not None else getattr(config, key)
+        record.update(batch.get("request_extra", [{}] * size)[i])  # e.g. precomputed MLLM states' paths
         records.append(record)
     return records
 
