@@ -126,9 +126,9 @@ def encode(model: BindWeaveModel, batch: dict, text: dict, fixture: dict, name: 
             "references": model.conditioners["references"].encode(batch)}
 
 
-@pytest.mark.parametrize("name", ["A", "B"])
+@pytest.mark.parametrize("name", ["A", "C", "B", "D"])
 def test_release_dit_matches_official(tmp_path, fixture, name):
-    """1 (A) and 3 (B) references: our assembly equals the official y and CLIP context, and our
+    """1 (A), 2 (C), 3 (B) and 4 (D) references: our assembly equals the official y and CLIP context, and our
     conditional output (and full output with the 4 slot frames) equals the official DiT's."""
     vae = StubVAE(fixture[f"in/{name}/grey_latents"], fixture[f"in/{name}/ref_latents"])
     model = release_model(tmp_path, fixture, vae)
@@ -156,10 +156,10 @@ def test_release_dit_matches_official(tmp_path, fixture, name):
     torch.testing.assert_close(ours, fixture[f"out/{name}/cond"], **TOL)
 
 
-def test_release_cfg_matches_official(tmp_path, fixture):
-    """3 references, CFG 5 with the negative prompt's states (same references, same y and CLIP):
-    the unconditional output and the guided velocity of our batched sampling step equal the official."""
-    name = "B"
+@pytest.mark.parametrize("name", ["B", "D"])
+def test_release_cfg_matches_official(tmp_path, fixture, name):
+    """3 (B) and 4 (D) references, CFG 5 with the negative prompt's states (same references, same y
+    and CLIP): the unconditional output and the guided velocity of our batched sampling step equal the official."""
     vae = StubVAE(fixture[f"in/{name}/grey_latents"], fixture[f"in/{name}/ref_latents"])
     model = release_model(tmp_path, fixture, vae)
     batch, text = case_batch(name, fixture)
