@@ -6,7 +6,7 @@ into the model when training ends. So ``bindweave weights export`` of a checkpoi
 from one, and sampling after ``fit`` all use the EMA weights. This adds torch's fused
 multi-tensor EMA (:func:`torch.optim.swa_utils.get_ema_multi_avg_fn`) with a warm-up of the decay
 (``min(decay, (1 + t) / (10 + t))`` at update t: without it a 0.999 average of a 2,000-step run keeps
-14 % of the random initial weights, and its samples were noise, docs/results.md), keeps the average
+14 % of the random initial weights; docs/results.md, ninth session), keeps the average
 on the training device, and on resume fills back the frozen encoders' weights (BindWeave checkpoints
 leave them out) so the average loads strictly.
 """
