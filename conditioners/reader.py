@@ -82,6 +82,3 @@ class ReaderConditioner(Conditioner):
         tokens = self.reader(features)  # (B, L', D)
         return Conditioning(context={self.branch: Tokens(tokens.tokens, tokens.mask)})
 
-    @classmethod
-    def tiny(cls) -> "ReaderConditioner":
-        return cls(reader=PromptReferenceReader.tiny, reference_dropout=0.5)

@@ -222,8 +222,3 @@ class PromptReferenceReader(nn.Module):
             x = block(x, mask)
         return Tokens(self.norm(x), mask)
 
-    @classmethod
-    def tiny(cls) -> "PromptReferenceReader":
-        """A 1-layer reader of width 32 with a few words (contract tests)."""
-        return cls(vocabulary=["the", "first", "second", "subject", "on", "a", "background", ","], dim=32,
-                   num_layers=1, num_heads=2, crop_size=8, patch_size=4)

@@ -17,6 +17,7 @@ from callbacks.ema import EMA
 from callbacks.schedule import lr_factor
 from conditioners.reader import ReaderConditioner
 from encoders.reader import BOS, PAD, PromptReferenceReader, WordTokenizer
+from tests.tiny_parts import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,7 +78,7 @@ def test_word_tokenizer_starts_with_bos_and_maps_unknown_words():
 
 
 def test_reader_conditioner_trains_its_reader_and_drops_to_the_null_prompt():
-    c = ReaderConditioner.tiny()
+    c = tiny(ReaderConditioner)
     c.build(None)
     batch = {"prompt": ["the first subject on a background", "the second subject"],
              "references": torch.rand(2, 2, 3, 16, 16) * 2 - 1, "num_references": [2, 1]}
