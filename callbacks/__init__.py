@@ -3,17 +3,21 @@
 from bindweave.data.datamodule import DataMonitor
 from callbacks.checkpoint import RunCheckpoint
 from callbacks.denoise_probe import DenoiseProbe
+from callbacks.ema import EMA
 from callbacks.metrics import CLIPTextImageModel, IdentitySimilarity, MotionMagnitude, PromptVideoSimilarity, VideoMetrics
 from callbacks.resume import StepSeed
 from callbacks.predict_progress import PredictProgress
 from callbacks.sampling import SamplingCallback
+from callbacks.schedule import LRSchedule
 from callbacks.video_writer import VideoWriter
 
 __all__ = [
     "CLIPTextImageModel",
     "DataMonitor",
     "DenoiseProbe",
+    "EMA",
     "IdentitySimilarity",
+    "LRSchedule",
     "MotionMagnitude",
     "PredictProgress",
     "PromptVideoSimilarity",

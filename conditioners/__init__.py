@@ -3,6 +3,7 @@
 from conditioners.base import Conditioner, ConditionerSpec, Conditioning
 from conditioners.identity import IdentityConditioner
 from conditioners.multi_reference import MultiReferenceConditioner
+from conditioners.reader import ReaderConditioner
 from conditioners.relational import RelationalConditioner
 
 __all__ = [
@@ -11,5 +12,6 @@ __all__ = [
     "Conditioning",
     "IdentityConditioner",
     "MultiReferenceConditioner",
+    "ReaderConditioner",
     "RelationalConditioner",
 ]

@@ -10,8 +10,8 @@ from functools import partial
 from typing import Callable
 
 from callbacks.metrics import CLIPTextImageModel
-from conditioners import IdentityConditioner, MultiReferenceConditioner, RelationalConditioner
-from encoders import CLIPVisionEncoder, MLLMEncoder, PatchVAE, T5TextEncoder, WanVAE
+from conditioners import IdentityConditioner, MultiReferenceConditioner, ReaderConditioner, RelationalConditioner
+from encoders import CLIPVisionEncoder, MLLMEncoder, PatchVAE, PromptReferenceReader, T5TextEncoder, WanVAE
 from encoders.clip import TINY_CLIP_CONFIG
 from encoders.mllm import TINY_MLLM_CONFIG
 from encoders.text import TINY_T5_CONFIG
@@ -41,6 +41,10 @@ TINY_FACTORIES: dict[type, Callable[[], object]] = {
                                                          mllm=tiny_factory(MLLMEncoder)),
     IdentityConditioner: lambda: IdentityConditioner(image_encoder=tiny_factory(CLIPVisionEncoder)),
     MultiReferenceConditioner: lambda: MultiReferenceConditioner(max_references=4),
+    PromptReferenceReader: lambda: PromptReferenceReader(  # trainable: 1 layer of width 32, a few words
+        vocabulary=["the", "first", "second", "subject", "on", "a", "background", ","], dim=32, num_layers=1,
+        num_heads=2, crop_size=8, patch_size=4),
+    ReaderConditioner: lambda: ReaderConditioner(reader=tiny_factory(PromptReferenceReader), reference_dropout=0.5),
     CLIPTextImageModel: lambda: CLIPTextImageModel(tiny_config={
         "embed_dim": 16,
         "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},

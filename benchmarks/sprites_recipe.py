@@ -1,0 +1,163 @@
+"""The sprites recipe of issue #21 on a GPU: throughput while training, and test-split samples.
+
+    # train (any `bindweave fit` arguments), timing the steps and counting the FLOPs of one:
+    python benchmarks/sprites_recipe.py fit --json out/full.json -- -c configs/sprites.yaml
+    # sample the requests of a test split with an export or a checkpoint, into one .npz (no PyAV needed):
+    python benchmarks/sprites_recipe.py sample --model models/sprites --requests r.jsonl --npz out/full.npz
+    # write an .npz's videos as <id>.mp4 for `bindweave eval` (needs PyAV):
+    python benchmarks/sprites_recipe.py videos --npz out/full.npz --out outputs/sprites/videos
+
+``fit`` adds :class:`Throughput`, which reports steps/s and samples/s after a warm-up, the FLOPs of
+one training step (forward + backward, ``torch.utils.flop_counter``) and their rate as a fraction of
+the card's dense bf16 peak (model FLOPs utilisation, MFU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+
+DENSE_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+"""Dense bf16 tensor-core peak (FLOP/s) by card name; MFU is measured against it."""
+
+
+def card_peak() -> tuple[str, float | None]:
+    if not torch.cuda.is_available():
+        return "cpu", None
+    name = torch.cuda.get_device_name()
+    return name, next((peak for key, peak in DENSE_BF16_PEAK.items() if key in name), None)
+
+
+class Throughput(L.Callback):
+    """Steps/s after ``warmup`` steps, the FLOPs of one step, and MFU, into ``path`` (JSON) at the end.
+
+    Args:
+        path: the JSON report.
+        warmup: steps left out of the timing (compilation, loader start).
+        count_at: the step whose batch is run once more under a FLOP counter.
+    """
+
+    def __init__(self, path: str, warmup: int = 50, count_at: int = 5) -> None:
+        self.path, self.warmup, self.count_at = path, warmup, count_at
+        self.flops: int | None = None
+        self.start: tuple[int, float] | None = None
+        self.fit_start = time.perf_counter()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step == self.count_at and self.flops is None:
+            from torch.utils.flop_counter import FlopCounterMode
+
+            counter = FlopCounterMode(display=False)
+            with counter, torch.autocast("cuda", torch.bfloat16, enabled=torch.cuda.is_available()):
+                pl_module.flow_loss(batch).backward()
+            pl_module.zero_grad(set_to_none=True)
+            self.flops = counter.get_total_flops()
+        if step == self.warmup:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.start = (step, time.perf_counter())
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        card, peak = card_peak()
+        report = {"card": card, "steps": trainer.global_step, "fit_seconds": round(now - self.fit_start, 1),
+                  "batch_size": getattr(trainer.datamodule, "batch_size", None), "flops_per_step": self.flops}
+        if self.start is not None and trainer.global_step > self.start[0]:
+            steps_per_s = (trainer.global_step - self.start[0]) / (now - self.start[1])
+            report["steps_per_s"] = round(steps_per_s, 3)
+            if report["batch_size"]:
+                report["samples_per_s"] = round(steps_per_s * report["batch_size"], 1)
+            if self.flops:
+                report["tflops_per_s"] = round(self.flops * steps_per_s / 1e12, 2)
+                if peak:
+                    report["mfu"] = round(self.flops * steps_per_s / peak, 4)
+                    report["peak_tflops"] = peak / 1e12
+        if trainer.is_global_zero:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            Path(self.path).write_text(json.dumps(report, indent=2))
+            print(json.dumps(report))
+
+
+def fit(json_path: str, fit_args: list[str]) -> None:
+    from bindweave.cli.app import run_cli
+
+    run_cli(["fit", *fit_args, "--trainer.callbacks+=benchmarks.sprites_recipe.Throughput",
+             f"--trainer.callbacks.path={json_path}"])
+
+
+def sample(model_path: str, requests: str, npz: str, batch_size: int, checkpoint_config: str | None) -> None:
+    from bindweave.inference.pretrained import load_checkpoint, load_pretrained
+    from bindweave.inference.requests import RequestDataset
+    from bindweave.model.batch import collate
+
+    module = load_checkpoint(model_path, checkpoint_config) if model_path.endswith(".ckpt") else load_pretrained(model_path)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    module.to(device).eval()
+    s = module.sampling
+    # The model's own size (a 32 x 32 model samples the 64 x 64 test requests at 32 x 32; eval resizes).
+    lines = [json.loads(line) for line in Path(requests).read_text().splitlines() if line.strip()]
+    local = Path(requests).with_name("requests-model-size.jsonl")  # beside it: reference paths stay relative
+    local.write_text("".join(json.dumps({k: v for k, v in r.items() if k not in ("height", "width")}) + "\n"
+                             for r in lines))
+    dataset = RequestDataset(local, s.num_frames, s.height, s.width)
+    videos, ids = [], []
+    start = time.perf_counter()
+    for first in range(0, len(dataset), batch_size):
+        items = [dataset[i] for i in range(first, min(first + batch_size, len(dataset)))]
+        batch = collate([{k: v for k, v in item.items() if k != "warnings"} for item in items])
+        batch["references"] = batch["references"].to(device)
+        with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=device == "cuda"):
+            videos.append(module.generate(batch).numpy())  # (B, F, H, W, 3) uint8
+        ids += list(batch["id"])
+    print(f"sampled {len(ids)} videos in {time.perf_counter() - start:.1f} s")
+    np.savez_compressed(npz, ids=np.array(ids), videos=np.concatenate(videos))
+
+
+def write_videos(npz: str, out: str, fps: int) -> None:
+    from bindweave.tasks.sprites.scenes import encode_video
+
+    data = np.load(npz)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    for key, video in zip(data["ids"], data["videos"]):
+        (Path(out) / f"{key}.mp4").write_bytes(encode_video(video, fps))
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    fit_args = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("fit")
+    p.add_argument("--json", required=True)
+    p = sub.add_parser("sample")
+    p.add_argument("--model", required=True, help="export folder or .ckpt")
+    p.add_argument("--config", default=None, help="model config of a .ckpt (default: the one it stores)")
+    p.add_argument("--requests", required=True)
+    p.add_argument("--npz", required=True)
+    p.add_argument("--batch-size", type=int, default=64)
+    p = sub.add_parser("videos")
+    p.add_argument("--npz", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--fps", type=int, default=8)
+    args = parser.parse_args(argv)
+    if args.command == "fit":
+        fit(args.json, fit_args)
+    elif args.command == "sample":
+        sample(args.model, args.requests, args.npz, args.batch_size, args.config)
+    else:
+        write_videos(args.npz, args.out, args.fps)
+
+
+if __name__ == "__main__":
+    main()

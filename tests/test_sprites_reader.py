@@ -1,0 +1,164 @@
+"""Issue #21's recipe (configs/sprites-reader.yaml): the learning-rate schedule, EMA weights, the
+trainable prompt + reference reader, reference cropping and the scenes rendered while training."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bindweave.data.reference_crop import crop_to_subject, subject_boxes
+from bindweave.tasks.sprites import scenes as S
+from bindweave.tasks.sprites.online import OnlineSprites, draw_batch, draw_sample, render_frames
+from callbacks.ema import EMA
+from callbacks.schedule import lr_factor
+from conditioners.reader import ReaderConditioner
+from encoders.reader import BOS, PAD, PromptReferenceReader, WordTokenizer
+from tests.tiny_parts import tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# -- schedule and EMA decay ----------------------------------------------------------------------
+
+
+def test_lr_factor_warms_up_linearly_then_decays_to_the_floor():
+    assert lr_factor(0, 4, 14) == pytest.approx(0.25)
+    assert lr_factor(3, 4, 14) == pytest.approx(1.0)
+    assert lr_factor(4, 4, 14) == pytest.approx(1.0)  # decay starts at 1
+    assert lr_factor(9, 4, 14) == pytest.approx(0.5)  # half-way through the cosine
+    assert lr_factor(9, 4, 14, min_factor=0.1) == pytest.approx(0.55)
+    assert lr_factor(14, 4, 14, min_factor=0.1) == pytest.approx(0.1)
+    assert lr_factor(99, 4, 14, min_factor=0.1) == pytest.approx(0.1)  # held after the end
+    assert lr_factor(9, 4, 14, decay="linear") == pytest.approx(0.5)
+    assert lr_factor(6, 4, 14, decay="cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.2)))
+    assert lr_factor(9, 4, 14, decay="constant") == 1.0
+
+
+def test_ema_decay_warms_up_to_its_target():
+    ema = EMA(decay=0.999)
+    assert ema.decay_at(0) == pytest.approx(0.1)
+    assert ema.decay_at(90) == pytest.approx(0.91)
+    assert ema.decay_at(100_000) == 0.999
+    assert EMA(decay=0.99, warmup=False).decay_at(0) == 0.99
+
+
+# -- reference cropping --------------------------------------------------------------------------
+
+
+def test_crop_to_subject_finds_the_box_pads_it_square_and_resizes():
+    image = torch.ones(1, 3, 32, 32)  # white
+    image[0, :, 5:25, 10:20] = torch.tensor([1.0, -1.0, -1.0])[:, None, None]  # red, 10 wide x 20 high
+    assert subject_boxes(image).tolist() == [[10.0, 5.0, 20.0, 25.0]]
+    crop = crop_to_subject(image, 8)  # a 20 x 20 square around the box: 2 red columns of 8 in the middle half
+    assert crop.shape == (1, 3, 8, 8)
+    green = crop[0, 1]  # -1 on the subject, 1 on the white (edges blend: bilinear at pixel centres)
+    assert (green[1:7, 2:6] < 0).all() and (green[2:6, 3:5] < -0.99).all()
+    torch.testing.assert_close(crop[0, :, :, 0], torch.ones(3, 8))  # padding is the white fill
+    torch.testing.assert_close(crop[0, :, :, 7], torch.ones(3, 8))
+    assert (green[:, 1] > 0.8).all() and (green[:, 6] > 0.8).all()
+    # the same subject at another scale and place gives the same crop
+    small = torch.ones(1, 3, 64, 64)
+    small[0, :, 30:50, 40:50] = torch.tensor([1.0, -1.0, -1.0])[:, None, None]
+    torch.testing.assert_close(crop_to_subject(small, 8), crop)
+    empty = torch.ones(2, 3, 16, 16)
+    assert subject_boxes(empty).tolist() == [[0.0, 0.0, 16.0, 16.0]] * 2  # no subject: the whole image
+
+
+# -- the reader ----------------------------------------------------------------------------------
+
+
+def test_word_tokenizer_starts_with_bos_and_maps_unknown_words():
+    ids, mask = WordTokenizer(["on", "a", "teal", ","])(["On a teal background,", ""])
+    assert ids[0].tolist() == [BOS, 3, 4, 5, 2, 6] and ids[1].tolist() == [BOS, PAD, PAD, PAD, PAD, PAD]
+    assert mask.sum(1).tolist() == [6, 1]
+
+
+def test_reader_conditioner_trains_its_reader_and_drops_to_the_null_prompt():
+    c = tiny(ReaderConditioner)
+    c.build(None)
+    batch = {"prompt": ["the first subject on a background", "the second subject"],
+             "references": torch.rand(2, 2, 3, 16, 16) * 2 - 1, "num_references": [2, 1]}
+    features = c.encode(batch)
+    assert features["crops"].shape == (2, 2, 3, 8, 8) and features["crop_mask"].tolist() == [[True, True], [True, False]]
+    c.eval()
+    out = c.condition(batch, features).context["text"]
+    assert out.tokens.shape == (2, 7 + 2 * 4, 32)
+    null = c.condition(batch, features, drop=[True, False]).context["text"]
+    assert null.mask[0].sum() == 1 and torch.equal(null.mask[1], out.mask[1])  # `<s>` alone, no reference
+    assert all(p.requires_grad for p in c.parameters()) and sum(p.numel() for p in c.parameters()) > 0
+    out.tokens.sum().backward()
+    assert c.reader.patch_embedding.weight.grad is not None  # references reach the tokens with gradients
+    prompt_only = ReaderConditioner(reader=lambda: PromptReferenceReader(["the"], dim=16, num_heads=2, read_references=False))
+    prompt_only.build(None)
+    assert set(prompt_only.encode({"prompt": ["the"], "references": torch.zeros(1, 0, 3, 8, 8),
+                                   "num_references": [0]})) == {"ids", "id_mask"}
+
+
+# -- scenes rendered while training ---------------------------------------------------------------
+
+
+def test_render_frames_is_the_cpu_renderer_bit_for_bit():
+    config = OnlineSprites(num_frames=5, height=32, width=32)
+    batch = draw_batch("train", 3, list(range(6)), config)
+    frames = render_frames(batch["layout"], 32, 32)  # (B, F, H, W, 3)
+    for i in range(6):
+        assert np.array_equal(frames[i].numpy(), S.render(draw_sample("train", 3, i, config)[0]))
+    assert batch["references"].shape[2:] == (3, 32, 32) and batch["references"].dtype == torch.uint8
+    # sample i is the shards' sample i (same random stream as `bindweave data sprites`)
+    shard_config = S.SpritesConfig(num_frames=5, height=32, width=32)
+    assert S.make_sample("train", 3, 2, shard_config)[2]["prompt"] == batch["prompt"][2]
+
+
+# -- the recipe end to end: optimizer, EMA, checkpoint, export -----------------------------------
+
+
+TINY = [
+    "--model.dit.init_args.dim", "32", "--model.dit.init_args.ffn_dim", "64", "--model.dit.init_args.num_heads", "2",
+    "--model.dit.init_args.num_layers", "1", "--model.dit.init_args.freq_dim", "32",
+    "--model.relational.init_args.reader.init_args.dim", "32", "--model.relational.init_args.reader.init_args.num_layers", "1",
+    "--model.dit.init_args.branches", '[{"name": "text", "context_dim": 32, "embedder": "mlp"}]',
+    "--trainer.accelerator", "cpu", "--trainer.precision", "32-true", "--trainer.logger", "false",
+    "--trainer.enable_progress_bar", "false", "--trainer.callbacks", "[]",
+    "--trainer.callbacks+=callbacks.LRSchedule", "--trainer.callbacks.warmup_steps=2",
+    "--trainer.callbacks+=callbacks.EMA", "--trainer.callbacks.decay=0.5",
+    "--trainer.callbacks+=callbacks.RunCheckpoint", "--trainer.callbacks.save_last=true",
+    "--data.init_args.batch_size", "2", "--data.init_args.num_workers", "0", "--data.init_args.val_batches", "0",
+    "--data.init_args.scenes.num_frames", "5", "--data.init_args.scenes.reference_size", "32",
+    "--trainer.limit_val_batches", "0", "--trainer.max_steps", "3",
+]
+
+
+def test_reader_recipe_trains_the_reader_and_samples_with_the_ema_weights(tmp_path, monkeypatch):
+    from bindweave.cli.app import run_cli
+    from bindweave.weights.export import export_checkpoint
+    from bindweave.weights.loading import Checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", ["bindweave"])
+    cli = run_cli(["fit", "-c", str(ROOT / "configs/sprites-reader.yaml"), *TINY])
+    module, trainer = cli.model, cli.trainer
+    assert trainer.global_step == 3
+    reader = dict(module.model.conditioners["relational"].reader.named_parameters())
+    optimised = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    assert reader and all(id(p) in optimised for p in reader.values())  # the optimizer trains the reader
+    group = trainer.optimizers[0].param_groups[0]
+    assert group["lr"] == pytest.approx(group["initial_lr"] * lr_factor(2, 2, 3, min_factor=0.05))
+
+    checkpoint = torch.load("outputs/sprites-reader/checkpoints/last.ckpt", weights_only=True)
+    ema, raw = checkpoint["state_dict"], checkpoint["current_model_state"]
+    key = "model.conditioners.relational.reader.patch_embedding.weight"
+    assert key in ema and key in raw
+    dit_key = "model.dit.patch_embedding.weight"
+    for name in (key, dit_key):
+        assert not torch.equal(ema[name], raw[name])  # the average is not the raw weights
+    # After fit the model holds the EMA weights: what predict and exports sample with.
+    own = module.state_dict()
+    for name in (key, dit_key):
+        torch.testing.assert_close(own[name], ema[name])
+    export_checkpoint("outputs/sprites-reader/checkpoints/last.ckpt", "export")
+    exported = Checkpoint.open("export", prefix="model")
+    torch.testing.assert_close(exported.read(key.removeprefix("model."), torch.float32), ema[key])
