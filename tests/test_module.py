@@ -365,3 +365,29 @@ def test_random_frozen_encoders_do_not_depend_on_what_the_trainable_parts_draw(m
     shifted = encoder_weights()
     assert plain.keys() == shifted.keys() and len(plain) > 20
     assert all(torch.equal(plain[k], shifted[k]) for k in plain)
+
+
+@pytest.mark.parametrize("prediction", ["sample", "velocity"])
+def test_sample_loss_space_compares_the_clean_sample(prediction, monkeypatch):
+    """``loss_space="sample"``: the loss is MSE(x̂₀, x₀), built here independently: for a DiT that
+    predicts x₀ it is its raw output; for a velocity DiT, x_σ − σ·v̂. The velocity loss differs."""
+    torch.manual_seed(0)
+    module = tiny_module(prediction=prediction, loss_space="sample")
+    batch = synthetic_batch(size=2)
+    seen = {}
+    video_output = module.model.video_output
+
+    def spy(noisy, sigmas, cond):
+        out = video_output(noisy, sigmas, cond)
+        seen.update(noisy=noisy, sigmas=sigmas, out=out)
+        return out
+
+    monkeypatch.setattr(module.model, "video_output", spy)
+    generator = torch.Generator().manual_seed(3)
+    loss = module.flow_loss(batch, generator=generator)
+    x0 = module.vae.encode(batch["video"]).float()
+    s = seen["sigmas"].float().view(-1, 1, 1, 1, 1)
+    x0_hat = seen["out"].float() if prediction == "sample" else seen["noisy"].float() - s * seen["out"].float()
+    torch.testing.assert_close(loss, ((x0_hat - x0) ** 2).mean(), rtol=1e-5, atol=1e-7)
+    module.loss_space = "velocity"
+    assert not torch.allclose(module.flow_loss(batch, generator=torch.Generator().manual_seed(3)), loss)

@@ -72,6 +72,15 @@ class RectifiedFlow:
         return noise - x0
 
 
+def sample_from_velocity(
+    noisy: torch.Tensor, velocity: torch.Tensor, sigmas: torch.Tensor, min_sigma: float = 0.0
+) -> torch.Tensor:
+    """The clean sample x̂₀ = x_σ − σ·v̂ that a velocity implies at x_σ (the exact inverse of
+    :func:`velocity_from_sample` with the same ``min_sigma``). ``sigmas``: (B,); float32."""
+    s = sigmas.float().clamp_min(min_sigma).view(-1, *([1] * (noisy.ndim - 1)))
+    return noisy.float() - s * velocity.float()
+
+
 def velocity_from_sample(
     noisy: torch.Tensor, sample: torch.Tensor, sigmas: torch.Tensor, min_sigma: float = 0.05
 ) -> torch.Tensor:

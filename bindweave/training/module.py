@@ -28,7 +28,7 @@ from bindweave.model.dit import WanDiT
 from bindweave.lightning_compat import built_by_lightning_cli
 from bindweave.weights.export import lightning_keys, load_trainable_weights
 from bindweave.errors import UserError
-from bindweave.model.flow import RectifiedFlow, foreground_weights
+from bindweave.model.flow import RectifiedFlow, foreground_weights, sample_from_velocity
 from bindweave.model.bindweave_model import BindWeaveModel
 from bindweave.inference.sampler import SamplingConfig, predict_batch, sample_videos
 from bindweave.training.lora import LoraConfig, apply_lora
@@ -128,6 +128,10 @@ class BindWeave(L.LightningModule):
             (:func:`bindweave.model.flow.foreground_weights`; 1.0: the plain MSE). For synthetic worlds
             with uniform backgrounds and small subjects, e.g. 10 in ``configs/sprites.yaml``.
         foreground_threshold: how far (in latent units, any channel) from the median counts as foreground.
+        loss_space: what the loss compares: ``velocity`` (v̂ with ε − x₀, as Wan trains) or ``sample``
+            (x̂₀ = x_σ − σ·v̂ with x₀: the same error weighted σ², with σ clamped at 0.05 as the head's for
+            ``prediction: sample``). With ``prediction: sample`` the velocity loss weights each draw 1/σ²
+            (up to 400×), so ``sample`` is the loss that goes with it.
         mask_context_padding: mask padded condition tokens out of cross-attention. Wan was trained
             attending to its zero padding; set False to reproduce that exactly.
         sampling: settings of ``predict``.
@@ -158,6 +162,7 @@ class BindWeave(L.LightningModule):
         pure_noise_fraction: float = 0.0,
         prediction: Literal["velocity", "sample"] = "velocity",
         foreground_weight: float = 1.0,
+        loss_space: Literal["velocity", "sample"] = "velocity",
         foreground_threshold: float = 0.05,
         mask_context_padding: bool = True,
         sampling: SamplingConfig = SamplingConfig(),
@@ -187,6 +192,7 @@ class BindWeave(L.LightningModule):
             raise ValueError(f"foreground_weight must be > 0 and foreground_threshold >= 0, got "
                              f"{foreground_weight} and {foreground_threshold}.")
         self.foreground_weight, self.foreground_threshold = foreground_weight, foreground_threshold
+        self.loss_space = loss_space
         self.sampling = sampling
         self.parallelism = parallelism
         self.feature_cache = feature_cache
@@ -347,6 +353,10 @@ class BindWeave(L.LightningModule):
         noisy = self.flow.noisy(latents, noise, sigmas)
         velocity = self.model.velocity(noisy, sigmas, cond)  # (B, z, T, h, w) float32
         target = self.flow.velocity(latents, noise).float()
+        if self.loss_space == "sample":  # compare x̂₀ with x₀: the same error, weighted σ² (σ clamped as the head's)
+            min_sigma = 0.05 if self.model.prediction == "sample" else 0.0
+            velocity = sample_from_velocity(noisy, velocity, sigmas, min_sigma)  # (B, z, T, h, w) x̂₀
+            target = latents.float()
         if self.foreground_weight == 1.0:
             return F.mse_loss(velocity, target)
         weights = foreground_weights(latents, self.foreground_weight, self.foreground_threshold)  # (B, 1, T, h, w)
