@@ -169,6 +169,29 @@ class MLLMEncoder(FrozenEncoder):
         # No template: a newline before each placeholder keeps consecutive images apart.
         return [p + ("\n" + self.processor.image_token) * n for p, n in zip(prompts, counts)]
 
+    def processor_inputs(self, prompts: list[str], references: list[list[torch.Tensor]] | None = None) -> dict:
+        """The processor's ``text`` and ``images`` for prompts and their references (forward uses it).
+
+        Args:
+            prompts: B prompts.
+            references: per sample, its references as (3, H, W) tensors in [-1, 1] (sizes may differ
+                between references); None or empty lists for text only.
+
+        Returns:
+            ``{"text": B chat-templated texts, "images": the resized references in [0, 1] as float
+            (3, h, w) CPU tensors in sample-major order, or None}``; call the processor with it and
+            ``do_rescale=False``.
+        """
+        references = references if references is not None else [[] for _ in prompts]
+        if len(references) != len(prompts):
+            raise ValueError(f"references must hold one list per prompt ({len(prompts)}), got {len(references)}.")
+        flat = []
+        for ref in (ref for sample in references for ref in sample):
+            ref = F.interpolate(ref[None].float(), size=self.input_size(*ref.shape[-2:]), mode="bicubic",
+                                align_corners=False, antialias=self.image_sizing == "scaled")[0]
+            flat.append(((ref + 1) / 2).clamp(0, 1).cpu())  # (3, h, w) in [0, 1]
+        return {"text": self._texts(prompts, [len(sample) for sample in references]), "images": flat or None}
+
     @torch.no_grad()
     def forward(
         self,
@@ -187,9 +210,8 @@ class MLLMEncoder(FrozenEncoder):
             Tokens with tokens (B, L, hidden_size) and mask (B, L) bool, L = longest sequence.
         """
         batch_size = len(prompts)
-        if images is None:
-            counts, flat = [0] * batch_size, []
-        else:
+        references = None
+        if images is not None:
             if images.ndim != 5 or images.shape[2] != 3 or images.shape[0] != batch_size:
                 raise ValueError(
                     f"images must be (B={batch_size}, N, 3, H, W) in [-1, 1], got {tuple(images.shape)}."
@@ -201,21 +223,11 @@ class MLLMEncoder(FrozenEncoder):
                     f"image_mask must be (B, N) = {tuple(images.shape[:2])}, got {tuple(image_mask.shape)}."
                 )
             image_mask = image_mask.to(images.device, torch.bool)
-            counts = image_mask.sum(1).tolist()
-            refs = images[image_mask].float()  # (M, 3, H, W), sample-major order
-            refs = F.interpolate(refs, size=self.input_size(*refs.shape[-2:]), mode="bicubic", align_corners=False,
-                                 antialias=self.image_sizing == "scaled")
-            refs = ((refs + 1) / 2).clamp(0, 1).cpu()  # (M, 3, S, S) in [0, 1]
-            flat = list(refs)
+            references = [list(sample[keep]) for sample, keep in zip(images, image_mask)]
 
         # 1. Interleaved sequences through the processor (text tokens + image patches)
-        batch = self.processor(
-            text=self._texts(prompts, counts),
-            images=flat or None,
-            padding=True,
-            return_tensors="pt",
-            do_rescale=False,  # images are already floats in [0, 1]
-        )
+        batch = self.processor(**self.processor_inputs(prompts, references), padding=True, return_tensors="pt",
+                               do_rescale=False)  # images are already floats in [0, 1]
         batch = {
             k: v.to(self.device, self.dtype if v.is_floating_point() else None) if torch.is_tensor(v) else v
             for k, v in batch.items()
