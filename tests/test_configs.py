@@ -44,6 +44,7 @@ def test_paper_config_is_the_paper_setup():
     assert config["trainer"]["precision"] == "bf16-true"
 
 
+@pytest.mark.slow  # CI time: `pytest -m slow` runs it (~20 s)
 def test_mllm_presets_layer_without_losing_the_rest():
     config = print_config("configs/bindweave-wan2.1-i2v-14b.yaml", "configs/mllm/qwen2.5-vl-3b.yaml")
     relational = config["model"]["relational"]["init_args"]
@@ -54,7 +55,9 @@ def test_mllm_presets_layer_without_losing_the_rest():
     assert ablation["model"]["relational"]["init_args"]["mllm"] is None
 
 
-@pytest.mark.parametrize("strategy", sorted((ROOT / "configs" / "strategy").glob("*.yaml")), ids=lambda p: p.stem)
+@pytest.mark.parametrize("strategy", [pytest.param(p, marks=[] if p.stem == "fsdp2" else pytest.mark.slow)  # CI time: the
+                                      for p in sorted((ROOT / "configs" / "strategy").glob("*.yaml"))],  # rest with -m slow
+                         ids=lambda p: p.stem)
 def test_strategy_presets_layer_on_the_paper_config(strategy):
     config = print_config("configs/bindweave-wan2.1-i2v-14b.yaml", f"configs/strategy/{strategy.name}")
     expected = yaml.safe_load(strategy.read_text())["trainer"]["strategy"]["class_path"]

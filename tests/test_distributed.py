@@ -149,7 +149,7 @@ def test_spawn_retries_a_port_taken_before_rank_zero_binds_it(tmp_path, monkeypa
         assert torch.load(tmp_path / "port.pt", weights_only=True) != taken.getsockname()[1]
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("strategy", [pytest.param("ddp", marks=pytest.mark.slow), "fsdp2"])  # ddp: `pytest -m slow`
 def test_two_ranks_match_one_process(strategy, tmp_path):
     if strategy == "fsdp2" and torch.__version__ < "2.6":
         pytest.skip("FSDP2 fully_shard needs torch >= 2.6")
@@ -209,6 +209,7 @@ def _sp_worker(rank: int, world: int, port: int, path: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # CI time: `pytest -m slow` runs it (tests/test_sequence_fit.py keeps sequence parallelism in the default run)
 def test_sequence_and_cfg_parallel_equal_one_process(tmp_path):
     from tests.test_dit import inputs, tiny_dit
     from bindweave.model.attention import attention
@@ -286,6 +287,7 @@ def _checkpoint_worker(rank: int, world: int, port: int, ckpt_dir: str, out: str
         torch.save({"dit": state}, out)
 
 
+@pytest.mark.slow  # CI time: `pytest -m slow` runs it (~40 s)
 def test_sharded_checkpoint_resumes_at_another_world_size(tmp_path):
     ckpt_dir, saved, restored = str(tmp_path / "ckpt"), str(tmp_path / "saved.pt"), str(tmp_path / "restored.pt")
     _spawn(_checkpoint_worker, 2, ckpt_dir, saved, False)

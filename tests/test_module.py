@@ -38,7 +38,7 @@ def test_reference_slots_are_excluded_from_the_loss():
     torch.testing.assert_close(fixed_loss(module, batch), baseline)
 
 
-@pytest.mark.parametrize("prediction", ["velocity", "sample"])
+@pytest.mark.parametrize("prediction", ["velocity", pytest.param("sample", marks=pytest.mark.slow)])  # sample: -m slow
 def test_loss_on_a_fixed_batch_falls_by_half(prediction):
     module = tiny_module(prediction=prediction)
     batch = synthetic_batch(size=2)

@@ -115,6 +115,7 @@ def test_sequence_parallel_fit_equals_one_process(world, tmp_path):
     check_against_one_process(out, lora=False)
 
 
+@pytest.mark.slow  # CI time: `pytest -m slow` runs it (~11 s)
 def test_lora_under_fsdp2_equals_one_process(tmp_path):
     out = str(tmp_path / "rank0.pt")
     _spawn(_worker, 2, 1, True, out)

@@ -68,6 +68,7 @@ if [ "$1" = -L ]; then echo "GPU 0: Fake (UUID: a)"; echo "GPU 1: Fake (UUID: b)
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+@pytest.mark.slow  # CI time: `pytest -m slow` runs it (~20 s)
 def test_sprites_script_runs_every_variant_and_seed_into_its_own_folder(tmp_path):
     work = tmp_path / "repo"
     for folder in ("scripts", "configs"):
