@@ -70,7 +70,7 @@ def test_an_unknown_old_name_still_fails():
 
 
 def test_the_finder_is_installed_by_importing_the_package_alone():
-    code = "import bindweave.dit, bindweave.model.dit as m, sys; print(sys.modules['bindweave.dit'] is m)"
+    code = "import bindweave.attention, bindweave.model.attention as m, sys; print(sys.modules['bindweave.attention'] is m)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "True"
 
