@@ -15,7 +15,6 @@ Batch ``k`` of a run holds samples ``k·B … k·B + B − 1`` (per rank, interl
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 
 import lightning as L
@@ -25,9 +24,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from bindweave.model.batch import fit_reference, to_model_batch
-from bindweave.tasks.sprites.scenes import (
-    BACKGROUNDS, SPLITS, VERSION, Scene, boxes, prompt_of, random_scene, render_reference, render_sprite,
-)
+from bindweave.tasks.sprites.scenes import BACKGROUNDS, SPLITS, Scene, boxes, draw_scene, prompt_of, render_sprite
 
 
 # -- rendering on a device ---------------------------------------------------------------------
@@ -113,15 +110,8 @@ class OnlineSprites:
 
 def draw_sample(split: str, seed: int, index: int, config: OnlineSprites) -> tuple[Scene, list[np.ndarray]]:
     """Sample ``index`` of (split, seed): the scene and its reference images, drawn as
-    :func:`bindweave.tasks.sprites.scenes.make_sample` draws them (same random stream)."""
-    rng = random.Random(f"sprites/{VERSION}/{split}/{seed}/{index}")
-    scene = random_scene(rng, split, config.num_frames, config.height, config.width, config.sprite_scale,
-                         config.max_subjects, config.relation_probability)
-    references = []
-    for s in scene.subjects:
-        scale = rng.uniform(*config.reference_scale)
-        offset = (rng.uniform(-1, 1), rng.uniform(-1, 1))
-        references.append(render_reference(s.appearance, config.reference_size, scale, offset)[0])
+    :func:`bindweave.tasks.sprites.scenes.make_sample` draws them (its :func:`draw_scene`)."""
+    scene, references, _ = draw_scene(split, seed, index, config)
     return scene, references
 
 

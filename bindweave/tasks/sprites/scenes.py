@@ -516,16 +516,13 @@ class SpritesConfig:
             raise ValueError(f"reference_scale must be 0 < low <= high <= 1, got {self.reference_scale}.")
 
 
-def make_sample(split: str, seed: int, index: int, config: SpritesConfig) -> tuple[str, dict[str, bytes], dict, np.ndarray, list[np.ndarray]]:
-    """Sample ``index`` of ``split`` under ``seed``: its key, shard files, record, video and references.
-
-    A pure function of (split, seed, index, config)."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}.")
+def draw_scene(split: str, seed: int, index: int, config) -> tuple[Scene, list[np.ndarray], list[dict]]:
+    """Sample ``index`` of (split, seed) from its own random stream: the scene, its reference images
+    and their placements (box, scale). ``config``: a :class:`SpritesConfig` or anything with its scene
+    and reference fields (the online sprites' settings); the shards and the online scenes draw here."""
     rng = random.Random(f"sprites/{VERSION}/{split}/{seed}/{index}")
     scene = random_scene(rng, split, config.num_frames, config.height, config.width, config.sprite_scale,
                          config.max_subjects, config.relation_probability)
-    video, owner = render(scene, with_owner=True)
     references, placements = [], []
     for s in scene.subjects:
         scale = rng.uniform(*config.reference_scale)
@@ -533,6 +530,17 @@ def make_sample(split: str, seed: int, index: int, config: SpritesConfig) -> tup
         image, box = render_reference(s.appearance, config.reference_size, scale, offset)
         references.append(image)
         placements.append({"box": box, "scale": round(scale, 6)})
+    return scene, references, placements
+
+
+def make_sample(split: str, seed: int, index: int, config: SpritesConfig) -> tuple[str, dict[str, bytes], dict, np.ndarray, list[np.ndarray]]:
+    """Sample ``index`` of ``split`` under ``seed``: its key, shard files, record, video and references.
+
+    A pure function of (split, seed, index, config)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}.")
+    scene, references, placements = draw_scene(split, seed, index, config)
+    video, owner = render(scene, with_owner=True)
     key = f"sprites-{split}-{seed}-{index:06d}"
     visible = [[int((owner[f] == i).sum()) for f in range(scene.num_frames)] for i in range(len(scene.subjects))]
     record = {
