@@ -1,6 +1,8 @@
 """The curriculum: stage boundaries, switching exactly at the step boundary whatever the workers and
 gradient accumulation, and the right stage at the right step after resuming a fit mid-stage."""
 
+import warnings
+
 import pytest
 import yaml
 from lightning.pytorch.callbacks import Callback
@@ -94,3 +96,18 @@ def test_fit_checkpoint_and_resume_mid_stage_through_the_cli(two_sets, tmp_path,
     assert all(ids[0][0] == ("a" if step < 3 else "b") for step, _, ids in seen)
     assert second.trainer.callback_metrics["data/stage"] == 1
     assert "Data: step 3 draws from curriculum stage 1 (full)" in caplog.text
+
+
+def test_a_datamodule_warns_but_adds_no_monitor_behind_the_users_back():
+    """Without ``callbacks.DataMonitor`` the trainer is warned once that skipped samples go unlogged,
+    and its callbacks are left as they were; with one, nothing is said."""
+    from types import SimpleNamespace
+
+    trainer = SimpleNamespace(callbacks=[])
+    with pytest.warns(UserWarning, match="add `- class_path: callbacks.DataMonitor`"):
+        DataMonitor.check_present(trainer)
+    assert trainer.callbacks == []
+    monitored = SimpleNamespace(callbacks=[DataMonitor()])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        DataMonitor.check_present(monitored)
