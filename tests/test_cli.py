@@ -82,3 +82,19 @@ def test_bf16_true_keeps_frozen_encoder_dtypes_and_validation_is_deterministic(t
     assert first == second
     tested = run_cli(["test", *common, "--ckpt_path", checkpoint]).trainer.callback_metrics["test/loss"]
     assert torch.isfinite(tested)
+
+
+def test_fit_console_hides_the_library_warnings_nobody_can_act_on(tmp_path):
+    """`bindweave fit` as a user runs it prints none of the three library warnings that say nothing
+    actionable here (a streamed dataset's exact length, frozen encoders in eval mode, Lightning's own
+    treespec deprecation); the run itself finishes."""
+    result = subprocess.run(
+        [sys.executable, "-m", "bindweave.cli", "fit", "-c", TINY, "--trainer.max_steps", "1",
+         "--trainer.limit_val_batches", "0", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+         "--trainer.default_root_dir", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-2000:]
+    assert "`Trainer.fit` stopped: `max_steps=1` reached" in output
+    for message in ("IterableDataset` has `__len__` defined", "module(s) in eval mode", "isinstance(treespec, LeafSpec)"):
+        assert message not in output, message

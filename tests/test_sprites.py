@@ -382,3 +382,20 @@ def test_denoise_probe_measures_are_nan_when_undefined():
     assert np.isnan(layout_auc(video, torch.zeros(1, 3, 1, 1, 1), nothing))
     subject_mse, background_mse = masked_mse(video + 1, video, nothing)
     assert np.isnan(subject_mse) and background_mse == 1.0
+
+
+def test_a_sample_is_the_same_scene_it_always_was():
+    """Sample i of (split, seed) is forever: the prompt and reference placements of test samples 0 and
+    2 (seed 0) as commit de21bbe drew them, before the shards and the online scenes shared ``draw_scene``.
+    A change to the random stream (an extra draw, another order) changes every data set."""
+    config = S.SpritesConfig()
+    _, _, record, _, _ = S.make_sample("test", 0, 0, config)
+    assert record["prompt"] == ("On a beige background, the first subject starts at the top left and moves down while "
+                                "the second subject starts at the bottom and jumps, and the third subject starts at "
+                                "the top right and moves down.")
+    assert record["sprites"]["references"] == [{"box": [6, 19, 48, 61], "scale": 0.649807},
+                                               {"box": [14, 2, 58, 46], "scale": 0.686726},
+                                               {"box": [3, 11, 42, 50], "scale": 0.60411}]
+    _, _, record, _, _ = S.make_sample("test", 0, 2, config)
+    assert record["sprites"]["references"] == [{"box": [4, 0, 61, 57], "scale": 0.885266},
+                                               {"box": [25, 12, 56, 43], "scale": 0.479106}]
