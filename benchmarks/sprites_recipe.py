@@ -6,6 +6,8 @@
     python benchmarks/sprites_recipe.py sample --model models/sprites --requests r.jsonl --npz out/full.npz
     # write an .npz's videos as <id>.mp4 for `bindweave eval` (needs PyAV):
     python benchmarks/sprites_recipe.py videos --npz out/full.npz --out outputs/sprites/videos
+    # where a step's time goes: the loader's rate, eager vs compiled steps, the top GPU kernels:
+    python benchmarks/sprites_recipe.py profile --json out/profile.json -- -c configs/sprites-reader.yaml
 
 ``fit`` adds :class:`Throughput`, which reports steps/s and samples/s after a warm-up, the FLOPs of
 one training step (forward + backward, ``torch.utils.flop_counter``) and their rate as a fraction of
@@ -95,6 +97,100 @@ def fit(json_path: str, fit_args: list[str]) -> None:
              f"--trainer.callbacks.path={json_path}"])
 
 
+def _timed_steps(module, batch, steps: int, device: str) -> float:
+    """Seconds per optimizer step (forward, backward, AdamW) on one batch, after 3 warm-up steps."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device == "cuda")
+    drops = module.training_drops(len(batch["prompt"]))
+
+    def step() -> None:
+        with torch.autocast(device, torch.bfloat16, enabled=device == "cuda"):
+            loss = module.flow_loss(batch, drops)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
+
+
+def profile(json_path: str, fit_args: list[str], steps: int, loader_batches: int, modes: list[str]) -> None:
+    """Loader batches/s, then per compile mode the step time, MFU and (last mode) the top kernels."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bindweave.cli.app import BindWeaveArgumentParser, BindWeaveCLI
+    from bindweave.training.module import BindWeave
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    card, peak = card_peak()
+    report: dict = {"card": card, "peak_tflops": peak and peak / 1e12, "modes": {}}
+
+    def build():
+        cli = BindWeaveCLI(BindWeave, L.LightningDataModule, subclass_mode_data=True, run=False,
+                           parser_class=BindWeaveArgumentParser, args=fit_args)
+        return cli.model, cli.datamodule
+
+    module, datamodule = build()
+    loader = iter(datamodule.train_dataloader())
+    host = next(loader)
+    start = time.perf_counter()
+    for _ in range(loader_batches):
+        next(loader)
+    report["loader_batches_per_s"] = round(loader_batches / (time.perf_counter() - start), 2)
+    report["batch_size"] = len(host["prompt"])
+    del loader
+
+    def on_device(host_batch: dict) -> dict:
+        moved = {k: v.to(device) if torch.is_tensor(v) else
+                 ({kk: vv.to(device) for kk, vv in v.items()} if isinstance(v, dict) else v) for k, v in host_batch.items()}
+        return datamodule.on_after_batch_transfer(moved, 0)
+
+    for mode in modes:
+        module, _ = build() if mode != modes[0] else (module, None)
+        module.to(device).train()
+        module.configure_model()
+        batch = on_device(host)
+        counter = FlopCounterMode(display=False)  # before compiling: the counter does not see compiled code
+        with counter, torch.autocast(device, torch.bfloat16, enabled=device == "cuda"):
+            module.flow_loss(batch).backward()
+        module.zero_grad(set_to_none=True)
+        flops = counter.get_total_flops()
+        if mode != "eager":
+            from bindweave.parallel.per_block import apply_compile
+
+            apply_compile(module.dit, mode=None if mode == "default" else mode)
+        seconds = _timed_steps(module, batch, steps, device)
+        row = {"ms_per_step": round(seconds * 1e3, 2), "steps_per_s": round(1 / seconds, 2),
+               "samples_per_s": round(report["batch_size"] / seconds, 1), "tflop_per_step": round(flops / 1e12, 3),
+               "tflops_per_s": round(flops / seconds / 1e12, 2)}
+        if peak:
+            row["mfu"] = round(flops / seconds / peak, 4)
+        report["modes"][mode] = row
+        print(mode, json.dumps(row), flush=True)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        _timed_steps(module, batch, 3, device)
+    sort = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=80)
+    print(table)
+    report["top_kernels"] = table
+    if device == "cuda":
+        kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+        report["gpu_kernels_per_step"] = round(len(kernels) / 6)  # 3 warm-up + 3 timed steps profiled
+    Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(json_path).write_text(json.dumps(report, indent=2))
+
+
 def sample(model_path: str, requests: str, npz: str, batch_size: int, checkpoint_config: str | None) -> None:
     from bindweave.inference.pretrained import load_checkpoint, load_pretrained
     from bindweave.inference.requests import RequestDataset
@@ -140,6 +236,11 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("fit")
     p.add_argument("--json", required=True)
+    p = sub.add_parser("profile")
+    p.add_argument("--json", required=True)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--loader-batches", type=int, default=20)
+    p.add_argument("--modes", default="eager,default", help="eager, default, max-autotune-no-cudagraphs, ...")
     p = sub.add_parser("sample")
     p.add_argument("--model", required=True, help="export folder or .ckpt")
     p.add_argument("--config", default=None, help="model config of a .ckpt (default: the one it stores)")
@@ -153,6 +254,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.command == "fit":
         fit(args.json, fit_args)
+    elif args.command == "profile":
+        profile(args.json, fit_args, args.steps, args.loader_batches, args.modes.split(","))
     elif args.command == "sample":
         sample(args.model, args.requests, args.npz, args.batch_size, args.config)
     else:

@@ -9,15 +9,39 @@ is kept in the optimizer's state as ``initial_lr``). Works with any optimizer an
       callbacks:
         - class_path: callbacks.LRSchedule
           init_args: {warmup_steps: 300, total_steps: 2000, decay: cosine, min_factor: 0.05}
+
+**A wall-clock budget** instead of a step count (``budget: "00:00:25:00"``, Lightning's
+``max_time`` format, or seconds): the callback times ``measure_steps`` steps after the first
+``skip_steps`` of the run (compilation, loader start), turns the budget left into a step count at
+that rate, and from then on the schedule is the step schedule above with that total, kept in the
+checkpoint: resumed chunks (each under its own ``trainer.max_time``) continue it exactly, and
+training stops at the total.
 """
 
 from __future__ import annotations
 
 import math
+import time
+from datetime import timedelta
 from typing import Literal
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+
+
+def budget_seconds(budget: str | float | int) -> float:
+    """Seconds of a budget given as seconds or as Lightning's ``max_time`` string ``DD:HH:MM:SS``."""
+    if isinstance(budget, (int, float)):
+        seconds = float(budget)
+    else:
+        parts = [float(p) for p in str(budget).split(":")]
+        if len(parts) != 4:
+            raise ValueError(f"LRSchedule: budget must be seconds or 'DD:HH:MM:SS', got {budget!r}.")
+        seconds = timedelta(days=parts[0], hours=parts[1], minutes=parts[2], seconds=parts[3]).total_seconds()
+    if seconds <= 0:
+        raise ValueError(f"LRSchedule: budget must be positive, got {budget!r}.")
+    return seconds
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, decay: str = "cosine", min_factor: float = 0.0) -> float:
@@ -40,28 +64,85 @@ class LRSchedule(Callback):
     Args:
         warmup_steps: steps of linear warm-up.
         total_steps: the step at which the decay ends (the run's whole length, over all its
-            resumed chunks); None: the trainer's ``max_steps``.
+            resumed chunks); None: the trainer's ``max_steps`` (or the budget's).
         decay: ``cosine``, ``linear`` or ``constant`` after the warm-up.
         min_factor: the final learning rate as a fraction of the base one.
+        budget: the run's whole training time (seconds or ``DD:HH:MM:SS``) instead of a step
+            count: turned into ``total_steps`` once the step rate is measured; the run stops there.
+        skip_steps: budget mode: steps of each run left out before timing (compilation).
+        measure_steps: budget mode: steps timed to measure the rate.
     """
 
     def __init__(self, warmup_steps: int = 0, total_steps: int | None = None,
-                 decay: Literal["cosine", "linear", "constant"] = "cosine", min_factor: float = 0.0) -> None:
+                 decay: Literal["cosine", "linear", "constant"] = "cosine", min_factor: float = 0.0,
+                 budget: str | float | None = None, skip_steps: int = 50, measure_steps: int = 150) -> None:
         if warmup_steps < 0 or (total_steps is not None and total_steps < 1):
             raise ValueError(f"LRSchedule: warmup_steps must be >= 0 and total_steps >= 1, got {warmup_steps}, {total_steps}.")
         if decay not in ("cosine", "linear", "constant"):
             raise ValueError(f"LRSchedule: decay must be cosine, linear or constant, got {decay!r}.")
         if not 0.0 <= min_factor <= 1.0:
             raise ValueError(f"LRSchedule: min_factor must be in [0, 1], got {min_factor}.")
+        if budget is not None and total_steps is not None:
+            raise ValueError("LRSchedule: give total_steps or budget, not both.")
+        if skip_steps < 0 or measure_steps < 1:
+            raise ValueError(f"LRSchedule: skip_steps must be >= 0 and measure_steps >= 1, got {skip_steps}, {measure_steps}.")
         self.warmup_steps, self.total_steps, self.decay, self.min_factor = warmup_steps, total_steps, decay, min_factor
+        self.budget = None if budget is None else budget_seconds(budget)
+        self.skip_steps, self.measure_steps = skip_steps, measure_steps
+        self.spent_before = 0.0  # seconds of training in earlier chunks (budget mode)
+        self._chunk: tuple[int, float] | None = None  # (step, clock) where this chunk's training began
+        self._mark: tuple[int, float] | None = None  # (step, clock) where the timing began
 
     def factor(self, trainer: L.Trainer, step: int) -> float:
-        total = self.total_steps if self.total_steps is not None else trainer.max_steps
+        if self.budget is not None:
+            if self.total_steps is None:  # not measured yet: warm-up, then the base rate
+                return lr_factor(step, self.warmup_steps, step + 1, "constant")
+            total = self.total_steps
+        else:
+            total = self.total_steps if self.total_steps is not None else trainer.max_steps
         if total is None or total < 0:
-            raise ValueError("LRSchedule needs total_steps or the trainer's max_steps.")
+            raise ValueError("LRSchedule needs total_steps, a budget or the trainer's max_steps.")
         return lr_factor(step, self.warmup_steps, total, self.decay, self.min_factor)
 
+    def spent(self) -> float:
+        """Seconds of training under this schedule so far (earlier chunks included)."""
+        return self.spent_before + (time.monotonic() - self._chunk[1] if self._chunk else 0.0)
+
+    def _measure(self, step: int) -> None:
+        """Budget mode: time steps after ``skip_steps``, then fix ``total_steps`` from the rate."""
+        now = time.monotonic()
+        if self._mark is None:
+            if step >= self._chunk[0] + self.skip_steps:
+                self._mark = (step, now)
+            return
+        if step < self._mark[0] + self.measure_steps:
+            return
+        rate = (step - self._mark[0]) / max(now - self._mark[1], 1e-9)  # steps per second
+        left = max(0.0, self.budget - self.spent())
+        self.total_steps = max(step + 1, step + int(left * rate))
+        rank_zero_info(f"LRSchedule: {rate:.2f} steps/s over steps {self._mark[0]}-{step}; the budget's "
+                       f"{left:.0f} s left make {self.total_steps} steps in all")
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._chunk, self._mark = (trainer.global_step, time.monotonic()), None
+
+    def state_dict(self) -> dict:
+        if self.budget is None:
+            return {}
+        return {"total_steps": self.total_steps, "spent_seconds": self.spent()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if self.budget is not None and state_dict:
+            self.total_steps = state_dict["total_steps"]
+            self.spent_before = float(state_dict["spent_seconds"])
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        if self.budget is not None and self.total_steps is not None and trainer.global_step >= self.total_steps:
+            trainer.should_stop = True  # the budget's steps are done
+
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        if self.budget is not None and self.total_steps is None and self._chunk is not None:
+            self._measure(trainer.global_step)
         factor = self.factor(trainer, trainer.global_step)
         for optimizer in trainer.optimizers:
             for group in optimizer.param_groups:

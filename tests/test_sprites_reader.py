@@ -14,7 +14,7 @@ from bindweave.data.reference_crop import crop_to_subject, subject_boxes
 from bindweave.tasks.sprites import scenes as S
 from bindweave.tasks.sprites.online import OnlineSprites, draw_batch, draw_sample, render_frames
 from callbacks.ema import EMA
-from callbacks.schedule import lr_factor
+from callbacks.schedule import LRSchedule, budget_seconds, lr_factor
 from conditioners.reader import ReaderConditioner
 from encoders.reader import BOS, PAD, PromptReferenceReader, WordTokenizer
 from tests.tiny_parts import tiny
@@ -36,6 +36,56 @@ def test_lr_factor_warms_up_linearly_then_decays_to_the_floor():
     assert lr_factor(9, 4, 14, decay="linear") == pytest.approx(0.5)
     assert lr_factor(6, 4, 14, decay="cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.2)))
     assert lr_factor(9, 4, 14, decay="constant") == 1.0
+
+
+def test_budget_schedule_measures_the_rate_fixes_the_total_resumes_it_and_stops_there(monkeypatch):
+    """A wall-clock budget becomes a step count at the measured rate (here 10 steps/s on a fake
+    clock); the decay spans it, a resumed chunk keeps it from the checkpoint, and training stops at it."""
+    from types import SimpleNamespace
+
+    import callbacks.schedule as schedule
+
+    clock = [100.0]
+    monkeypatch.setattr(schedule.time, "monotonic", lambda: clock[0])
+    group = {"lr": 1.0}
+    trainer = SimpleNamespace(global_step=0, max_steps=-1, log_every_n_steps=1000, should_stop=False,
+                              optimizers=[SimpleNamespace(param_groups=[group])])
+    module = SimpleNamespace(log=lambda *a, **k: None)
+
+    def run(callback, steps, seconds_per_step):
+        for _ in range(steps):
+            callback.on_train_batch_start(trainer, module, None, 0)
+            clock[0] += seconds_per_step
+            trainer.global_step += 1
+            callback.on_train_batch_end(trainer, module, None, None, 0)
+            if trainer.should_stop:
+                return
+
+    callback = LRSchedule(warmup_steps=5, budget="00:00:01:40", skip_steps=10, measure_steps=20, min_factor=0.1)
+    assert callback.budget == 100.0 and budget_seconds(7.5) == 7.5
+    callback.on_train_start(trainer, module)
+    clock[0] += 5.0  # compilation before the first step counts against the budget
+    run(callback, 10, 1.0)  # slow first steps: left out of the rate
+    assert callback.total_steps is None and group["lr"] == 1.0  # warm-up over, total unknown: the base rate
+    run(callback, 21, 0.1)  # the rate is read at the start of step 30
+    # At step 30: 5 + 10 + 2 = 17 s spent, 83 s left at 10 steps/s make 830 more steps.
+    assert callback.total_steps == 30 + 830
+    run(callback, 399, 0.1)
+    state = callback.state_dict()
+    assert state["total_steps"] == 860 and state["spent_seconds"] == pytest.approx(17 + 40)
+
+    resumed = LRSchedule(warmup_steps=5, budget=100.0, skip_steps=10, measure_steps=20, min_factor=0.1)
+    resumed.load_state_dict(state)
+    resumed.on_train_start(trainer, module)
+    resumed.on_train_batch_start(trainer, module, None, 0)
+    assert group["lr"] == pytest.approx(lr_factor(430, 5, 860, "cosine", 0.1))
+    run(resumed, 10_000, 0.5)  # a slower chunk: the total stays the one measured
+    assert trainer.global_step == 860 and trainer.should_stop
+    assert group["lr"] == pytest.approx(lr_factor(859, 5, 860, "cosine", 0.1))
+    with pytest.raises(ValueError, match="budget"):
+        LRSchedule(budget="1:00")
+    with pytest.raises(ValueError, match="not both"):
+        LRSchedule(budget=10, total_steps=100)
 
 
 def test_ema_decay_warms_up_to_its_target():
