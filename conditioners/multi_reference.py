@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bindweave.data.reference_crop import crop_onto_canvas
 from conditioners.base import Conditioner, ConditionerSpec, Conditioning
 from conditioners.references import apply_drop, reference_mask
 
@@ -43,6 +44,10 @@ class MultiReferenceConditioner(Conditioner):
         video_condition: slot channels of the video frames: ``zeros`` (paper) or ``grey_latents``
             (mask 0 and the normalised VAE latent of an all-zero video of the batch's size, computed
             once per size and kept).
+        crop_size: each reference cropped to its subject (non-white box), padded square, resized to
+            this many pixels and centred on a white canvas of the video size before the VAE
+            (:func:`bindweave.data.reference_crop.crop_onto_canvas`): the subject at the scale it
+            has in the video, wherever and however large the reference shows it; None: as given.
         dropout: see :class:`Conditioner`; a dropped sample's slots are empty (zero latent, zero mask).
         guided: see :class:`Conditioner` (BindWeave keeps the references in both CFG passes).
     """
@@ -55,6 +60,7 @@ class MultiReferenceConditioner(Conditioner):
         fixed_slots: int | None = None,
         mask: Literal["full", "letterbox"] = "full",
         video_condition: Literal["zeros", "grey_latents"] = "zeros",
+        crop_size: int | None = None,
         dropout: float = 0.0,
         guided: bool = False,
     ) -> None:
@@ -74,6 +80,9 @@ class MultiReferenceConditioner(Conditioner):
         self.fixed_slots = fixed_slots
         self.mask = mask
         self.video_condition = video_condition
+        if crop_size is not None and crop_size < 1:
+            raise ValueError(f"MultiReferenceConditioner: crop_size must be >= 1 or null, got {crop_size}.")
+        self.crop_size = crop_size
         self.vae: nn.Module | None = None
         self._grey: dict[tuple, torch.Tensor] = {}  # (F, H, W, device, dtype) -> (1, z, T, h, w)
 
@@ -106,7 +115,10 @@ class MultiReferenceConditioner(Conditioner):
         self._check_count(batch)
         references = batch["references"]  # (B, N, 3, H, W)
         b, n = references.shape[:2]
-        latents = self.vae.encode_images(references.flatten(0, 1))  # (B·N, z, 1, h, w)
+        images = references.flatten(0, 1)  # (B·N, 3, H, W)
+        if self.crop_size is not None:
+            images = crop_onto_canvas(images, self.crop_size)  # the subject at crop_size, centred
+        latents = self.vae.encode_images(images)  # (B·N, z, 1, h, w)
         latents = latents[:, :, 0].unflatten(0, (b, n)).transpose(1, 2)  # (B, z, N, h, w)
         features = {"latents": latents}
         if self.mask == "letterbox":

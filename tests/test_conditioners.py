@@ -150,6 +150,32 @@ def test_multi_reference_slots_hold_latents_and_masks():
     assert dropped.slots[one].abs().max() == 0 and dropped.slots[two].abs().max() > 0
 
 
+def test_multi_reference_crop_puts_each_subject_at_one_size_in_the_centre():
+    """crop_size: a subject anywhere and at any scale in its reference reaches the slot as a
+    crop_size square in the canvas's centre (the lossless PatchVAE shows the pixels exactly)."""
+    from encoders import PatchVAE
+
+    vae = PatchVAE(spatial=4, temporal=1, scale=1.0, shift=0.0)
+    c = MultiReferenceConditioner(max_references=2, crop_size=8)
+    c.build(vae)
+    references = torch.ones(1, 2, 3, 32, 32)  # white
+    references[0, 0, :, 3:19, 10:26] = torch.tensor([1.0, -1.0, -1.0])[:, None, None]  # a red 16 px square, off-centre
+    references[0, 1, :, 20:24, 2:6] = torch.tensor([-1.0, -1.0, 1.0])[:, None, None]  # a blue 4 px one in a corner
+    out = c({"references": references, "num_references": [2]})
+    slots = vae.decode(out.slots[:, 4:])[0]  # (3, 2, 32, 32): the slot images again
+    for i, colour in enumerate(([1.0, -1.0, -1.0], [-1.0, -1.0, 1.0])):
+        expected = torch.ones(3, 32, 32)
+        expected[:, 12:20, 12:20] = torch.tensor(colour)[:, None, None]
+        ring = torch.zeros(32, 32, dtype=torch.bool)
+        ring[12:20, 12:20] = True
+        ring[13:19, 13:19] = False  # the square's outer pixels mix with white (bilinear sampling at the box edge)
+        torch.testing.assert_close(slots[:, i][:, ~ring], expected[:, ~ring], atol=1e-5, rtol=0)
+        mixed = (slots[:, i][:, ring] - 1) / (expected[:, ring] - 1 - 1e-9)  # 0: white .. 1: the colour
+        assert mixed[expected[:, ring] < 1].min() >= 0.4 and mixed[expected[:, ring] < 1].max() <= 1 + 1e-5
+    with pytest.raises(ValueError, match="crop_size"):
+        MultiReferenceConditioner(crop_size=0)
+
+
 def test_multi_reference_rejects_too_many_references():
     c = MultiReferenceConditioner(max_references=1)
     c.build(tiny(WanVAE))

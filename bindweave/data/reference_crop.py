@@ -88,3 +88,23 @@ def crop_to_subject(images: torch.Tensor, size: int, fill: float = 1.0, threshol
     if factor > 1:
         sampled = F.avg_pool2d(sampled, factor)  # (M, 3, size, size)
     return (sampled + fill).to(images.dtype)
+
+
+def crop_onto_canvas(images: torch.Tensor, size: int, fill: float = 1.0, threshold: float = 0.1) -> torch.Tensor:
+    """Each image's subject cropped and resized to ``size`` (:func:`crop_to_subject`), centred on a
+    ``fill`` canvas of the images' own size: the subject at one known scale, wherever and however
+    large the reference showed it.
+
+    Args:
+        images: (M, 3, H, W) in [-1, 1].
+        size: side of the subject's square on the canvas (<= H and W).
+
+    Returns:
+        (M, 3, H, W) in [-1, 1].
+    """
+    h, w = images.shape[-2:]
+    if not 1 <= size <= min(h, w):
+        raise ValueError(f"crop size must be in 1..{min(h, w)} (the canvas), got {size}.")
+    crops = crop_to_subject(images, size, fill, threshold)  # (M, 3, size, size)
+    top, left = (h - size) // 2, (w - size) // 2
+    return F.pad(crops - fill, (left, w - size - left, top, h - size - top)) + fill  # (M, 3, H, W)
