@@ -256,3 +256,44 @@ def test_bf16_load_and_yaml_factory(i2v_reference, tmp_path):
     expected = i2v_reference[0].state_dict()
     for key, value in dit.state_dict().items():
         torch.testing.assert_close(value, expected[key].to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("layout", ["fp8", "scaled_fp8"])
+def test_community_fp8_wan_files_load_as_their_dequantized_weights(tmp_path, layout):
+    """The Wan community's float8 DiT files: plain ``float8_e4m3fn`` weights (cast on load) and
+    ComfyUI's scaled fp8 (``<module>.scale_weight`` per tensor, a ``scaled_fp8`` marker,
+    ``scale_input``s): each weight loads as fp8 × scale, and the DiT's output stays close to bf16's."""
+    dit = random_dit()
+    wan = bindweave_to_wan({k: v.detach() for k, v in dit.state_dict().items()})
+    stored, expected = {}, {}
+    for key, value in wan.items():
+        if value.dim() >= 2 and key.endswith(".weight"):
+            scale = value.abs().max() / 448 if layout == "scaled_fp8" else torch.tensor(1.0)
+            q = (value / scale).to(torch.float8_e4m3fn)
+            stored[key] = q
+            expected[key] = q.float() * scale
+            if layout == "scaled_fp8":
+                stored[key.removesuffix(".weight") + ".scale_weight"] = scale.reshape(1).float()
+                stored[key.removesuffix(".weight") + ".scale_input"] = torch.ones(1)
+        else:
+            stored[key] = expected[key] = value
+    if layout == "scaled_fp8":
+        stored["scaled_fp8"] = torch.zeros(0, dtype=torch.float8_e4m3fn)
+    save_file(stored, tmp_path / "wan-fp8.safetensors")
+
+    loaded = random_dit(seed=5)
+    load_dit(loaded, tmp_path / "wan-fp8.safetensors")
+    for key, value in bindweave_to_wan(loaded.state_dict()).items():
+        torch.testing.assert_close(value, expected[key].float(), rtol=0, atol=0, msg=key)
+    x, t, ctx = inputs(36, True)
+    with torch.no_grad():
+        reference, got = dit(x, t, ctx), loaded(x, t, ctx)
+    error = ((got - reference).norm() / reference.norm()).item()
+    assert 0 < error < 0.1, error  # e4m3's 3 mantissa bits: a few per cent
+
+
+def test_a_scale_weight_without_its_fp8_weight_is_one_clear_error(tmp_path):
+    save_file({"blocks.0.ffn.0.weight": torch.ones(4, 4), "blocks.0.ffn.0.scale_weight": torch.ones(1)},
+              tmp_path / "bad.safetensors")
+    with pytest.raises(WeightsError, match="scale_weight does not fit .*float8"):
+        Checkpoint.open(tmp_path / "bad.safetensors")

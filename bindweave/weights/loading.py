@@ -21,7 +21,7 @@ import math
 import re
 import struct
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from bindweave.errors import UserError
-from bindweave.weights.quantize import SCALE_SUFFIX, dequantize
+from bindweave.weights.quantize import FP8_DTYPES, FP8_SCALE_SUFFIX, SCALE_SUFFIX, dequantize
 
 # ----------------------------------------------------------------------------------------------
 # Errors and reports
@@ -184,7 +184,7 @@ class Checkpoint:
             if clash:
                 raise WeightsError(f"{file}: keys also stored in {entries[clash[0]].file.name}, e.g. {clash[:3]}.")
             entries.update(found)
-        return cls(_fold_int8_scales(entries, path), path, files)
+        return cls(_fold_fp8_scales(_fold_int8_scales(entries, path), path), path, files)
 
     @staticmethod
     def _index_files(index: Path) -> list[Path]:
@@ -328,6 +328,32 @@ def _fold_int8_scales(entries: dict[str, _Entry], source: Path) -> dict[str, _En
                 f"the file is corrupt; export it again."
             )
         values.scale = scale
+    return entries
+
+
+def _fold_fp8_scales(entries: dict[str, _Entry], source: Path) -> dict[str, _Entry]:
+    """The community's scaled-fp8 files (:data:`bindweave.weights.quantize.FP8_SCALE_SUFFIX`): attach
+    each ``<module>.scale_weight`` to its float8 ``<module>.weight`` (read back as ``fp8 * scale``)
+    and drop the ``scaled_fp8`` marker and the ``scale_input`` tensors, which only FP8 matmuls use.
+    Plain float8 files need nothing: their weights are read and cast like any other dtype."""
+    names = [k for k in entries if k.endswith(FP8_SCALE_SUFFIX)]
+    if not names:
+        return entries
+    for name in names:
+        key, scale = name.removesuffix(FP8_SCALE_SUFFIX) + ".weight", entries.pop(name)
+        values = entries.get(key)
+        rows = values.shape[:1] + (1,) * (len(values.shape) - 1) if values is not None else None
+        if (values is None or values.dtype not in FP8_DTYPES or not scale.dtype.is_floating_point
+                or math.prod(scale.shape) not in (1, rows[0])):
+            raise WeightsError(
+                f"{source}: {name} does not fit {key} (expected a float8 {key} and one float scale or one per row, "
+                f"got {values.dtype if values is not None else 'no tensor'} and {scale.dtype} {format_shape(scale.shape)}): "
+                f"not a scaled-fp8 file, or a corrupt one."
+            )
+        shape = rows if math.prod(scale.shape) > 1 else ()  # per row, or one for the whole tensor
+        values.scale = replace(scale, shape=shape, tensor=None if scale.tensor is None else scale.tensor.reshape(shape))
+    for name in [k for k in entries if k == "scaled_fp8" or k.endswith(".scale_input")]:
+        del entries[name]
     return entries
 
 

@@ -41,10 +41,18 @@ def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+FP8_SCALE_SUFFIX = ".scale_weight"
+"""ComfyUI's "scaled fp8" layout of the community's Wan files: ``<module>.weight`` in float8 and
+``<module>.scale_weight`` (a float32 scalar or per-row vector) with ``weight ≈ fp8 * scale``; a
+``scaled_fp8`` marker tensor and ``<module>.scale_input`` (for FP8 matmuls) come with them."""
+
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
 def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``q * scale`` in ``scale``'s dtype (computed in float32)."""
-    if q.dtype != torch.int8:
-        raise ValueError(f"dequantize expects int8 values, got {q.dtype}.")
+    """``q * scale`` in ``scale``'s dtype (computed in float32); ``q`` is int8 or float8."""
+    if q.dtype != torch.int8 and q.dtype not in FP8_DTYPES:
+        raise ValueError(f"dequantize expects int8 or float8 values, got {q.dtype}.")
     return (q.float() * scale.float()).to(scale.dtype)
 
 
