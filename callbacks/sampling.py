@@ -209,8 +209,11 @@ def log_video(logger: Logger, tag: str, frames: torch.Tensor, sheet, files: Path
     if kind == "WandbLogger":  # lightning.pytorch.loggers.WandbLogger, imported only when wandb is there
         import wandb
 
-        video = frames.permute(0, 3, 1, 2).numpy()  # (F, 3, H, W), what wandb.Video takes
-        logger.experiment.log({tag: wandb.Video(video, fps=fps, format="gif"),
+        if files.is_file():  # the mp4 as written: wandb needs moviepy only to encode raw frames
+            video = wandb.Video(str(files), format="mp4")
+        else:
+            video = wandb.Video(frames.permute(0, 3, 1, 2).numpy(), fps=fps, format="gif")  # (F, 3, H, W)
+        logger.experiment.log({tag: video,
                                f"{tag}/sheet": wandb.Image(sheet.numpy() if hasattr(sheet, "numpy") else sheet),
                                "trainer/global_step": step})
         return "wandb"

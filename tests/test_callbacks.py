@@ -136,7 +136,7 @@ def test_run_checkpoint_follows_the_root_not_the_logger(tmp_path):
     assert (tmp_path / "mine/last.ckpt").is_file() and not (tmp_path / "other/checkpoints").exists()
 
 
-def test_sampling_callback_logs_to_each_logger_it_knows_and_leaves_files_for_the_others(tmp_path):
+def test_sampling_callback_logs_to_each_logger_it_knows_and_leaves_files_for_the_others(tmp_path, monkeypatch):
     import sys
 
     import numpy as np
@@ -162,6 +162,7 @@ def test_sampling_callback_logs_to_each_logger_it_knows_and_leaves_files_for_the
     # W&B and MLflow through their loggers' public experiment objects (when installed).
     frames, sheet = torch.zeros(5, 8, 8, 3, dtype=torch.uint8), np.zeros((8, 16, 3), np.uint8)
     mp4 = step / "red-left.mp4"
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3.x keeps the file store behind this switch
     for package, make in [("wandb", lambda: __import__("lightning.pytorch.loggers", fromlist=["WandbLogger"])
                            .WandbLogger(save_dir=str(tmp_path), offline=True)),
                           ("mlflow", lambda: __import__("lightning.pytorch.loggers", fromlist=["MLFlowLogger"])
@@ -170,4 +171,11 @@ def test_sampling_callback_logs_to_each_logger_it_knows_and_leaves_files_for_the
             continue
         logger = make()
         assert log_video(logger, "samples/red-left", frames, sheet, mp4, 3, 8) == package
+        if package == "wandb":  # the offline run holds the video and the sheet as media files
+            logger.experiment.finish()
+            media = sorted(p.suffix for p in (tmp_path / "wandb").rglob("*") if p.is_file() and "media" in p.parts)
+            assert ".mp4" in media and ".png" in media, media
+        else:  # the artifacts of the run, under samples/step-0000003
+            stored = sorted(p.name for p in (tmp_path / "mlruns").rglob("artifacts/samples/step-0000003/*"))
+            assert stored == ["red-left.json", "red-left.mp4", "red-left.png"], stored
     assert log_video(csv, "samples/x", frames, sheet, mp4, 3, 8) == "files"  # W&B/MLflow above run only if installed
