@@ -399,3 +399,25 @@ def test_a_sample_is_the_same_scene_it_always_was():
     _, _, record, _, _ = S.make_sample("test", 0, 2, config)
     assert record["sprites"]["references"] == [{"box": [4, 0, 61, 57], "scale": 0.885266},
                                                {"box": [25, 12, 56, 43], "scale": 0.479106}]
+
+
+def test_an_extra_background_draws_the_same_scenes_on_a_new_colour():
+    """``backgrounds=("olive",)``: sample i is the default sample i (subjects, places, motions,
+    references) on the olive background, which no default scene has; the prompt says "an olive"
+    and parses back to the scene it renders."""
+    default = S.SpritesConfig(num_frames=5, height=32, width=32, reference_size=32)
+    olive = S.SpritesConfig(num_frames=5, height=32, width=32, reference_size=32, backgrounds=("olive",))
+    for index in range(6):
+        _, _, plain, video, refs = S.make_sample("test", 0, index, default)
+        _, _, new, new_video, new_refs = S.make_sample("test", 0, index, olive)
+        assert new["prompt"] == plain["prompt"].replace(f"On a {plain['sprites']['background']} ", "On an olive ")
+        assert new["sprites"]["subjects"] == plain["sprites"]["subjects"]
+        assert all((a == b).all() for a, b in zip(refs, new_refs))
+        owner = S.render(S.scene_from_json(new), with_owner=True)[1]
+        assert (new_video[owner < 0] == S.EXTRA_BACKGROUNDS["olive"]).all()
+        assert (new_video[owner >= 0] == video[owner >= 0]).all()
+        parsed = S.scene_from_prompt(new["prompt"], [s.appearance for s in S.scene_from_json(new).subjects], 5, 32, 32, 0.3)
+        assert (S.render(parsed) == new_video).all()
+    assert "olive" not in S.BACKGROUNDS  # default scenes never draw it
+    with pytest.raises(ValueError, match="backgrounds must be names"):
+        S.SpritesConfig(backgrounds=("pinkish",)).check()

@@ -96,7 +96,7 @@ def track(video: np.ndarray, scene: S.Scene, radius: float = 0.15) -> np.ndarray
     ``LOST_RMSE`` or 1.5 × the first frame's match (the subject is hidden) keeps the predicted position, so a subject passing behind
     another is not swapped for it."""
     size = scene.sprite_size
-    background = np.array(S.BACKGROUNDS[scene.background], np.uint8)
+    background = np.array(S.ALL_BACKGROUNDS[scene.background], np.uint8)
     pad = size // 2 + 1
     reach = max(2, round(radius * min(scene.height, scene.width)))
     frames = [cv2.copyMakeBorder(f, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=background.tolist()).astype(np.float32)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from jsonargparse import ActionYesNo, ArgumentParser
 
-from bindweave.tasks.sprites.scenes import SpritesConfig, generate
+from bindweave.tasks.sprites.scenes import ALL_BACKGROUNDS, SpritesConfig, generate
 
 
 def sprites_parser():
@@ -27,6 +27,8 @@ def sprites_parser():
                    help="most subjects per sample (1..4)")
     p.add_argument("--relation-probability", "--relation_probability", dest="relation_probability", type=float,
                    default=d.relation_probability, help="chance of a depth relation in a sample of 2+ subjects")
+    p.add_argument("--backgrounds", nargs="+", choices=sorted(ALL_BACKGROUNDS), default=None,
+                   help="backgrounds to draw from (default: the eight of every split; olive and slate are in no default scene)")
     p.add_argument("--samples-per-shard", "--samples_per_shard", dest="samples_per_shard", type=int, default=256,
                    help="samples per shard")
     p.add_argument("--requests", action=ActionYesNo, default=True, help="also write requests.jsonl + references/")
@@ -39,7 +41,8 @@ def run_sprites(args) -> dict:
     """Run ``bindweave data sprites`` with parsed arguments; prints and returns the summary."""
     config = SpritesConfig(num_frames=args.num_frames, height=args.height, width=args.width, fps=args.fps,
                            sprite_scale=args.sprite_scale, reference_size=args.reference_size,
-                           max_subjects=args.max_subjects, relation_probability=args.relation_probability)
+                           max_subjects=args.max_subjects, relation_probability=args.relation_probability,
+                           backgrounds=tuple(args.backgrounds) if args.backgrounds else None)
     summary = generate(args.out, args.split, args.num_samples, args.seed, config, args.samples_per_shard,
                        requests=args.requests, overwrite=args.overwrite, workers=args.workers)
     print(f"Wrote {summary['samples']} {summary['split']} samples ({summary['appearances']} appearances; motions "

@@ -24,7 +24,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from bindweave.model.batch import fit_reference, to_model_batch
-from bindweave.tasks.sprites.scenes import BACKGROUNDS, SPLITS, Scene, boxes, draw_scene, prompt_of, render_sprite
+from bindweave.tasks.sprites.scenes import ALL_BACKGROUNDS, SPLITS, Scene, boxes, draw_scene, prompt_of, render_sprite
 
 
 # -- rendering on a device ---------------------------------------------------------------------
@@ -52,7 +52,7 @@ def scene_layout(scenes: list[Scene], max_subjects: int) -> dict[str, torch.Tens
             sprites[i, layer], masks[i, layer] = render_sprite(scene.subjects[j].appearance, size)
             corners[i, layer] = [box[:2] for box in tracks[j]]
             present[i, layer] = True
-    background = np.array([BACKGROUNDS[s.background] for s in scenes], np.uint8)
+    background = np.array([ALL_BACKGROUNDS[s.background] for s in scenes], np.uint8)
     return {"background": torch.from_numpy(background), "sprites": torch.from_numpy(sprites),
             "masks": torch.from_numpy(masks), "x0": torch.from_numpy(corners[..., 0].copy()),
             "y0": torch.from_numpy(corners[..., 1].copy()), "present": torch.from_numpy(present)}

@@ -60,7 +60,11 @@ BACKGROUNDS = {
     "grey": (128, 128, 128), "dark blue": (25, 35, 80), "dark green": (25, 70, 40), "brown": (100, 65, 40),
     "beige": (215, 200, 160), "teal": (40, 110, 110), "maroon": (95, 20, 35), "lavender": (185, 170, 215),
 }
-"""Background colours, none of them a sprite colour."""
+"""Background colours, none of them a sprite colour: a scene draws one of these."""
+EXTRA_BACKGROUNDS = {"olive": (110, 110, 30), "slate": (70, 80, 95)}
+"""Backgrounds no default scene has: a new skill to teach a trained model (``--backgrounds olive``)."""
+ALL_BACKGROUNDS = {**BACKGROUNDS, **EXTRA_BACKGROUNDS}
+"""Every background a prompt may name (rendering, parsing and scoring look them up here)."""
 
 ROWS = {"top": 0.2, "middle": 0.5, "bottom": 0.8}
 COLUMNS = {"left": 0.2, "centre": 0.5, "right": 0.8}
@@ -259,7 +263,7 @@ def render(scene: Scene, with_owner: bool = False) -> np.ndarray | tuple[np.ndar
     tracks = boxes(scene)
     video = np.empty((scene.num_frames, scene.height, scene.width, 3), np.uint8)
     owner = np.full((scene.num_frames, scene.height, scene.width), -1, np.int8)
-    video[:] = np.array(BACKGROUNDS[scene.background], np.uint8)
+    video[:] = np.array(ALL_BACKGROUNDS[scene.background], np.uint8)
     for f in range(scene.num_frames):
         for i in order:
             x0, y0 = tracks[i][f][:2]
@@ -291,7 +295,8 @@ def prompt_of(scene: Scene) -> str:
     body = clauses[0]
     if len(clauses) > 1:
         body += " while " + ", and ".join(clauses[1:])
-    return f"On a {scene.background} background, {body}."
+    article = "an" if scene.background[0] in "aeiou" else "a"  # "an olive" (no default background starts with a vowel)
+    return f"On {article} {scene.background} background, {body}."
 
 
 def scene_from_prompt(prompt: str, appearances: list[Appearance], num_frames: int, height: int, width: int,
@@ -301,7 +306,7 @@ def scene_from_prompt(prompt: str, appearances: list[Appearance], num_frames: in
     import re
 
     match = re.fullmatch(r"On an? (.+?) background, (.+)\.", prompt)
-    if not match or match.group(1) not in BACKGROUNDS:
+    if not match or match.group(1) not in ALL_BACKGROUNDS:
         raise ValueError(f"Not a sprites prompt: {prompt!r}")
     parts = re.split(r"(?:^| while |, and )(?=the (?:first|second|third|fourth) subject )", match.group(2))
     parts = [p for p in parts if p]
@@ -370,8 +375,9 @@ def path_cells(row: str, column: str, motion: str) -> tuple[set, set]:
 
 
 def random_scene(rng: random.Random, split: str, num_frames: int, height: int, width: int, sprite_scale: float,
-                 max_subjects: int = 4, relation_probability: float = 0.3) -> Scene:
-    """A random scene of 1..max_subjects subjects of distinct appearances of ``split``.
+                 max_subjects: int = 4, relation_probability: float = 0.3, backgrounds: tuple[str, ...] | None = None) -> Scene:
+    """A random scene of 1..max_subjects subjects of distinct appearances of ``split``, on one of
+    ``backgrounds`` (names of :data:`ALL_BACKGROUNDS`; None: :data:`BACKGROUNDS`).
 
     No subject stays (starts, ends, jumps) where another one passes, so subjects only meet in
     passing, and in the one planned crossing of a depth relation (a subject crossing a still one)."""
@@ -410,7 +416,7 @@ def random_scene(rng: random.Random, split: str, num_frames: int, height: int, w
         if s.relation is not None:
             s.relation = (s.relation[0], index[s.relation[1]])
     _apply_relations(subjects)
-    return Scene(rng.choice(sorted(BACKGROUNDS)), subjects, num_frames, height, width, sprite_scale)
+    return Scene(rng.choice(sorted(backgrounds or BACKGROUNDS)), subjects, num_frames, height, width, sprite_scale)
 
 
 # -- references, records, encoding ------------------------------------------------------------
@@ -456,7 +462,7 @@ def _png(image: np.ndarray) -> bytes:
 
 def scene_to_json(scene: Scene) -> dict:
     return {
-        "version": VERSION, "background": scene.background, "background_rgb": list(BACKGROUNDS[scene.background]),
+        "version": VERSION, "background": scene.background, "background_rgb": list(ALL_BACKGROUNDS[scene.background]),
         "num_frames": scene.num_frames, "height": scene.height, "width": scene.width,
         "sprite_scale": scene.sprite_scale, "sprite_size": scene.sprite_size,
         "subjects": [
@@ -496,6 +502,7 @@ class SpritesConfig:
         reference_scale: range of the sprite's size in a reference, as a fraction of its side.
         max_subjects: most subjects per sample (1..4).
         relation_probability: chance that a sample of 2+ subjects has one crossing with a depth relation.
+        backgrounds: the backgrounds drawn from (names of ``ALL_BACKGROUNDS``); None: the default eight.
     """
 
     num_frames: int = 17
@@ -507,9 +514,13 @@ class SpritesConfig:
     reference_scale: tuple[float, float] = (0.45, 0.9)
     max_subjects: int = 4
     relation_probability: float = 0.3
+    backgrounds: tuple[str, ...] | None = None
 
     def check(self) -> None:
         check_num_frames(self.num_frames)
+        unknown = sorted(set(self.backgrounds or ()) - set(ALL_BACKGROUNDS))
+        if unknown or self.backgrounds == ():
+            raise ValueError(f"backgrounds must be names of {sorted(ALL_BACKGROUNDS)}, got {list(self.backgrounds or ())}.")
         if not 1 <= self.max_subjects <= 4:
             raise ValueError(f"max_subjects must be 1..4, got {self.max_subjects}.")
         if not 0 < self.reference_scale[0] <= self.reference_scale[1] <= 1:
@@ -522,7 +533,7 @@ def draw_scene(split: str, seed: int, index: int, config) -> tuple[Scene, list[n
     and reference fields (the online sprites' settings); the shards and the online scenes draw here."""
     rng = random.Random(f"sprites/{VERSION}/{split}/{seed}/{index}")
     scene = random_scene(rng, split, config.num_frames, config.height, config.width, config.sprite_scale,
-                         config.max_subjects, config.relation_probability)
+                         config.max_subjects, config.relation_probability, getattr(config, "backgrounds", None))
     references, placements = [], []
     for s in scene.subjects:
         scale = rng.uniform(*config.reference_scale)
