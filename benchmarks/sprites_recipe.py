@@ -191,7 +191,8 @@ def profile(json_path: str, fit_args: list[str], steps: int, loader_batches: int
     Path(json_path).write_text(json.dumps(report, indent=2))
 
 
-def sample(model_path: str, requests: str, npz: str, batch_size: int, checkpoint_config: str | None) -> None:
+def sample(model_path: str, requests: str, npz: str, batch_size: int, checkpoint_config: str | None,
+           guidance_scale: float | None = None, num_steps: int | None = None) -> None:
     from bindweave.inference.pretrained import load_checkpoint, load_pretrained
     from bindweave.inference.requests import RequestDataset
     from bindweave.model.batch import collate
@@ -200,6 +201,10 @@ def sample(model_path: str, requests: str, npz: str, batch_size: int, checkpoint
     device = "cuda" if torch.cuda.is_available() else "cpu"
     module.to(device).eval()
     s = module.sampling
+    if guidance_scale is not None:
+        s.guidance_scale = guidance_scale
+    if num_steps is not None:
+        s.num_steps = num_steps
     # The model's own size (a 32 x 32 model samples the 64 x 64 test requests at 32 x 32; eval resizes).
     lines = [json.loads(line) for line in Path(requests).read_text().splitlines() if line.strip()]
     local = Path(requests).with_name("requests-model-size.jsonl")  # beside it: reference paths stay relative
@@ -247,6 +252,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--requests", required=True)
     p.add_argument("--npz", required=True)
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--guidance-scale", type=float, default=None, help="default: the model's")
+    p.add_argument("--num-steps", type=int, default=None, help="sampling steps (default: the model's)")
     p = sub.add_parser("videos")
     p.add_argument("--npz", required=True)
     p.add_argument("--out", required=True)
@@ -257,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "profile":
         profile(args.json, fit_args, args.steps, args.loader_batches, args.modes.split(","))
     elif args.command == "sample":
-        sample(args.model, args.requests, args.npz, args.batch_size, args.config)
+        sample(args.model, args.requests, args.npz, args.batch_size, args.config, args.guidance_scale, args.num_steps)
     else:
         write_videos(args.npz, args.out, args.fps)
 
