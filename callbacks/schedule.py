@@ -32,8 +32,11 @@ from lightning.pytorch.utilities import rank_zero_info
 
 def budget_seconds(budget: str | float | int) -> float:
     """Seconds of a budget given as seconds or as Lightning's ``max_time`` string ``DD:HH:MM:SS``."""
-    if isinstance(budget, (int, float)):
-        seconds = float(budget)
+    if isinstance(budget, (int, float)) or ":" not in str(budget):  # seconds (a command line gives "600")
+        try:
+            seconds = float(budget)
+        except ValueError:
+            raise ValueError(f"LRSchedule: budget must be seconds or 'DD:HH:MM:SS', got {budget!r}.") from None
     else:
         parts = [float(p) for p in str(budget).split(":")]
         if len(parts) != 4:
@@ -108,8 +111,9 @@ class LRSchedule(Callback):
         """Seconds of training under this schedule so far (earlier chunks included)."""
         return self.spent_before + (time.monotonic() - self._chunk[1] if self._chunk else 0.0)
 
-    def _measure(self, step: int) -> None:
-        """Budget mode: time steps after ``skip_steps``, then fix ``total_steps`` from the rate."""
+    def _measure(self, trainer: L.Trainer, step: int) -> None:
+        """Budget mode: time steps after ``skip_steps``, then fix ``total_steps`` from the rate
+        (rank 0's, broadcast at the same step on every rank: all ranks stop together)."""
         now = time.monotonic()
         if self._mark is None:
             if step >= self._chunk[0] + self.skip_steps:
@@ -119,7 +123,7 @@ class LRSchedule(Callback):
             return
         rate = (step - self._mark[0]) / max(now - self._mark[1], 1e-9)  # steps per second
         left = max(0.0, self.budget - self.spent())
-        self.total_steps = max(step + 1, step + int(left * rate))
+        self.total_steps = trainer.strategy.broadcast(max(step + 1, step + int(left * rate)), src=0)
         rank_zero_info(f"LRSchedule: {rate:.2f} steps/s over steps {self._mark[0]}-{step}; the budget's "
                        f"{left:.0f} s left make {self.total_steps} steps in all")
 
@@ -142,7 +146,7 @@ class LRSchedule(Callback):
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
         if self.budget is not None and self.total_steps is None and self._chunk is not None:
-            self._measure(trainer.global_step)
+            self._measure(trainer, trainer.global_step)
         factor = self.factor(trainer, trainer.global_step)
         for optimizer in trainer.optimizers:
             for group in optimizer.param_groups:

@@ -48,8 +48,10 @@ def test_budget_schedule_measures_the_rate_fixes_the_total_resumes_it_and_stops_
     clock = [100.0]
     monkeypatch.setattr(schedule.time, "monotonic", lambda: clock[0])
     group = {"lr": 1.0}
+    broadcasts = []
+    strategy = SimpleNamespace(broadcast=lambda value, src=0: broadcasts.append((value, src)) or value)  # one process
     trainer = SimpleNamespace(global_step=0, max_steps=-1, log_every_n_steps=1000, should_stop=False,
-                              optimizers=[SimpleNamespace(param_groups=[group])])
+                              optimizers=[SimpleNamespace(param_groups=[group])], strategy=strategy)
     module = SimpleNamespace(log=lambda *a, **k: None)
 
     def run(callback, steps, seconds_per_step):
@@ -62,7 +64,7 @@ def test_budget_schedule_measures_the_rate_fixes_the_total_resumes_it_and_stops_
                 return
 
     callback = LRSchedule(warmup_steps=5, budget="00:00:01:40", skip_steps=10, measure_steps=20, min_factor=0.1)
-    assert callback.budget == 100.0 and budget_seconds(7.5) == 7.5
+    assert callback.budget == 100.0 and budget_seconds(7.5) == 7.5 and budget_seconds("600") == 600.0  # the CLI's string
     callback.on_train_start(trainer, module)
     clock[0] += 5.0  # compilation before the first step counts against the budget
     run(callback, 10, 1.0)  # slow first steps: left out of the rate
@@ -70,6 +72,7 @@ def test_budget_schedule_measures_the_rate_fixes_the_total_resumes_it_and_stops_
     run(callback, 21, 0.1)  # the rate is read at the start of step 30
     # At step 30: 5 + 10 + 2 = 17 s spent, 83 s left at 10 steps/s make 830 more steps.
     assert callback.total_steps == 30 + 830
+    assert broadcasts == [(860, 0)]  # rank 0's total reaches every rank
     run(callback, 399, 0.1)
     state = callback.state_dict()
     assert state["total_steps"] == 860 and state["spent_seconds"] == pytest.approx(17 + 40)
@@ -212,3 +215,22 @@ def test_reader_recipe_trains_the_reader_and_samples_with_the_ema_weights(tmp_pa
     export_checkpoint("outputs/sprites-reader/checkpoints/last.ckpt", "export")
     exported = Checkpoint.open("export", prefix="model")
     torch.testing.assert_close(exported.read(key.removeprefix("model."), torch.float32), ema[key])
+
+
+def test_a_budget_from_the_command_line_ends_a_real_fit_at_its_step_total(tmp_path, monkeypatch):
+    """``budget`` as the command line gives it (a string of seconds) through LightningCLI and
+    Lightning's strategy: the fit stops at the total it measured, long before max_steps, and the
+    checkpoint keeps that total for a resumed chunk."""
+    from bindweave.cli.app import run_cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", ["bindweave"])
+    args = list(TINY[:-2])  # without --trainer.max_steps 3
+    at = args.index("--trainer.callbacks.warmup_steps=2") + 1
+    args[at:at] = ["--trainer.callbacks.budget=2", "--trainer.callbacks.skip_steps=1", "--trainer.callbacks.measure_steps=2"]
+    cli = run_cli(["fit", "-c", str(ROOT / "configs/sprites-reader.yaml"), *args, "--trainer.max_steps", "100000"])
+    schedule = next(c for c in cli.trainer.callbacks if isinstance(c, LRSchedule))
+    assert schedule.budget == 2.0 and schedule.total_steps is not None
+    assert cli.trainer.global_step == schedule.total_steps < 100000
+    stored = torch.load(tmp_path / "outputs/sprites-reader/checkpoints/last.ckpt", weights_only=False)["callbacks"]["LRSchedule"]
+    assert stored["total_steps"] == schedule.total_steps and stored["spent_seconds"] > 0
