@@ -24,7 +24,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from bindweave.model.batch import fit_reference, to_model_batch
-from bindweave.tasks.sprites.scenes import ALL_BACKGROUNDS, SPLITS, Scene, boxes, draw_scene, prompt_of, render_sprite
+from bindweave.tasks.sprites.scenes import (ALL_BACKGROUNDS, SPLITS, Scene, SpritesConfig, boxes, draw_scene, prompt_of,
+                                           render_sprite)
 
 
 # -- rendering on a device ---------------------------------------------------------------------
@@ -83,29 +84,14 @@ def render_frames(layout: dict[str, torch.Tensor], height: int, width: int) -> t
 
 
 @dataclass
-class OnlineSprites:
-    """Settings of the drawn scenes (the shards' :class:`~bindweave.tasks.sprites.scenes.SpritesConfig` fields).
+class OnlineSprites(SpritesConfig):
+    """Settings of the drawn scenes: the shards' :class:`~bindweave.tasks.sprites.scenes.SpritesConfig`
+    (every field means the same; ``fps`` is unused while training), 32 × 32 frames by default.
+    References are rendered at ``reference_size``, then fitted to the video size as ``predict`` fits a
+    request's references."""
 
-    Args:
-        num_frames: frames per video (1 + 4k).
-        height: frame height.
-        width: frame width.
-        sprite_scale: sprite size as a fraction of the frame's shorter side.
-        reference_size: side of the rendered reference images (then fitted to the video size, as
-            ``predict`` fits a request's references).
-        reference_scale: range of the sprite's size in a reference, as a fraction of its side.
-        max_subjects: most subjects per scene (1..4).
-        relation_probability: chance of one depth relation in a scene of 2+ subjects.
-    """
-
-    num_frames: int = 17
     height: int = 32
     width: int = 32
-    sprite_scale: float = 0.3
-    reference_size: int = 64
-    reference_scale: tuple[float, float] = (0.45, 0.9)
-    max_subjects: int = 4
-    relation_probability: float = 0.3
 
 
 def draw_sample(split: str, seed: int, index: int, config: OnlineSprites) -> tuple[Scene, list[np.ndarray]]:

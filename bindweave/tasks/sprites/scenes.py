@@ -527,13 +527,13 @@ class SpritesConfig:
             raise ValueError(f"reference_scale must be 0 < low <= high <= 1, got {self.reference_scale}.")
 
 
-def draw_scene(split: str, seed: int, index: int, config) -> tuple[Scene, list[np.ndarray], list[dict]]:
+def draw_scene(split: str, seed: int, index: int, config: "SpritesConfig") -> tuple[Scene, list[np.ndarray], list[dict]]:
     """Sample ``index`` of (split, seed) from its own random stream: the scene, its reference images
-    and their placements (box, scale). ``config``: a :class:`SpritesConfig` or anything with its scene
-    and reference fields (the online sprites' settings); the shards and the online scenes draw here."""
+    and their placements (box, scale) under ``config`` (a :class:`SpritesConfig`; the online sprites'
+    settings are one): the shards and the online scenes draw here."""
     rng = random.Random(f"sprites/{VERSION}/{split}/{seed}/{index}")
     scene = random_scene(rng, split, config.num_frames, config.height, config.width, config.sprite_scale,
-                         config.max_subjects, config.relation_probability, getattr(config, "backgrounds", None))
+                         config.max_subjects, config.relation_probability, config.backgrounds)
     references, placements = [], []
     for s in scene.subjects:
         scale = rng.uniform(*config.reference_scale)
