@@ -418,6 +418,10 @@ def test_an_extra_background_draws_the_same_scenes_on_a_new_colour():
         assert (new_video[owner >= 0] == video[owner >= 0]).all()
         parsed = S.scene_from_prompt(new["prompt"], [s.appearance for s in S.scene_from_json(new).subjects], 5, 32, 32, 0.3)
         assert (S.render(parsed) == new_video).all()
+    from bindweave.tasks.sprites.online import OnlineSprites, draw_sample
+
+    online = draw_sample("test", 0, 0, OnlineSprites(num_frames=5, reference_size=32, backgrounds=("olive",)))[0]
+    assert online.background == "olive"  # the scenes drawn while training take the option too
     assert "olive" not in S.BACKGROUNDS  # default scenes never draw it
     with pytest.raises(ValueError, match="backgrounds must be names"):
         S.SpritesConfig(backgrounds=("pinkish",)).check()
