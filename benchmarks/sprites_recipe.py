@@ -148,6 +148,7 @@ def profile(json_path: str, fit_args: list[str], steps: int, loader_batches: int
         next(loader)
     report["loader_batches_per_s"] = round(loader_batches / (time.perf_counter() - start), 2)
     report["batch_size"] = len(host["prompt"])
+    print("loader", report["loader_batches_per_s"], "batches/s", flush=True)
     del loader
 
     def on_device(host_batch: dict) -> dict:
@@ -155,40 +156,70 @@ def profile(json_path: str, fit_args: list[str], steps: int, loader_batches: int
                  ({kk: vv.to(device) for kk, vv in v.items()} if isinstance(v, dict) else v) for k, v in host_batch.items()}
         return datamodule.on_after_batch_transfer(moved, 0)
 
-    for mode in modes:
-        module, _ = build() if mode != modes[0] else (module, None)
-        module.to(device).train()
-        module.configure_model()
-        batch = on_device(host)
-        counter = FlopCounterMode(display=False)  # before compiling: the counter does not see compiled code
-        with counter, torch.autocast(device, torch.bfloat16, enabled=device == "cuda"):
-            module.flow_loss(batch).backward()
-        module.zero_grad(set_to_none=True)
-        flops = counter.get_total_flops()
-        if mode != "eager":
-            from bindweave.parallel.per_block import apply_compile
+    on_device(host)  # warm-up, then the per-batch cost of the move + on-device rendering alone
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(10):
+        on_device(host)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    report["transfer_and_render_ms"] = round((time.perf_counter() - start) / 10 * 1e3, 2)
+    print("transfer + render", report["transfer_and_render_ms"], "ms a batch", flush=True)
 
-            apply_compile(module.dit, mode=None if mode == "default" else mode)
-        seconds = _timed_steps(module, batch, steps, device)
-        row = {"ms_per_step": round(seconds * 1e3, 2), "steps_per_s": round(1 / seconds, 2),
-               "samples_per_s": round(report["batch_size"] / seconds, 1), "tflop_per_step": round(flops / 1e12, 3),
-               "tflops_per_s": round(flops / seconds / 1e12, 2)}
-        if peak:
-            row["mfu"] = round(flops / seconds / peak, 4)
-        report["modes"][mode] = row
-        print(mode, json.dumps(row), flush=True)
+    for mode in modes:
+        try:
+            module = _profile_mode(build, module if mode == modes[0] else None, on_device, host, mode, steps,
+                                   device, peak, report)
+        except Exception as error:  # one failing mode (e.g. CUDA graphs) keeps the others' rows
+            report["modes"][mode] = {"error": f"{type(error).__name__}: {error}"[:300]}
+            print(mode, "failed:", report["modes"][mode]["error"], flush=True)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    start = time.perf_counter()
     with torch_profile(activities=activities) as prof:
-        _timed_steps(module, batch, 3, device)
+        _timed_steps(module, on_device(host), 3, device)
+    report["profiled_wall_ms_per_step"] = round((time.perf_counter() - start) / 6 * 1e3, 1)  # 3 warm-up + 3 steps
     sort = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=80)
     print(table)
     report["top_kernels"] = table
     if device == "cuda":
         kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
-        report["gpu_kernels_per_step"] = round(len(kernels) / 6)  # 3 warm-up + 3 timed steps profiled
+        report["gpu_kernels_per_step"] = round(len(kernels) / 6)
+        report["gpu_busy_ms_per_step"] = round(sum(e.device_time for e in kernels) / 6 / 1e3, 1)  # µs -> ms
+        print("kernels a step", report["gpu_kernels_per_step"], "busy ms a step", report["gpu_busy_ms_per_step"],
+              "wall ms a step (profiled)", report["profiled_wall_ms_per_step"], flush=True)
     Path(json_path).parent.mkdir(parents=True, exist_ok=True)
     Path(json_path).write_text(json.dumps(report, indent=2))
+
+
+def _profile_mode(build, module, on_device, host: dict, mode: str, steps: int, device: str, peak, report: dict):
+    """One compile mode's step time and MFU into ``report['modes'][mode]``; returns the module it ran."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    if module is None:
+        module, _ = build()
+    module.to(device).train()
+    module.configure_model()
+    batch = on_device(host)
+    counter = FlopCounterMode(display=False)  # before compiling: the counter does not see compiled code
+    with counter, torch.autocast(device, torch.bfloat16, enabled=device == "cuda"):
+        module.flow_loss(batch).backward()
+    module.zero_grad(set_to_none=True)
+    flops = counter.get_total_flops()
+    if mode != "eager":
+        from bindweave.parallel.per_block import apply_compile
+
+        apply_compile(module.dit, mode=None if mode == "default" else mode)
+    seconds = _timed_steps(module, batch, steps, device)
+    row = {"ms_per_step": round(seconds * 1e3, 2), "steps_per_s": round(1 / seconds, 2),
+           "samples_per_s": round(report["batch_size"] / seconds, 1), "tflop_per_step": round(flops / 1e12, 3),
+           "tflops_per_s": round(flops / seconds / 1e12, 2)}
+    if peak:
+        row["mfu"] = round(flops / seconds / peak, 4)
+    report["modes"][mode] = row
+    print(mode, json.dumps(row), flush=True)
+    return module
 
 
 def sample(model_path: str, requests: str, npz: str, batch_size: int, checkpoint_config: str | None,

@@ -16,6 +16,7 @@ PACKAGES = ("bindweave", "encoders", "conditioners", "callbacks")
 
 LAYERS: list[tuple[str, set[str]]] = [
     ("base", {"bindweave.errors", "bindweave.progress", "bindweave.dtypes", "bindweave.atomic", "bindweave.moved", "bindweave.lightning_compat", "bindweave.model.attention",
+              "bindweave.model.fp8_attention",
               "bindweave.model.flow", "bindweave.weights.quantize", "bindweave.data.video_decode",
               "bindweave.data.curriculum", "bindweave.data.resume", "bindweave.data.reference_crop", "encoders.base", "encoders.tokenizer",
               "conditioners.references",

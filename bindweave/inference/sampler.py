@@ -36,6 +36,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from tqdm.auto import tqdm
 
 from bindweave.data.reference_canvas import ReferenceCanvas
+from bindweave.model.attention import AttentionBackend, attention_backend
 from bindweave.model.flow import NUM_TRAIN_TIMESTEPS
 from bindweave.model.bindweave_model import BindWeaveModel
 from bindweave.inference.dit_offload import DiTOffloadConfig, apply_dit_offload, offloaded_run_blocks
@@ -84,6 +85,9 @@ class SamplingConfig:
             (:mod:`bindweave.inference.dit_offload`; e.g. ``{group_size: 1, use_stream: true}``).
         fp8: the DiT blocks' linear layers in FP8 (torchao, row-wise dynamic; :mod:`bindweave.inference.fp8`);
             where that cannot run (CPU, pre-Ada GPU, no torchao) one line says so and bf16 runs.
+        attention: the DiT's attention while denoising: ``sdpa`` or ``fp8`` (Q·Kᵀ and P·V on FP8
+            tensor cores, a Triton kernel: :mod:`bindweave.model.fp8_attention`); where ``fp8``
+            cannot run (CPU, pre-Ada GPU, no triton) one line says so and SDPA runs.
     """
 
     num_steps: int = 50
@@ -102,6 +106,7 @@ class SamplingConfig:
     step_cache: StepCacheConfig | None = None
     dit_offload: DiTOffloadConfig | None = None
     fp8: bool = False
+    attention: AttentionBackend = "sdpa"
 
     def __post_init__(self) -> None:
         if isinstance(self.step_cache, dict):
@@ -307,15 +312,16 @@ def sample_videos(
     ids = [str(i) for i in batch.get("id") or []] if listeners else []
     for listener in listeners:
         listener(0, total, ids)
-    for i, t in enumerate(tqdm(scheduler.timesteps, desc=description, disable=not progress, leave=False)):
-        velocity = guided_velocity(model, dit_call, x, t, sigmas[i], cond, context, context_mask,
-                                   config.guidance_scale if guided else 1.0)  # (B, z, T, h, w) float32
-        x = scheduler.step(velocity, t, x, return_dict=False)[0]
-        if on_step is not None:
-            replaced = on_step(i, t, x)
-            x = x if replaced is None else replaced
-        for listener in listeners:
-            listener(i + 1, total, ids)
+    with attention_backend(config.attention):  # the previous backend again after the loop
+        for i, t in enumerate(tqdm(scheduler.timesteps, desc=description, disable=not progress, leave=False)):
+            velocity = guided_velocity(model, dit_call, x, t, sigmas[i], cond, context, context_mask,
+                                       config.guidance_scale if guided else 1.0)  # (B, z, T, h, w) float32
+            x = scheduler.step(velocity, t, x, return_dict=False)[0]
+            if on_step is not None:
+                replaced = on_step(i, t, x)
+                x = x if replaced is None else replaced
+            for listener in listeners:
+                listener(i + 1, total, ids)
 
     # 3. Decoding.
     with encoders_on([vae], device, config.offload_encoders):

@@ -8,19 +8,36 @@ already picks it by default there (with or without a key mask), so the default i
 PyTorch prefers cuDNN only on Hopper/Blackwell with a recent cuDNN (older ones gave wrong results
 at some sequence lengths); forcing it elsewhere is the user's call.
 
+:func:`set_attention_backend` (or the :func:`attention_backend` context) swaps SDPA for the FP8
+Triton kernel of :mod:`bindweave.model.fp8_attention` while sampling: it is used only where no
+gradient is recorded, the inputs are on a CUDA GPU of compute capability 8.9+ and the head size and
+dtype suit it; elsewhere SDPA runs, and one log line per reason says why.
+
 Keep every attention call going through here so backend choices, masking rules and sequence
 parallelism have one home.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from bindweave.model.fp8_attention import fp8_attention_op, fp8_attention_unsupported, register_fp8_attention_op
+
+log = logging.getLogger(__name__)
+
+AttentionBackend = Literal["sdpa", "fp8"]
+ATTENTION_BACKENDS = ("sdpa", "fp8")
+
 _CUDA_BACKENDS: list[SDPBackend] | None = None
+_BACKEND: AttentionBackend = "sdpa"
+_WARNED: set[str] = set()
 
 
 def set_sdpa_backends(backends: Sequence[SDPBackend] | None) -> None:
@@ -46,6 +63,48 @@ def get_sdpa_backends() -> list[SDPBackend] | None:
     return None if _CUDA_BACKENDS is None else list(_CUDA_BACKENDS)
 
 
+def set_attention_backend(backend: AttentionBackend) -> None:
+    """``sdpa`` (the default) or ``fp8``: Q·Kᵀ and P·V on FP8 tensor cores
+    (:func:`bindweave.model.fp8_attention.fp8_attention`, inference only). Where ``fp8`` cannot run
+    for a call (gradients on, CPU inputs, no triton, a GPU before compute capability 8.9, an
+    unsupported head size) SDPA runs instead, with one log line per reason."""
+    global _BACKEND
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {backend!r}.")
+    if backend == "fp8":
+        register_fp8_attention_op()  # before any compiled code can trace a call
+    _BACKEND = backend
+
+
+def get_attention_backend() -> AttentionBackend:
+    """The backend set by :func:`set_attention_backend`."""
+    return _BACKEND
+
+
+@contextlib.contextmanager
+def attention_backend(backend: AttentionBackend) -> Iterator[None]:
+    """:func:`set_attention_backend` for the body of a ``with`` block, then the previous one again."""
+    previous = _BACKEND
+    set_attention_backend(backend)
+    try:
+        yield
+    finally:
+        set_attention_backend(previous)
+
+
+def _use_fp8(q: torch.Tensor) -> bool:
+    if _BACKEND != "fp8":
+        return False
+    reason = ("FP8 attention is inference only and gradients are on" if torch.is_grad_enabled()
+              else fp8_attention_unsupported(q))
+    if reason is None:
+        return True
+    if reason not in _WARNED:
+        _WARNED.add(reason)
+        log.warning("attention: %s; using SDPA instead.", reason)
+    return False
+
+
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
     if q.is_cuda and _CUDA_BACKENDS is not None:
         with sdpa_kernel(_CUDA_BACKENDS, set_priority=True):
@@ -68,6 +127,8 @@ def attention(
         (B, Lq, H, Dh). A sample whose keys are all masked gets zeros (that stream contributes
         nothing) instead of the NaNs a fully masked softmax would give.
     """
+    if _use_fp8(q):
+        return fp8_attention_op(q, k, v, key_mask)  # (B, Lq, H, Dh)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, L, Dh)
     if key_mask is None:
         out = _sdpa(q, k, v, None)  # (B, H, Lq, Dh)
