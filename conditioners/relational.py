@@ -35,6 +35,12 @@ def _replace_rows(tokens: torch.Tensor, mask: torch.Tensor, new_tokens: torch.Te
     return tokens, mask
 
 
+def _zero_linear(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.zeros_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
 class RelationalConditioner(Conditioner):
     """Prompt + references read jointly by an MLLM, plus the prompt's T5 tokens, for one branch.
 
@@ -135,8 +141,8 @@ class RelationalConditioner(Conditioner):
         self.width = width
         if mllm_width is not None:
             self.connector = nn.Sequential(nn.Linear(mllm_width, width), nn.GELU(approximate="tanh"), nn.Linear(width, width))
-            nn.init.zeros_(self.connector[2].weight)
-            nn.init.zeros_(self.connector[2].bias)
+            # Through apply: DeepSpeed ZeRO-3 partitions a module as it is built and gathers it for apply.
+            self.connector[2].apply(_zero_linear)
             if self.release_connector_path is not None:
                 from bindweave.weights.bindweave_release import load_release_connector
 

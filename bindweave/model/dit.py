@@ -444,25 +444,39 @@ class WanDiT(nn.Module):
 
     def initialize_weights(self) -> None:
         """All weight init in one place (Wan's scheme): xavier linears, N(0, 0.02) embedders,
-        zero output projection so an untrained model predicts zero velocity."""
-        for module in self.modules():
+        zero output projection so an untrained model predicts zero velocity.
+
+        Each step goes through ``Module.apply`` and touches only the visited module's own weights,
+        so a strategy that shards weights as they are built (DeepSpeed ZeRO-3's ``zero.Init``
+        gathers a module's weights around each ``apply`` call) initialises them as one device does;
+        the draws come in the same order as a loop over ``modules()``."""
+
+        def linear(init):
+            def fn(module: nn.Module) -> None:
+                if isinstance(module, nn.Linear):
+                    init(module.weight)
+            return fn
+
+        def xavier_with_zero_bias(module: nn.Module) -> None:
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
-        nn.init.xavier_uniform_(self.patch_embedding.weight.flatten(1))
-        nn.init.zeros_(self.patch_embedding.bias)
+
+        def patch_embedding(module: nn.Module) -> None:
+            if module is self.patch_embedding:
+                nn.init.xavier_uniform_(module.weight.flatten(1))
+                nn.init.zeros_(module.bias)
+
+        self.apply(xavier_with_zero_bias)
+        self.patch_embedding.apply(patch_embedding)
         for embedder in self.context_embedders.values():
-            for module in embedder.modules():
-                if isinstance(module, nn.Linear):
-                    nn.init.normal_(module.weight, std=0.02)
-        for module in self.time_embedding.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, std=0.02)
+            embedder.apply(linear(lambda w: nn.init.normal_(w, std=0.02)))
+        self.time_embedding.apply(linear(lambda w: nn.init.normal_(w, std=0.02)))
         for layers in self.context_refiners.values():
             for layer in layers:  # residual branches start at zero: a new refiner is the identity
-                nn.init.zeros_(layer.to_out.weight)
-                nn.init.zeros_(layer.mlp[2].weight)
-        nn.init.zeros_(self.head.proj.weight)
+                layer.to_out.apply(linear(nn.init.zeros_))
+                layer.mlp[2].apply(linear(nn.init.zeros_))
+        self.head.proj.apply(linear(nn.init.zeros_))
 
     def initialize_new_branch(self, name: str) -> None:
         """Initialise branch ``name`` as a new condition of a pretrained DiT (STYLE rule 5): its

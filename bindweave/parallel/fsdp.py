@@ -2,8 +2,10 @@
 
 ``BindWeave.configure_model`` calls :func:`shard_model` when the Trainer's strategy gives the module
 a device mesh (Lightning's ``ModelParallelStrategy``): one ``fully_shard`` unit per DiT block, then
-the DiT root, and (optionally) one unit per frozen encoder, so a 14B DiT's weights, gradients and
-Adam state are split across the data-parallel ranks. Mixed precision is FSDP2's
+the DiT root, one unit per trainable conditioner part (the relational connector: its gradients are
+reduced across ranks like the DiT's, and gradient clipping sees only DTensors), and (optionally) one
+unit per frozen encoder, so a 14B DiT's weights, gradients and Adam state are split across the
+data-parallel ranks. Mixed precision is FSDP2's
 ``MixedPrecisionPolicy`` (bf16 compute, fp32 gradient reduction by default).
 """
 
@@ -25,6 +27,7 @@ def shard_model(
     reshard_after_forward: bool = True,
     shard_encoders: bool = True,
     gradient_divide_factor: float | None = None,
+    trainable: list[nn.Module] = (),
 ) -> None:
     """Shard ``dit`` (per block, then root) and the frozen ``encoders`` over ``mesh``, in place.
 
@@ -42,6 +45,9 @@ def shard_model(
         gradient_divide_factor: divide the summed gradients by this instead of the mesh size
             (sequence parallelism: the mesh spans dp × sp ranks, whose sum over an SP group is one
             data-parallel rank's gradient, so the mean is over the dp size).
+        trainable: further trainable modules (:func:`trainable_parts` of the conditioners), one unit
+            each with the DiT's policy. Left unsharded, their gradients would not be reduced across
+            ranks, and ``clip_grad_norm_`` fails on a mix of Tensors and DTensors.
     """
     if mesh.ndim > 1:
         mesh = mesh["data_parallel"]
@@ -51,8 +57,10 @@ def shard_model(
     for block in dit.blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     fully_shard(dit, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    for part in trainable:
+        fully_shard(part, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     if gradient_divide_factor is not None:
-        for unit in [*dit.blocks, dit]:
+        for unit in [*dit.blocks, dit, *trainable]:
             unit.set_gradient_divide_factor(gradient_divide_factor)
             unit.set_force_sum_reduction_for_comms(True)  # a plain sum then a division: gloo has no PREMUL_SUM
     if shard_encoders:
@@ -65,3 +73,21 @@ def shard_model(
             for method in ("encode", "encode_images", "decode"):
                 if callable(getattr(encoder, method, None)):
                     register_fsdp_forward_method(encoder, method)
+
+
+def trainable_parts(conditioners: nn.ModuleDict) -> list[nn.Module]:
+    """The outermost submodules of each conditioner that hold trainable weights and no frozen
+    encoder (e.g. ``relational.connector``): the units :func:`shard_model` shards beside the DiT.
+    Never a conditioner itself: conditioners run through ``condition``, not ``forward``, so FSDP's
+    forward hooks would not gather their weights."""
+
+    def within(module: nn.Module) -> list[nn.Module]:
+        parts = []
+        for child in module.children():
+            if not any(p.requires_grad for p in child.parameters()):
+                continue
+            holds_encoder = any(isinstance(m, FrozenEncoder) for m in child.modules())
+            parts += within(child) if holds_encoder else [child]
+        return parts
+
+    return [part for conditioner in conditioners.values() for part in within(conditioner)]

@@ -291,7 +291,7 @@ class BindWeave(L.LightningModule):
     def _apply_parallelism(self) -> None:
         """Activation checkpointing, compile and (under ModelParallelStrategy) FSDP2, in that order."""
         from bindweave.parallel.per_block import apply_activation_checkpointing, apply_compile
-        from bindweave.parallel.fsdp import shard_model
+        from bindweave.parallel.fsdp import shard_model, trainable_parts
         from encoders.base import frozen_encoders
 
         p = self.parallelism
@@ -303,7 +303,7 @@ class BindWeave(L.LightningModule):
             shard_model(
                 self.dit, frozen_encoders(self), mesh, p.fsdp_param_dtype,
                 reshard_after_forward=p.fsdp_reshard_after_forward, shard_encoders=p.fsdp_shard_encoders,
-                gradient_divide_factor=divide,
+                gradient_divide_factor=divide, trainable=trainable_parts(self.conditioners),
             )
 
     def _sequence_parallel_mesh(self):
