@@ -41,6 +41,8 @@ import dit as ditbench  # noqa: E402  (benchmarks/dit.py: models, inputs, timing
 
 from bindweave.inference.dit_offload import DiTOffloadConfig, apply_dit_offload, offloaded_run_blocks  # noqa: E402
 from bindweave.inference.fp8 import apply_fp8, fp8_unsupported  # noqa: E402
+from bindweave.model.attention import attention_backend  # noqa: E402
+from bindweave.model.fp8_attention import fp8_attention_unsupported  # noqa: E402
 from bindweave.inference.step_cache import FirstBlockCache, StepCacheConfig  # noqa: E402
 from bindweave.parallel.per_block import apply_compile  # noqa: E402
 
@@ -131,6 +133,20 @@ def one_block(device, smoke: bool, result: dict) -> None:
     result["fp8_unsupported"] = reason
     if reason is None:
         measure("ours fp8 compiled", apply_compile(fp8, dynamic=dynamic), "ours")
+    # FP8 attention (model.sampling.attention: fp8): self-attention on the Triton kernel, text and image on SDPA.
+    heads = master.num_heads
+    probe = torch.empty(1, 16, heads, master.dim // heads, dtype=torch.bfloat16, device=device)  # (B, L, H, Dh)
+    attention_reason = fp8_attention_unsupported(probe)
+    result["fp8_attention_unsupported"] = attention_reason
+    if attention_reason is None:
+        with attention_backend("fp8"):
+            measure("ours bf16 + fp8 attention compiled",
+                    apply_compile(ditbench.ours_in(master, torch.bfloat16).requires_grad_(False), dynamic=dynamic), "ours")
+            if reason is None:
+                both = ditbench.ours_in(master, torch.bfloat16).requires_grad_(False)
+                apply_fp8(both)
+                measure("ours fp8 + fp8 attention compiled", apply_compile(both, dynamic=dynamic), "ours")
+                del both
     del fp8, ours, master, ref
     ditbench.free(device)
 

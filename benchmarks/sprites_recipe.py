@@ -126,7 +126,6 @@ def profile(json_path: str, fit_args: list[str], steps: int, loader_batches: int
     """Loader batches/s, then per compile mode the step time, MFU and (last mode) the top kernels."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
-    from torch.utils.flop_counter import FlopCounterMode
 
     from bindweave.cli.app import BindWeaveArgumentParser, BindWeaveCLI
     from bindweave.training.module import BindWeave
@@ -199,8 +198,8 @@ def _profile_mode(build, module, on_device, host: dict, mode: str, steps: int, d
 
     if module is None:
         module, _ = build()
+    module.configure_model()  # builds the factories' parts (the reader): before the move
     module.to(device).train()
-    module.configure_model()
     batch = on_device(host)
     counter = FlopCounterMode(display=False)  # before compiling: the counter does not see compiled code
     with counter, torch.autocast(device, torch.bfloat16, enabled=device == "cuda"):
@@ -223,8 +222,10 @@ def _profile_mode(build, module, on_device, host: dict, mode: str, steps: int, d
 
 
 def sample(model_path: str, requests: str, npz: str, batch_size: int, checkpoint_config: str | None,
-           guidance_scale: float | None = None, num_steps: int | None = None) -> None:
+           guidance_scale: float | None = None, num_steps: int | None = None, fp8: bool = False,
+           attention: str = "sdpa", step_cache: float | None = None) -> None:
     from bindweave.inference.pretrained import load_checkpoint, load_pretrained
+    from bindweave.inference.step_cache import StepCacheConfig
     from bindweave.inference.requests import RequestDataset
     from bindweave.model.batch import collate
 
@@ -238,6 +239,8 @@ def sample(model_path: str, requests: str, npz: str, batch_size: int, checkpoint
         s.guidance_scale = guidance_scale
     if num_steps is not None:
         s.num_steps = num_steps
+    s.fp8, s.attention = fp8, attention  # issue #22's options: their quality on a trained model
+    s.step_cache = None if step_cache is None else StepCacheConfig(threshold=step_cache)
     # The model's own size (a 32 x 32 model samples the 64 x 64 test requests at 32 x 32; eval resizes).
     lines = [json.loads(line) for line in Path(requests).read_text().splitlines() if line.strip()]
     local = Path(requests).with_name("requests-model-size.jsonl")  # beside it: reference paths stay relative
@@ -287,6 +290,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--guidance-scale", type=float, default=None, help="default: the model's")
     p.add_argument("--num-steps", type=int, default=None, help="sampling steps (default: the model's)")
+    p.add_argument("--fp8", action="store_true", help="model.sampling.fp8: the DiT's linears in FP8")
+    p.add_argument("--attention", default="sdpa", choices=["sdpa", "fp8"], help="model.sampling.attention")
+    p.add_argument("--step-cache", type=float, default=None, help="model.sampling.step_cache threshold")
     p = sub.add_parser("videos")
     p.add_argument("--npz", required=True)
     p.add_argument("--out", required=True)
@@ -297,7 +303,8 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "profile":
         profile(args.json, fit_args, args.steps, args.loader_batches, args.modes.split(","))
     elif args.command == "sample":
-        sample(args.model, args.requests, args.npz, args.batch_size, args.config, args.guidance_scale, args.num_steps)
+        sample(args.model, args.requests, args.npz, args.batch_size, args.config, args.guidance_scale, args.num_steps,
+               args.fp8, args.attention, args.step_cache)
     else:
         write_videos(args.npz, args.out, args.fps)
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import bindweave.model.attention as attention_module
 from bindweave.inference.sampler import sample_videos
 from bindweave.model.attention import attention, attention_backend, get_attention_backend, set_attention_backend
-from bindweave.model.fp8_attention import fp8_attention, reference_fp8_attention
+from bindweave.model.fp8_attention import FP8_MIN_KEYS, OP_SETTINGS, fp8_attention, reference_fp8_attention
 from tests.helpers import synthetic_batch, tiny_module
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,7 +128,7 @@ def test_smoothing_k_is_what_keeps_the_error_small():
 
 _INTERPRETED = """
 import json, torch
-from bindweave.model.fp8_attention import fp8_attention, reference_fp8_attention
+from bindweave.model.fp8_attention import FP8_MIN_KEYS, OP_SETTINGS, fp8_attention, reference_fp8_attention
 from tests.test_fp8_attention import exact, inputs, relative_error
 errors = {}
 for masked in (False, True):
@@ -154,7 +154,8 @@ print(json.dumps(errors))
 
 def test_the_kernel_in_the_triton_interpreter():
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)  # keep installed extras
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
     result = subprocess.run([sys.executable, "-c", _INTERPRETED], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=300)
     if result.returncode != 0 and "interpreter" in result.stderr.lower() and "not supported" in result.stderr.lower():
@@ -196,6 +197,15 @@ def test_the_kernel_on_a_gpu(pv, masked):
     assert relative_error(out, ref) < 2e-2, relative_error(out, ref)
     if masked:
         assert torch.equal(out[-1], torch.zeros_like(out[-1]))
-    if pv == "fp8":  # the default settings, through attention()
+    if pv == "fp8":  # through attention(): SDPA below FP8_MIN_KEYS keys, the op's settings from there on
         with attention_backend("fp8"), torch.no_grad():
-            assert torch.equal(attention(q, k, v, mask), out)
+            assert torch.equal(attention(q, k, v, mask), exact_bf16(q, k, v, mask))
+            k_long, v_long = k.repeat(1, FP8_MIN_KEYS // k.shape[1] + 1, 1, 1), v.repeat(1, FP8_MIN_KEYS // k.shape[1] + 1, 1, 1)
+            mask_long = None if mask is None else mask.repeat(1, FP8_MIN_KEYS // k.shape[1] + 1)
+            assert torch.equal(attention(q, k_long, v_long, mask_long),
+                               fp8_attention(q, k_long, v_long, mask_long, **OP_SETTINGS))
+
+
+def exact_bf16(q, k, v, mask):
+    with attention_backend("sdpa"):
+        return attention(q, k, v, mask)

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from bindweave.model.fp8_attention import fp8_attention_op, fp8_attention_unsupported, register_fp8_attention_op
+from bindweave.model.fp8_attention import (FP8_MIN_KEYS, fp8_attention_op, fp8_attention_unsupported,
+                                           register_fp8_attention_op)
 
 log = logging.getLogger(__name__)
 
@@ -92,17 +93,17 @@ def attention_backend(backend: AttentionBackend) -> Iterator[None]:
         set_attention_backend(previous)
 
 
-def _use_fp8(q: torch.Tensor) -> bool:
+def _use_fp8(q: torch.Tensor, num_keys: int) -> bool:
     if _BACKEND != "fp8":
         return False
     reason = ("FP8 attention is inference only and gradients are on" if torch.is_grad_enabled()
               else fp8_attention_unsupported(q))
-    if reason is None:
-        return True
-    if reason not in _WARNED:
-        _WARNED.add(reason)
-        log.warning("attention: %s; using SDPA instead.", reason)
-    return False
+    if reason is not None:
+        if reason not in _WARNED:
+            _WARNED.add(reason)
+            log.warning("attention: %s; using SDPA instead.", reason)
+        return False
+    return num_keys >= FP8_MIN_KEYS  # short key sets (the text's) stay on SDPA, faster there (no message)
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
@@ -127,7 +128,7 @@ def attention(
         (B, Lq, H, Dh). A sample whose keys are all masked gets zeros (that stream contributes
         nothing) instead of the NaNs a fully masked softmax would give.
     """
-    if _use_fp8(q):
+    if _use_fp8(q, k.shape[1]):
         return fp8_attention_op(q, k, v, key_mask)  # (B, Lq, H, Dh)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, L, Dh)
     if key_mask is None:

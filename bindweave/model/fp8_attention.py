@@ -338,6 +338,15 @@ def fp8_attention(
 _OP = None
 
 
+OP_SETTINGS = dict(pv="fp8", block_m=64, block_n=128, num_warps=4, num_stages=3)
+"""The settings of the registered op: the fastest of ten measured at the 14B self-attention shape
+(39,000 tokens, 40 heads of 128) on an H100, 43.2 ms against cuDNN SDPA's 52.7 ms (1.22x;
+``benchmarks/results/attention8-NVIDIA-H100-80GB-HBM3.json``)."""
+FP8_MIN_KEYS = 4096
+"""Fewer keys than this and ``attention()`` keeps SDPA: at the 768 text tokens of cross-attention
+the kernel ran at 0.70x of cuDNN SDPA (same run), as its per-call quantization does not pay off."""
+
+
 def register_fp8_attention_op() -> None:
     """Register :func:`fp8_attention` (default settings) as the torch op ``bindweave::fp8_attention``,
     opaque to ``torch.compile``; done once, by ``set_attention_backend("fp8")``, not on import."""
@@ -350,7 +359,7 @@ def register_fp8_attention_op() -> None:
 
     @torch.library.custom_op("bindweave::fp8_attention", mutates_args=())
     def op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
-        return fp8_attention(q, k, v, key_mask)
+        return fp8_attention(q, k, v, key_mask, **OP_SETTINGS)
 
     @op.register_fake
     def _(q, k, v, key_mask):
@@ -361,6 +370,6 @@ def register_fp8_attention_op() -> None:
 
 def fp8_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      key_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """:func:`fp8_attention` with its default settings, through the registered torch op."""
+    """:func:`fp8_attention` with :data:`OP_SETTINGS`, through the registered torch op."""
     register_fp8_attention_op()
     return _OP(q, k, v, key_mask)
