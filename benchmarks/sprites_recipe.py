@@ -223,7 +223,7 @@ def _profile_mode(build, module, on_device, host: dict, mode: str, steps: int, d
 
 def sample(model_path: str, requests: str, npz: str, batch_size: int, checkpoint_config: str | None,
            guidance_scale: float | None = None, num_steps: int | None = None, fp8: bool = False,
-           attention: str = "sdpa", step_cache: float | None = None) -> None:
+           attention: str = "sdpa", step_cache: float | None = None, fp8_min_keys: int | None = None) -> None:
     from bindweave.inference.pretrained import load_checkpoint, load_pretrained
     from bindweave.inference.step_cache import StepCacheConfig
     from bindweave.inference.requests import RequestDataset
@@ -240,6 +240,10 @@ def sample(model_path: str, requests: str, npz: str, batch_size: int, checkpoint
     if num_steps is not None:
         s.num_steps = num_steps
     s.fp8, s.attention = fp8, attention  # issue #22's options: their quality on a trained model
+    if fp8_min_keys is not None:  # the sprites model's 336 keys are below the library's threshold: judge the kernel anyway
+        import bindweave.model.attention as attention_module
+
+        attention_module.FP8_MIN_KEYS = fp8_min_keys
     s.step_cache = None if step_cache is None else StepCacheConfig(threshold=step_cache)
     # The model's own size (a 32 x 32 model samples the 64 x 64 test requests at 32 x 32; eval resizes).
     lines = [json.loads(line) for line in Path(requests).read_text().splitlines() if line.strip()]
@@ -293,6 +297,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fp8", action="store_true", help="model.sampling.fp8: the DiT's linears in FP8")
     p.add_argument("--attention", default="sdpa", choices=["sdpa", "fp8"], help="model.sampling.attention")
     p.add_argument("--step-cache", type=float, default=None, help="model.sampling.step_cache threshold")
+    p.add_argument("--fp8-min-keys", type=int, default=None, help="FP8 attention from this many keys (quality checks)")
     p = sub.add_parser("videos")
     p.add_argument("--npz", required=True)
     p.add_argument("--out", required=True)
@@ -304,7 +309,7 @@ def main(argv: list[str] | None = None) -> None:
         profile(args.json, fit_args, args.steps, args.loader_batches, args.modes.split(","))
     elif args.command == "sample":
         sample(args.model, args.requests, args.npz, args.batch_size, args.config, args.guidance_scale, args.num_steps,
-               args.fp8, args.attention, args.step_cache)
+               args.fp8, args.attention, args.step_cache, args.fp8_min_keys)
     else:
         write_videos(args.npz, args.out, args.fps)
 

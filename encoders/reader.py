@@ -40,26 +40,29 @@ class WordTokenizer:
     Args:
         vocabulary: the known words (and marks such as ``,``); others become ``<unk>``.
         max_length: most tokens per prompt, ``<s>`` included; longer prompts are cut.
+        fixed_length: pad every batch to ``max_length`` (one shape for every batch: compiled
+            kernels and attention plans are reused) instead of to its longest prompt.
     """
 
     PATTERN = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")
 
-    def __init__(self, vocabulary: list[str], max_length: int = 64) -> None:
+    def __init__(self, vocabulary: list[str], max_length: int = 64, fixed_length: bool = False) -> None:
         words = [w.lower() for w in vocabulary]
         if len(set(words)) != len(words):
             raise ValueError("The reader's vocabulary lists a word twice.")
         self.ids = {word: i + 3 for i, word in enumerate(words)}
         self.size = len(words) + 3
-        self.max_length = max_length
+        self.max_length, self.fixed_length = max_length, fixed_length
 
     def words(self, prompt: str) -> list[str]:
         return self.PATTERN.findall(prompt.lower())
 
     def __call__(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ids (B, L) long and mask (B, L) bool, L the longest prompt's length (``<s>`` first)."""
+        """Token ids (B, L) long and mask (B, L) bool, L the longest prompt's length or, with
+        ``fixed_length``, ``max_length`` (``<s>`` first)."""
         rows = [[BOS] + [self.ids.get(w, UNK) for w in self.words(p)] for p in prompts]
         rows = [r[: self.max_length] for r in rows]
-        length = max(len(r) for r in rows)
+        length = self.max_length if self.fixed_length else max(len(r) for r in rows)
         ids = torch.full((len(rows), length), PAD, dtype=torch.long)
         for i, r in enumerate(rows):
             ids[i, : len(r)] = torch.tensor(r)
@@ -98,6 +101,9 @@ class PromptReferenceReader(nn.Module):
         num_heads: attention heads.
         ffn_dim: MLP width (default 4 × dim).
         max_words: most prompt tokens read (``<s>`` included).
+        fixed_length: pad every batch's prompts to ``max_words`` tokens (masked), so every training
+            batch has one shape: compiled DiT blocks and cuDNN attention plans are built once instead
+            of per prompt length. The outputs are those of the unpadded batch (padding is masked).
         read_prompt: read the prompt (False: references only, the CLIP role).
         read_references: read the references (False: the prompt only, the T5 role).
         max_references: most references read (the reference-index embeddings).
@@ -117,6 +123,7 @@ class PromptReferenceReader(nn.Module):
         num_heads: int = 4,
         ffn_dim: int | None = None,
         max_words: int = 64,
+        fixed_length: bool = False,
         read_prompt: bool = True,
         read_references: bool = True,
         max_references: int = 4,
@@ -132,7 +139,7 @@ class PromptReferenceReader(nn.Module):
             raise ValueError(f"dim ({dim}) must be a multiple of num_heads ({num_heads}).")
         if crop_size % patch_size:
             raise ValueError(f"crop_size ({crop_size}) must be a multiple of patch_size ({patch_size}).")
-        self.tokenizer = WordTokenizer(vocabulary, max_words)
+        self.tokenizer = WordTokenizer(vocabulary, max_words, fixed_length)
         self.dim, self.read_prompt, self.read_references = dim, read_prompt, read_references
         self.max_references, self.crop, self.crop_size, self.patch_size = max_references, crop, crop_size, patch_size
         self.crop_threshold = crop_threshold

@@ -130,6 +130,20 @@ def test_word_tokenizer_starts_with_bos_and_maps_unknown_words():
     assert mask.sum(1).tolist() == [6, 1]
 
 
+def test_fixed_length_prompts_have_one_shape_and_the_same_tokens():
+    torch.manual_seed(0)
+    vocabulary = ["a", "red", "subject", "moves", "left", "the"]
+    ragged = PromptReferenceReader(vocabulary, dim=16, num_heads=2, max_words=12, read_references=False)
+    fixed = PromptReferenceReader(vocabulary, dim=16, num_heads=2, max_words=12, read_references=False, fixed_length=True)
+    fixed.load_state_dict(ragged.state_dict())
+    prompts = ["a red subject moves left", "the subject"]
+    short, padded = (reader(reader.prepare(prompts, None, None)) for reader in (ragged, fixed))
+    assert short.tokens.shape[1] == 6 and padded.tokens.shape[1] == 12  # the longest prompt vs max_words
+    assert torch.equal(padded.mask[:, :6], short.mask) and not padded.mask[:, 6:].any()
+    real = short.mask[..., None]  # the padding is masked: real tokens read the same
+    torch.testing.assert_close(padded.tokens[:, :6] * real, short.tokens * real, atol=1e-5, rtol=1e-5)
+
+
 def test_reader_conditioner_trains_its_reader_and_drops_to_the_null_prompt():
     c = tiny(ReaderConditioner)
     c.build(None)
