@@ -38,6 +38,7 @@ class EMA(WeightAveraging):
         super().__init__(device=device, use_buffers=False, multi_avg_fn=get_ema_multi_avg_fn(decay))
         self.decay, self.warmup, self.start_step = decay, warmup, start_step
         self._raw_at_end: dict[str, torch.Tensor] | None = None
+        self._updated_at = 0  # the optimizer step (global_step) of the last update
 
     def decay_at(self, update: int) -> float:
         """The decay of the ``update``-th update of the average (0: the first, which copies the weights)."""
@@ -52,13 +53,28 @@ class EMA(WeightAveraging):
         return step_idx is not None
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
-        if trainer.global_step - 1 < self.start_step and self._average_model is not None:
-            # Before start_step the average is the weights themselves (AveragedModel's first update copies).
-            self._average_model.n_averaged.zero_()
-        if self._average_model is not None:  # the decay of this update, from the host's step count (no device sync)
-            update = trainer.global_step - 1 - self.start_step
-            self._average_model.multi_avg_fn = get_ema_multi_avg_fn(self.decay_at(update))
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        """Update the average once per optimizer step, with no device-to-host sync.
+
+        ``AveragedModel.update_parameters`` reads its on-device update count twice a step
+        (``bool(n_averaged == 0)``, ``n_averaged > 0``): each read waits for the GPU to finish the
+        step, so the host cannot queue the next one meanwhile. Here the count comes from the host's
+        step counter and the update is torch's fused EMA (:func:`get_ema_multi_avg_fn`) itself."""
+        average = self._average_model
+        if average is None or trainer.global_step <= self._updated_at:
+            return  # no optimizer step since the last update (gradient accumulation, or none yet)
+        self._updated_at = trainer.global_step
+        update = trainer.global_step - 1 - self.start_step  # < 0 before start_step: the average follows the weights
+        averaged = [p.detach() for p in average.module.parameters()]
+        current = [p.detach().to(a.device) for p, a in zip(pl_module.parameters(), averaged, strict=True)]
+        with torch.no_grad():
+            if update <= 0:  # the first update copies (as AveragedModel's first does)
+                for a, c in zip(averaged, current):
+                    a.copy_(c)
+            else:
+                get_ema_multi_avg_fn(self.decay_at(update))(averaged, current, None)
+            for a, c in zip(average.module.buffers(), pl_module.buffers(), strict=True):  # use_buffers=False: copied
+                a.copy_(c.detach().to(a.device))
+            average.n_averaged.fill_(max(update + 1, 0))  # on the device, asynchronous; read by no one here
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # The model takes the average now; a checkpoint written after this (a last.ckpt at the end of

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -100,6 +101,72 @@ def test_ema_decay_warms_up_to_its_target():
 
 
 # -- reference cropping --------------------------------------------------------------------------
+
+
+class _Line(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 3)
+        self.register_buffer("calls", torch.zeros(()))  # a buffer: copied into the average, not averaged
+
+    def training_step(self, batch, batch_idx):
+        self.calls += 1
+        return self.layer(batch[0]).square().mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class _Weights(L.Callback):
+    """The weights after each optimizer step (before the EMA callback, which comes after it)."""
+
+    def __init__(self) -> None:
+        self.steps: dict[int, list[torch.Tensor]] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step > 0:  # after an optimizer step (the first micro-batches of accumulation: none yet)
+            self.steps[trainer.global_step] = [p.detach().clone() for p in pl_module.parameters()]
+
+
+@pytest.mark.parametrize("accumulate, start_step", [(1, 0), (2, 2)])
+def test_ema_is_the_warmed_up_average_of_the_weights_once_per_optimizer_step(accumulate, start_step):
+    torch.manual_seed(0)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(24, 4)), batch_size=2)
+    weights, ema = _Weights(), EMA(decay=0.9, start_step=start_step)
+    module = _Line()
+    trainer = L.Trainer(max_steps=6, accumulate_grad_batches=accumulate, callbacks=[weights, ema], accelerator="cpu",
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, data)
+    expected = None
+    for step in sorted(weights.steps):  # optimizer steps 1..6
+        update = step - 1 - start_step
+        current = weights.steps[step]
+        if update <= 0 or expected is None:
+            expected = [w.clone() for w in current]
+        else:
+            d = ema.decay_at(update)
+            expected = [d * e + (1 - d) * w for e, w in zip(expected, current)]
+    assert sorted(weights.steps) == list(range(1, 7))
+    for got, want in zip(module.parameters(), expected):  # after fit the model holds the average
+        torch.testing.assert_close(got, want)
+    assert module.calls == 6 * accumulate  # the buffer follows the raw model, not an average of it
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_ema_update_never_waits_for_the_gpu():
+    class Strict(EMA):  # a device-to-host sync inside the update raises
+        def on_train_batch_end(self, *args) -> None:
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                super().on_train_batch_end(*args)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 4)), batch_size=2)
+    trainer = L.Trainer(max_steps=3, callbacks=[Strict(decay=0.9)], accelerator="gpu", devices=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(_Line(), data)
+    assert trainer.global_step == 3
 
 
 def test_crop_to_subject_finds_the_box_pads_it_square_and_resizes():
