@@ -4,6 +4,7 @@ from bindweave.data.datamodule import DataMonitor
 from callbacks.checkpoint import RunCheckpoint
 from callbacks.denoise_probe import DenoiseProbe
 from callbacks.ema import EMA
+from callbacks.loss_progress import LossProgressBar
 from callbacks.metrics import CLIPTextImageModel, IdentitySimilarity, MotionMagnitude, PromptVideoSimilarity, VideoMetrics
 from callbacks.resume import StepSeed
 from callbacks.predict_progress import PredictProgress
@@ -18,6 +19,7 @@ __all__ = [
     "EMA",
     "IdentitySimilarity",
     "LRSchedule",
+    "LossProgressBar",
     "MotionMagnitude",
     "PredictProgress",
     "PromptVideoSimilarity",

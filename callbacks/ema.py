@@ -39,12 +39,14 @@ class EMA(WeightAveraging):
         self.decay, self.warmup, self.start_step = decay, warmup, start_step
         self._raw_at_end: dict[str, torch.Tensor] | None = None
         self._updated_at = 0  # the optimizer step (global_step) of the last update
+        self._pairs: tuple[list[torch.Tensor], list[torch.Tensor] | None] | None = None  # (average, weights) views
 
     def decay_at(self, update: int) -> float:
         """The decay of the ``update``-th update of the average (0: the first, which copies the weights)."""
         return min(self.decay, (1 + update) / (10 + update)) if self.warmup else self.decay
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._pairs = None  # views of this fit's tensors, taken at the first update
         if stage == "fit" and self._device is None:
             self._device = trainer.strategy.root_device
         super().setup(trainer, pl_module, stage)
@@ -64,8 +66,15 @@ class EMA(WeightAveraging):
             return  # no optimizer step since the last update (gradient accumulation, or none yet)
         self._updated_at = trainer.global_step
         update = trainer.global_step - 1 - self.start_step  # < 0 before start_step: the average follows the weights
-        averaged = [p.detach() for p in average.module.parameters()]
-        current = [p.detach().to(a.device) for p, a in zip(pl_module.parameters(), averaged, strict=True)]
+        if self._pairs is None:  # views of the same storage all fit long: ~800 fewer host ops a step than rebuilding them
+            averaged = [p.detach() for p in average.module.parameters()]
+            current = [p.detach() for p in pl_module.parameters()]
+            if any(a.device != c.device for a, c in zip(averaged, current, strict=True)):
+                current = None  # an average kept elsewhere (device=...): copy the weights over each step
+            self._pairs = (averaged, current)
+        averaged, current = self._pairs
+        if current is None:
+            current = [p.detach().to(a.device) for p, a in zip(pl_module.parameters(), averaged)]
         with torch.no_grad():
             if update <= 0:  # the first update copies (as AveragedModel's first does)
                 for a, c in zip(averaged, current):

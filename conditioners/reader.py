@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from conditioners.base import Conditioner, ConditionerSpec, Conditioning
+from bindweave.host_copy import host_values
 from conditioners.references import apply_drop, reference_mask
 from encoders.base import Tokens
 from encoders.reader import BOS, PAD, PromptReferenceReader
@@ -68,7 +69,7 @@ class ReaderConditioner(Conditioner):
         features = dict(features)
         dropped = list(drop) if drop is not None else [False] * len(batch["prompt"])
         if self.reader.read_prompt and any(dropped):
-            rows = torch.tensor(dropped, device=features["ids"].device)[:, None]  # (B, 1)
+            rows = host_values(dropped, features["ids"].device, torch.bool)[:, None]  # (B, 1), no device sync
             null = torch.full_like(features["ids"], PAD)
             null[:, 0] = BOS
             features["ids"] = torch.where(rows, null, features["ids"])  # (B, L)

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from bindweave.data.reference_crop import crop_to_subject
+from bindweave.host_copy import host_values
 from bindweave.model.attention import attention
 from encoders.base import Tokens
 
@@ -189,7 +190,7 @@ class PromptReferenceReader(nn.Module):
         device = references.device if references is not None else self.norm.weight.device
         if self.read_prompt:
             ids, mask = self.tokenizer(list(prompts))
-            features.update(ids=ids.to(device), id_mask=mask.to(device))
+            features.update(ids=host_values(ids, device, torch.long), id_mask=host_values(mask, device, torch.bool))
         if self.read_references:
             b = len(prompts)
             if references is None or references.shape[1] == 0:

@@ -179,3 +179,25 @@ def test_sampling_callback_logs_to_each_logger_it_knows_and_leaves_files_for_the
             stored = sorted(p.name for p in (tmp_path / "mlruns").rglob("artifacts/samples/step-0000003/*"))
             assert stored == ["red-left.json", "red-left.mp4", "red-left.png"], stored
     assert log_video(csv, "samples/x", frames, sheet, mp4, 3, 8) == "files"  # W&B/MLflow above run only if installed
+
+
+
+def test_the_loss_bar_shows_the_loss_without_making_it_a_per_step_bar_metric(tmp_path, monkeypatch):
+    """Lightning reads prog_bar metrics off the device every step (a sync); the loss is not one, and
+    LossProgressBar shows it from callback_metrics when it redraws."""
+    from callbacks import LossProgressBar
+
+    shown = []
+
+    class Recording(LossProgressBar):
+        def get_metrics(self, trainer, pl_module):
+            shown.append((trainer.global_step, super().get_metrics(trainer, pl_module)))
+            return shown[-1][1]
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("callbacks.LossProgressBar", Recording)
+    cli = run_cli(["fit", "-c", str(TINY), "--trainer.max_steps", "4", "--trainer.limit_val_batches", "0",
+                   "--trainer.callbacks+=callbacks.LossProgressBar", "--trainer.callbacks.refresh_rate=2"])
+    assert "train/loss" not in cli.trainer.progress_bar_metrics  # not converted by Lightning each step
+    during = [(step, items) for step, items in shown if "train/loss" in items]
+    assert during and all(float(items["train/loss"]) > 0 for _, items in during)

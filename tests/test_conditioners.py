@@ -212,3 +212,51 @@ def test_relational_connector_from_the_released_checkpoint(tmp_path):
         wrong.build(tiny(WanVAE))
     with pytest.raises(ValueError, match="needs an `mllm`"):
         RelationalConditioner(text_encoder=tiny_factory(T5TextEncoder), release_connector_path="x")
+
+
+def test_reference_mask_and_drops_are_built_from_the_host_lists():
+    from conditioners.references import apply_drop, reference_mask
+
+    batch = {"references": torch.zeros(3, 4, 3, 8, 8), "num_references": [1, 4, 0]}
+    mask = reference_mask(batch)
+    assert mask.tolist() == [[True, False, False, False], [True] * 4, [False] * 4]
+    assert apply_drop(mask, [False, True, False]).tolist() == [[True, False, False, False], [False] * 4, [False] * 4]
+    assert apply_drop(mask, None) is mask and apply_drop(mask, [False] * 3) is mask
+    masks = torch.ones(3, 2, 5, dtype=torch.bool)  # (B, ...) of any rank
+    assert apply_drop(masks, [True, False, True]).sum(dim=(1, 2)).tolist() == [0, 10, 0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_training_step_of_the_sprites_reader_never_waits_for_the_gpu():
+    """Issue #21: the host must queue step N+1 while the GPU runs step N; a device-to-host sync in
+    the step (a pageable host->device copy, .item(), a bool of a CUDA tensor) stops that."""
+    import lightning as L
+
+    from bindweave.cli.app import BindWeaveArgumentParser, BindWeaveCLI
+    from bindweave.training.module import BindWeave
+
+    cli = BindWeaveCLI(BindWeave, L.LightningDataModule, subclass_mode_data=True, run=False,
+                       parser_class=BindWeaveArgumentParser,
+                       args=["-c", "configs/sprites-reader.yaml", "--data.init_args.batch_size", "8",
+                             "--data.init_args.num_workers", "0", "--model.dit.init_args.num_layers", "1"])
+    module, data = cli.model, cli.datamodule
+    module.configure_model()
+    module.cuda().train()
+    host = next(iter(data.train_dataloader()))
+    moved = {k: v.cuda(non_blocking=True) if torch.is_tensor(v) else
+             ({kk: vv.cuda(non_blocking=True) for kk, vv in v.items()} if isinstance(v, dict) else v) for k, v in host.items()}
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-4, fused=True)
+    for step in range(3):
+        batch = data.on_after_batch_transfer(dict(moved), 0)
+        drops = module.training_drops(len(batch["prompt"]))
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error" if step else "default")  # the first step may set things up
+        try:
+            with torch.autocast("cuda", torch.bfloat16):
+                loss = module.flow_loss(batch, drops)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss).item()

@@ -17,7 +17,7 @@ PACKAGES = ("bindweave", "encoders", "conditioners", "callbacks")
 LAYERS: list[tuple[str, set[str]]] = [
     ("base", {"bindweave.errors", "bindweave.progress", "bindweave.dtypes", "bindweave.atomic", "bindweave.moved", "bindweave.lightning_compat", "bindweave.model.attention",
               "bindweave.model.fp8_attention",
-              "bindweave.model.flow", "bindweave.weights.quantize", "bindweave.data.video_decode",
+              "bindweave.model.flow", "bindweave.host_copy", "bindweave.weights.quantize", "bindweave.data.video_decode",
               "bindweave.data.curriculum", "bindweave.data.resume", "bindweave.data.reference_crop", "encoders.base", "encoders.tokenizer",
               "conditioners.references",
               # subpackages whose __init__ only documents them
@@ -45,7 +45,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("trained models", {"bindweave.inference.pretrained", "bindweave.inference.pipeline"}),
     ("callbacks", {"callbacks", "callbacks.checkpoint", "callbacks.denoise_probe", "callbacks.metrics",
                    "callbacks.predict_progress", "callbacks.resume", "callbacks.sampling", "callbacks.video_writer",
-                   "callbacks.schedule", "callbacks.ema"}),
+                   "callbacks.schedule", "callbacks.ema", "callbacks.loss_progress"}),
     ("command line and tasks", {"bindweave.cli", "bindweave.cli.__main__", "bindweave.cli.app", "bindweave.cli.data", "bindweave.cli.demo", "bindweave.cli.weights",
                                 "bindweave.tasks.sprites.cli", "bindweave.tasks.sprites.generate_cli",
                                 "bindweave.tasks.sprites.evaluate"}),

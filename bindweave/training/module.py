@@ -371,7 +371,8 @@ class BindWeave(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.flow_loss(batch, self.training_drops(len(batch["prompt"])))
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["prompt"]))
+        # Not prog_bar: Lightning would read it off the GPU every step (callbacks.LossProgressBar shows it).
+        self.log("train/loss", loss, batch_size=len(batch["prompt"]))
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
