@@ -31,8 +31,11 @@ from pathlib import Path
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from bindweave.model.attention import attention, attention_backend
-from bindweave.model.fp8_attention import _quantize, fp8_attention, reference_fp8_attention
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from dit import time_fn  # noqa: E402  (benchmarks/dit.py's timing)
+
+from bindweave.model.attention import attention, attention_backend  # noqa: E402
+from bindweave.model.fp8_attention import _quantize, fp8_attention, reference_fp8_attention  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = [  # (block_m, block_n, num_warps, num_stages)
@@ -46,31 +49,6 @@ CONFIGS = [  # (block_m, block_n, num_warps, num_stages)
 
 def log(message: str) -> None:
     print(f"[attention8 {time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def time_cuda(fn, warmup: int = 2, iters: int = 10) -> float:
-    """Median milliseconds of ``fn`` by CUDA events."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-
-def time_cpu(fn, iters: int = 3) -> float:
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return sorted(times)[len(times) // 2]
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -177,7 +155,9 @@ def run(smoke: bool = False, rows: int = 1024, budget: float = 150.0, configs: l
         result["triton"] = triton.__version__
     except ImportError:
         result["triton"] = None
-    timer = time_cuda if cuda else time_cpu
+    def timer(fn) -> float:  # median ms (CUDA events on a GPU), after 2 warm-up calls
+        return time_fn(fn, device, 2, 10 if cuda else 3)["ms"]
+
     configs = configs or (CONFIGS[:1] if smoke else CONFIGS)
     cudnn = None
     if cuda:
