@@ -34,15 +34,16 @@ def subject_boxes(images: torch.Tensor, fill: float = 1.0, threshold: float = 0.
     rows, cols = subject.any(dim=2), subject.any(dim=1)  # (M, H), (M, W)
     ys = torch.arange(h, device=images.device)
     xs = torch.arange(w, device=images.device)
-    big = torch.tensor(max(h, w) + 1, device=images.device)
+    big = max(h, w) + 1  # a Python scalar: a device tensor made from it would be a host copy, a sync
     y0 = torch.where(rows, ys, big).amin(dim=1)  # (M,)
     y1 = torch.where(rows, ys, -1).amax(dim=1) + 1
     x0 = torch.where(cols, xs, big).amin(dim=1)
     x1 = torch.where(cols, xs, -1).amax(dim=1) + 1
     empty = ~rows.any(dim=1)  # (M,)
     box = torch.stack([x0, y0, x1, y1], dim=1).float()  # (M, 4)
-    whole = torch.tensor([0.0, 0.0, w, h], device=images.device).expand(m, 4)
-    return torch.where(empty[:, None], whole, box)
+    whole = box.new_zeros(4)  # [0, 0, w, h), filled on the device
+    whole[2], whole[3] = w, h
+    return torch.where(empty[:, None], whole.expand(m, 4), box)
 
 
 def crop_to_subject(images: torch.Tensor, size: int, fill: float = 1.0, threshold: float = 0.1,
