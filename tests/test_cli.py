@@ -98,3 +98,17 @@ def test_fit_console_hides_the_library_warnings_nobody_can_act_on(tmp_path):
     assert "`Trainer.fit` stopped: `max_steps=1` reached" in output
     for message in ("IterableDataset` has `__len__` defined", "module(s) in eval mode", "isinstance(treespec, LeafSpec)"):
         assert message not in output, message
+
+
+def test_deepspeed_is_imported_quietly_only_where_a_run_names_it(tmp_path):
+    """DeepSpeed logs to the stdout of its import (its accelerator line), which broke
+    `--print_config > run.yaml`; the console script imports it first with stdout sent to stderr,
+    but only when the command line or a config names it (the import takes seconds)."""
+    from bindweave.cli.app import names_deepspeed
+
+    plain, custom = tmp_path / "plain.yaml", tmp_path / "mine.yaml"
+    plain.write_text("trainer:\n  precision: bf16-mixed\n")
+    custom.write_text("trainer:\n  strategy:\n    class_path: lightning.pytorch.strategies.DeepSpeedStrategy\n")
+    assert names_deepspeed(["fit", "-c", "configs/strategy/deepspeed-zero2.yaml"])
+    assert names_deepspeed(["fit", "--config", str(custom)])  # named inside the file only
+    assert not names_deepspeed(["fit", "-c", str(plain), "--trainer.max_steps", "3"])

@@ -10,8 +10,10 @@ Tools that are not training loops have their own subcommand modules (``TOOLS``),
 from __future__ import annotations
 
 import difflib
+import contextlib
 import faulthandler
 import importlib
+import importlib.util
 import logging
 import os
 import re
@@ -214,7 +216,30 @@ def main() -> None:
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropAdvertisement())
     for message in KNOWN_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
+    if names_deepspeed(sys.argv[1:]):
+        import_deepspeed_logging_to_stderr()
     run_command()
+
+
+def names_deepspeed(words: list[str]) -> bool:
+    """Whether the command line or a config file it names (``-c``/``--config``) mentions DeepSpeed."""
+    texts = list(words)
+    for flag, value in zip(words, words[1:]):
+        if flag in ("-c", "--config") and Path(value).is_file():
+            texts.append(Path(value).read_text(errors="replace"))
+    return any("deepspeed" in text.lower() for text in texts)
+
+
+def import_deepspeed_logging_to_stderr() -> None:
+    """Import DeepSpeed (where installed) with stdout pointed at stderr.
+
+    Its logger writes to the stdout of the moment it is imported, and it logs its accelerator on
+    import, so ``bindweave fit -c ...deepspeed... --print_config > run.yaml`` wrote that line into
+    the YAML. Imported here first, its log lines go to stderr for the whole run."""
+    if importlib.util.find_spec("deepspeed") is None:
+        return
+    with contextlib.redirect_stdout(sys.stderr):
+        import deepspeed  # noqa: F401
 
 
 def run_command(argv: list[str] | None = None) -> None:
