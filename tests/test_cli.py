@@ -100,7 +100,7 @@ def test_fit_console_hides_the_library_warnings_nobody_can_act_on(tmp_path):
         assert message not in output, message
 
 
-def test_deepspeed_is_imported_quietly_only_where_a_run_names_it(tmp_path):
+def test_the_strategy_library_is_imported_quietly_only_where_a_run_names_it(tmp_path):  # (no "deepspeed" in tmp_path)
     """DeepSpeed logs to the stdout of its import (its accelerator line), which broke
     `--print_config > run.yaml`; the console script imports it first with stdout sent to stderr,
     but only when the command line or a config names it (the import takes seconds)."""
