@@ -15,3 +15,16 @@ def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"Unknown dtype {name!r}: use one of {sorted(DTYPES)}.")
     return DTYPES[name]
+
+
+def fp8_device_unsupported(device: torch.device, what: str) -> str | None:
+    """Why ``what`` (e.g. "FP8 linears") cannot run on ``device``: FP8 tensor cores need a CUDA GPU of
+    compute capability 8.9+ (Ada, Hopper); None when it can."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return f"{what} need a CUDA GPU, not {device}"
+    capability = torch.cuda.get_device_capability(device)
+    if capability < (8, 9):
+        return (f"{what} need compute capability 8.9+ (Ada, Hopper); "
+                f"{torch.cuda.get_device_name(device)} is {capability[0]}.{capability[1]}")
+    return None

@@ -66,7 +66,7 @@ def test_fp8_on_the_cpu_is_sdpa_with_one_line(fresh_warnings, caplog):
     assert get_attention_backend() == "sdpa"
     assert all(torch.equal(a, b) for a, b in zip(fallback, plain + plain[:1]))
     assert len(caplog.records) == 1, caplog.text
-    assert "FP8 attention needs a CUDA GPU" in caplog.text and "using SDPA instead" in caplog.text
+    assert "FP8 attention kernels need a CUDA GPU" in caplog.text and "using SDPA instead" in caplog.text
 
 
 def test_fp8_with_gradients_on_is_sdpa(fresh_warnings, caplog):

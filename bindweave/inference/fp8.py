@@ -22,6 +22,7 @@ import weakref
 import torch
 from torch import nn
 
+from bindweave.dtypes import fp8_device_unsupported
 from bindweave.model.dit import WanDiT
 
 log = logging.getLogger(__name__)
@@ -32,12 +33,9 @@ _DONE: "weakref.WeakSet[WanDiT]" = weakref.WeakSet()
 def fp8_unsupported(dit: WanDiT) -> str | None:
     """Why FP8 linears cannot run for ``dit`` here, or None when they can."""
     weight = dit.patch_embedding.weight
-    if weight.device.type != "cuda":
-        return f"FP8 linears need a CUDA GPU; the DiT is on {weight.device}"
-    capability = torch.cuda.get_device_capability(weight.device)
-    if capability < (8, 9):
-        return (f"FP8 linears need compute capability 8.9+ (Ada, Hopper); "
-                f"{torch.cuda.get_device_name(weight.device)} is {capability[0]}.{capability[1]}")
+    reason = fp8_device_unsupported(weight.device, "FP8 linears")
+    if reason is not None:
+        return reason
     if weight.dtype != torch.bfloat16:
         return f"FP8 linears are set up for a bf16 DiT; this one is {weight.dtype} (use dtype=bfloat16)"
     try:

@@ -31,6 +31,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from bindweave.dtypes import fp8_device_unsupported
+
 try:
     import triton
     import triton.language as tl
@@ -49,13 +51,7 @@ def fp8_attention_unsupported(q: torch.Tensor) -> str | None:
     """Why the FP8 kernel cannot run for ``q`` here, or None when it can."""
     if triton is None:
         return "FP8 attention needs triton (pip install triton)"
-    if q.device.type != "cuda":
-        return f"FP8 attention needs a CUDA GPU; the inputs are on {q.device}"
-    capability = torch.cuda.get_device_capability(q.device)
-    if capability < (8, 9):
-        return (f"FP8 attention needs compute capability 8.9+ (Ada, Hopper); "
-                f"{torch.cuda.get_device_name(q.device)} is {capability[0]}.{capability[1]}")
-    return fp8_shape_unsupported(q)
+    return fp8_device_unsupported(q.device, "FP8 attention kernels") or fp8_shape_unsupported(q)
 
 
 def fp8_shape_unsupported(q: torch.Tensor) -> str | None:
