@@ -318,8 +318,10 @@ def child(opts: argparse.Namespace) -> None:
 
 
 def one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return f"{type(error).__name__}: {text}"[:500]
+    """The error's type and its message on one line (the project's ``errors.one_line``), at most 500 characters."""
+    from bindweave.errors import one_line as folded  # here: importing bindweave imports torch, the parent needs none
+
+    return f"{type(error).__name__}: {folded(error)}"[:500]
 
 
 # -- the parent: cases one after another ----------------------------------------------------------
