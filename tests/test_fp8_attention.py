@@ -209,3 +209,19 @@ def test_the_kernel_on_a_gpu(pv, masked):
 def exact_bf16(q, k, v, mask):
     with attention_backend("sdpa"):
         return attention(q, k, v, mask)
+
+
+def test_fp8_takes_only_long_key_sets(monkeypatch):
+    """Self-attention (>= FP8_MIN_KEYS keys) goes to the FP8 op; text-length key sets stay on SDPA,
+    where the kernel measured slower (no message: by design)."""
+    calls = []
+    monkeypatch.setattr(attention_module, "fp8_attention_unsupported", lambda q: None)  # as on a capable GPU
+    monkeypatch.setattr(attention_module, "fp8_attention_op", lambda q, k, v, m=None: calls.append(k.shape[1]) or q)
+    q = torch.randn(1, 8, 2, 16)
+    short, long = (torch.randn(1, n, 2, 16) for n in (FP8_MIN_KEYS - 1, FP8_MIN_KEYS))
+    with attention_backend("fp8"), torch.no_grad():
+        out = attention(q, short, short)
+        attention(q, long, long)
+    assert calls == [FP8_MIN_KEYS]
+    with attention_backend("sdpa"):
+        assert torch.equal(out, attention(q, short, short))

@@ -186,6 +186,7 @@ def test_crop_to_subject_finds_the_box_pads_it_square_and_resizes():
     torch.testing.assert_close(crop_to_subject(small, 8), crop)
     empty = torch.ones(2, 3, 16, 16)
     assert subject_boxes(empty).tolist() == [[0.0, 0.0, 16.0, 16.0]] * 2  # no subject: the whole image
+    assert subject_boxes(torch.ones(1, 3, 12, 20)).tolist() == [[0.0, 0.0, 20.0, 12.0]]  # [x0, y0, x1=W, y1=H)
 
 
 # -- the reader ----------------------------------------------------------------------------------
