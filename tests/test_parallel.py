@@ -293,3 +293,13 @@ def test_benchmark_smoke_run(tmp_path):
     for r in ran:
         for key in ("rel_err_vs_ours_eager", "grad_rel_err_vs_reference"):
             assert r.get(key, 0.0) < 2e-2, (r["label"], key, r.get(key))
+
+
+def test_the_configured_compile_mode_reaches_every_block_and_the_head(monkeypatch):
+    from bindweave.training.module import ParallelismConfig
+    from tests.helpers import tiny_module
+
+    modes = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: modes.append((type(self).__name__, kw["mode"])))
+    module = tiny_module(parallelism=ParallelismConfig(compile=True, compile_mode="reduce-overhead"))  # applies it
+    assert modes == [("WanBlock", "reduce-overhead")] * len(module.dit.blocks) + [("OutputHead", "reduce-overhead")]

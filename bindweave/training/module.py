@@ -57,6 +57,9 @@ class ParallelismConfig:
         activation_checkpointing: per DiT block: ``none``, ``full`` (keep block inputs only) or
             ``selective`` (keep attention outputs, recompute the rest).
         compile: ``torch.compile`` each DiT block (and the head) separately.
+        compile_mode: its ``torch.compile`` mode: ``None`` (default), ``"reduce-overhead"`` (CUDA
+            graphs: one replay per block instead of its kernels' launches; for small models whose
+            steps the host cannot launch fast enough; needs fixed shapes), ``"max-autotune"``, ...
         fsdp_param_dtype: FSDP2 compute dtype of the DiT under ``ModelParallelStrategy``
             (None: storage dtype).
         fsdp_reshard_after_forward: free gathered block weights after forward (ZeRO-3 style).
@@ -69,6 +72,7 @@ class ParallelismConfig:
 
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
     compile: bool = False
+    compile_mode: str | None = None
     fsdp_param_dtype: str | None = "bfloat16"
     fsdp_reshard_after_forward: bool = True
     fsdp_shard_encoders: bool = True
@@ -298,7 +302,7 @@ class BindWeave(L.LightningModule):
         mesh, divide = self._sequence_parallel_mesh()
         apply_activation_checkpointing(self.dit, p.activation_checkpointing)
         if p.compile:
-            apply_compile(self.dit)
+            apply_compile(self.dit, mode=p.compile_mode)
         if mesh is not None:
             shard_model(
                 self.dit, frozen_encoders(self), mesh, p.fsdp_param_dtype,
