@@ -44,6 +44,7 @@ from bindweave.inference.fp8 import apply_fp8, fp8_unsupported  # noqa: E402
 from bindweave.model.attention import attention_backend  # noqa: E402
 from bindweave.model.fp8_attention import fp8_attention_unsupported  # noqa: E402
 from bindweave.inference.step_cache import FirstBlockCache, StepCacheConfig  # noqa: E402
+from bindweave.model.presets import wan_dit_preset  # noqa: E402
 from bindweave.parallel.per_block import apply_compile  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -195,11 +196,69 @@ def block_slice(device, smoke: bool, result: dict) -> None:
         log(f"slice compiled cache skipped: {rows['compiled cache skipped step']}")
 
 
+def whole_dit(device, smoke: bool, result: dict) -> None:
+    """The whole 14B DiT (40 blocks, bf16, random weights), one CFG-batched call (batch 2) eager:
+    resident on the card, then with its blocks offloaded (``dit_offload``), then offloaded with FP8
+    attention: time per call and peak GPU memory (weights included). Weights are drawn on the GPU
+    block by block and kept on the CPU, so building it needs ~28 GB of host memory, not 56."""
+    case = block_case(device, smoke, num_layers=2 if smoke else 40)
+    with torch.device("meta"):
+        dit = wan_dit_preset(case.preset, num_layers=case.num_layers, **case.overrides)
+    generator = torch.Generator(device=device).manual_seed(0)
+
+    def draw(module):  # (all its weights) ~ N(0, 0.02) in bf16, drawn on the device, kept on the CPU
+        module.to_empty(device=device)
+        for parameter in module.parameters():
+            parameter.data = torch.randn(parameter.shape, generator=generator, device=device).mul_(0.02).to(torch.bfloat16)
+        return module.to("cpu")
+
+    for block in dit.blocks:
+        draw(block)
+    for name, child in dit.named_children():
+        if name != "blocks":
+            draw(child)
+    dit = dit.eval().requires_grad_(False)
+    one = ditbench.make_inputs(dit, case, case.text_tokens_diffusers, device, torch.bfloat16)
+    x, t = one.x.expand(2, -1, -1, -1, -1).contiguous(), one.t.expand(2).contiguous()  # CFG: (2, C, F, H, W)
+    ctx = {"text": one.text.expand(2, -1, -1).contiguous(), "image": one.image.expand(2, -1, -1).contiguous()}
+    frames, height, width = case.latent
+    rows = result.setdefault("whole_dit", {"blocks": len(dit.blocks), "batch": 2, "tokens_per_sample": frames * height * width // 4})
+    iters = 2
+    with torch.no_grad():
+        if not smoke and torch.cuda.get_device_properties(device).total_memory < 40 * 2**30:
+            rows["resident eager"] = "skipped: the bf16 14B DiT does not fit this card"
+            expected = None
+        else:
+            dit.to(device)
+            rows["resident eager"] = dict(**timed(lambda: dit(x, t, ctx), device, 1, iters), **ditbench.peak_memory(lambda: dit(x, t, ctx), device))
+            log(f"whole DiT resident eager: {rows['resident eager']}")
+            expected = dit(x, t, ctx)
+            dit.blocks.to("cpu")
+        for name, child in dit.named_children():  # all but the blocks stay on the device
+            if name != "blocks":
+                child.to(device)
+        ditbench.free(device)
+        apply_dit_offload(dit, device, DiTOffloadConfig(use_stream=device.type == "cuda"))
+        call = staged(dit, offloaded_run_blocks(dit, dit.run_blocks))
+        rows["offloaded eager"] = dict(**timed(lambda: call(x, t, ctx), device, 1, iters), **ditbench.peak_memory(lambda: call(x, t, ctx), device))
+        if expected is not None:
+            rows["offloaded eager"]["rel_err_vs_resident"] = ditbench.rel_err(call(x, t, ctx), expected)
+        log(f"whole DiT offloaded eager: {rows['offloaded eager']}")
+        probe = torch.empty(1, 16, dit.num_heads, dit.dim // dit.num_heads, dtype=torch.bfloat16, device=device)
+        if fp8_attention_unsupported(probe) is None:
+            with attention_backend("fp8"):
+                rows["offloaded eager + fp8 attention"] = dict(**timed(lambda: call(x, t, ctx), device, 1, iters),
+                                                               **ditbench.peak_memory(lambda: call(x, t, ctx), device))
+            log(f"whole DiT offloaded + fp8 attention: {rows['offloaded eager + fp8 attention']}")
+    del dit, call
+    ditbench.free(device)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--out", default=None)
-    parser.add_argument("--only", nargs="+", choices=["fp8_layers", "one_block", "block_slice"], default=None,
+    parser.add_argument("--only", nargs="+", choices=["fp8_layers", "one_block", "block_slice", "whole_dit"], default=None,
                         help="run only these parts (a cold H100 compiled the first 14B block in 189 s)")
     args = parser.parse_args()
     device = torch.device("cpu" if args.smoke else "cuda")
@@ -212,7 +271,7 @@ def main() -> None:
     import diffusers
     result["diffusers"] = diffusers.__version__
     path = Path(args.out) if args.out else RESULTS / f"speed-{result['card'].replace(' ', '-')}.json"
-    steps = [("one_block", one_block), ("block_slice", block_slice)]
+    steps = [("one_block", one_block), ("block_slice", block_slice), ("whole_dit", whole_dit)]
     if result["torchao"] and device.type == "cuda" and fp8_unsupported_on_card() is None:
         steps.insert(0, ("fp8_layers", lambda d, s, r: r.__setitem__("fp8_layers", fp8_layers(d, s))))
     steps = [(name, step) for name, step in steps if args.only is None or name in args.only]

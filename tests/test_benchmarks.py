@@ -36,3 +36,22 @@ def test_train_step_benchmark_smoke():
     for variant in (full, noref):
         assert variant["eager"]["ms_per_step"] > 0 and variant["lightning"]["steps_per_s"] > 0
         assert variant["profile"]["top"] and variant["train_flops_per_step"] > 0
+
+
+def test_speed_benchmark_whole_dit_smoke(tmp_path, monkeypatch):
+    """The whole-DiT part of benchmarks/speed.py on the CPU: weights drawn block by block, resident
+    and offloaded calls give the same output (the offload only moves weights)."""
+    import json
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
+    monkeypatch.syspath_prepend(str(path.parent))
+    spec = importlib.util.spec_from_file_location("speed_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "speed.json"
+    monkeypatch.setattr(sys, "argv", ["speed.py", "--smoke", "--only", "whole_dit", "--out", str(out)])
+    bench.main()
+    rows = json.loads(out.read_text())["whole_dit"]
+    assert rows["batch"] == 2 and rows["blocks"] == 2
+    assert rows["resident eager"]["ms"] > 0 and rows["offloaded eager"]["rel_err_vs_resident"] == 0.0

@@ -19,6 +19,8 @@ import math
 import torch
 from PIL import Image
 
+from bindweave.host_copy import host_values
+
 VAE_TEMPORAL = 4
 """Frames per latent frame of the Wan VAE (after the first)."""
 
@@ -165,9 +167,9 @@ def to_model_batch(batch: dict) -> dict:
     refs = batch.get("references")
     if refs is not None and refs.dtype == torch.uint8:
         refs = refs.float().div_(127.5).sub_(1.0)  # (B, N, 3, H, W)
-        for i, count in enumerate(batch["num_references"]):
-            refs[i, count:] = 0.0
-        batch["references"] = refs
+        counts = host_values(batch["num_references"], refs.device, torch.long)  # (B,): one copy, no sync
+        present = torch.arange(refs.shape[1], device=refs.device) < counts[:, None]  # (B, N)
+        batch["references"] = refs.mul_(present[:, :, None, None, None])  # padding slots 0: one kernel, not one per sample
     if refs is None and "video_latents" in batch:
         latents = batch["video_latents"]
         shape = (latents.shape[0], max(batch["num_references"]), 3, batch["height"][0], batch["width"][0])
