@@ -95,6 +95,45 @@ def test_samplers_land_on_the_data_under_the_exact_velocity(sampler):
         make_scheduler("ddim", 4, 3.0)
 
 
+def test_offloaded_encoders_take_turns_on_the_gpu(files, monkeypatch):
+    """With ``offload_encoders`` on a GPU, the encoders (MLLM, T5, CLIP) visit it one at a time, each
+    only around its own forward call; the VAE stays for the whole encoding; all end on the CPU.
+    Recorded on the CPU: ``.to`` is replaced by a recorder that moves nothing."""
+    from bindweave.inference.sampler import encoders_on
+    from encoders.base import VideoAutoencoder, frozen_encoders
+
+    encoders = frozen_encoders(files["module"].model)
+    names = {id(e): type(e).__name__ for e in encoders}
+    assert sum(isinstance(e, VideoAutoencoder) for e in encoders) == 1 and len(encoders) >= 3
+    where = {id(e): "cpu" for e in encoders}
+    events = []
+
+    def recording_to(self, target, *args, **kwargs):
+        where[id(self)] = torch.device(target).type
+        return self
+
+    def on_gpu():
+        return sorted(names[k] for k, v in where.items() if v == "cuda")
+
+    handles = []
+    for encoder in encoders:
+        monkeypatch.setattr(encoder, "to", recording_to.__get__(encoder))
+        handles.append(encoder.register_forward_hook(lambda module, args, out: events.append((names[id(module)], on_gpu()))))
+    vae = next(names[id(e)] for e in encoders if isinstance(e, VideoAutoencoder))
+    batch = synthetic_batch(size=2, with_video=False)
+    try:
+        with encoders_on(encoders, torch.device("cuda"), offload=True):
+            assert on_gpu() == [vae]
+            files["module"].model.encode_features(batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    ran = {name for name, _ in events}
+    assert ran == {names[id(e)] for e in encoders if not isinstance(e, VideoAutoencoder)}
+    assert all(gpu == sorted([name, vae]) for name, gpu in events), events  # itself and the VAE, no other
+    assert on_gpu() == []
+
+
 def test_unipc_sampler_and_memory_options(files, monkeypatch):
     import bindweave.inference.sampler as sampling
 

@@ -31,6 +31,7 @@ from typing import Callable, Iterator, Literal
 
 import numpy as np
 import torch
+from torch import nn
 from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from tqdm.auto import tqdm
@@ -43,7 +44,7 @@ from bindweave.inference.dit_offload import DiTOffloadConfig, apply_dit_offload,
 from bindweave.inference.fp8 import apply_fp8
 from bindweave.inference.step_cache import FirstBlockCache, StepCacheConfig
 from conditioners.base import merge, stack_batches
-from encoders.base import FrozenEncoder, frozen_encoders
+from encoders.base import FrozenEncoder, VideoAutoencoder, frozen_encoders
 
 
 SAMPLERS = ("euler", "unipc")
@@ -194,18 +195,44 @@ def make_scheduler(sampler: str, num_steps: int, shift: float, device: torch.dev
 
 @contextlib.contextmanager
 def encoders_on(encoders: list[FrozenEncoder], device: torch.device, offload: bool) -> Iterator[None]:
-    """Run the block with ``encoders`` on ``device``; with ``offload`` they go back to the CPU after.
+    """Run the block with ``encoders`` usable on ``device``; with ``offload`` (on a GPU) they take turns.
 
-    Without ``offload``, encoders left on the CPU by an earlier offloaded call are brought back."""
-    for encoder in encoders:
-        if encoder.device != device:
-            encoder.to(device)
+    Taking turns: a VAE (its ``encode``/``decode`` are not ``forward``, and it is small) is on the
+    device for the whole block; every other encoder (MLLM, T5, CLIP) is copied to the device just
+    before each of its forward calls and back to the CPU just after, so the GPU holds one of them
+    at a time, not all (the paper's Qwen2.5-VL-7B ≈ 16 GB and UMT5-XXL ≈ 11 GB in bf16 would
+    otherwise sit there together). Their outputs stay on the device. After the block every
+    encoder is on the CPU. Without ``offload``, encoders left on the CPU by an earlier offloaded
+    call are brought back."""
+    if not offload or device.type == "cpu":
+        for encoder in encoders:
+            if encoder.device != device:
+                encoder.to(device)
+        yield
+        return
+    whole = [e for e in encoders if isinstance(e, VideoAutoencoder)]
+    turns = [e for e in encoders if not isinstance(e, VideoAutoencoder)]
+
+    def arrive(module: nn.Module, args) -> None:  # a hook's non-None return would replace the inputs
+        module.to(device)
+
+    def leave(module: nn.Module, args, out) -> None:  # ... or the output
+        module.to("cpu")
+
+    handles = []
     try:
+        for encoder in turns:
+            encoder.to("cpu")  # the one copy on the device is the one running
+            handles.append(encoder.register_forward_pre_hook(arrive))
+            handles.append(encoder.register_forward_hook(leave, always_call=True))
+        for encoder in whole:
+            encoder.to(device)
         yield
     finally:
-        if offload and device.type != "cpu":
-            for encoder in encoders:
-                encoder.to("cpu")
+        for handle in handles:
+            handle.remove()
+        for encoder in encoders:
+            encoder.to("cpu")
 
 
 # ----------------------------------------------------------------------------------------------
