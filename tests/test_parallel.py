@@ -301,5 +301,7 @@ def test_the_configured_compile_mode_reaches_every_block_and_the_head(monkeypatc
 
     modes = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: modes.append((type(self).__name__, kw["mode"])))
-    module = tiny_module(parallelism=ParallelismConfig(compile=True, compile_mode="reduce-overhead"))  # applies it
-    assert modes == [("WanBlock", "reduce-overhead")] * len(module.dit.blocks) + [("OutputHead", "reduce-overhead")]
+    module = tiny_module(parallelism=ParallelismConfig(compile=True, compile_mode="max-autotune"))  # applies it
+    assert modes == [("WanBlock", "max-autotune")] * len(module.dit.blocks) + [("OutputHead", "max-autotune")]
+    with pytest.raises(ValueError, match="reduce-overhead .* cannot train"):
+        ParallelismConfig(compile=True, compile_mode="reduce-overhead")

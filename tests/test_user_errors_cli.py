@@ -212,3 +212,14 @@ def test_a_shadowing_package_of_the_same_name_is_named(tmp_path, capsys, monkeyp
     assert status == EXIT_USER_ERROR
     line = error_line(err)
     assert "site-packages/encoders" in line and "pip uninstall encoders" in line
+
+
+@pytest.mark.parametrize("setting, says", [
+    (["--model.dit.init_args.dim", "7"], "dim=7 must split into num_heads"),
+    (["--model.parallelism.compile_mode", "reduce-overhead"], "reduce-overhead (CUDA graphs) cannot train"),
+])
+def test_a_model_setting_that_cannot_work_is_one_line(setting, says, tmp_path, capsys, monkeypatch):
+    status, err = run_main(["fit", "-c", TINY, *setting, "--trainer.max_steps", "1",
+                            "--trainer.default_root_dir", str(tmp_path)], capsys, monkeypatch)
+    assert status == EXIT_USER_ERROR
+    assert says in error_line(err)

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bindweave.errors import UserError
 from bindweave.model.attention import attention
 
 
@@ -125,7 +126,7 @@ class ContextEmbedder(nn.Module):
                 FP32LayerNorm(dim),
             )
         else:
-            raise ValueError(f"Unknown context embedder {kind!r}: use 'mlp' or 'norm_mlp'.")
+            raise UserError(f"Unknown context embedder {kind!r}: use 'mlp' or 'norm_mlp'.")
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.net(tokens)  # (B, L, C) -> (B, L, D)
@@ -401,9 +402,9 @@ class WanDiT(nn.Module):
         branches = list(branches) if branches is not None else [CrossAttentionBranch("text", 4096)]
         names = [b.name for b in branches]
         if not branches or len(set(names)) != len(names):
-            raise ValueError(f"WanDiT needs at least one branch and unique branch names, got {names}.")
+            raise UserError(f"WanDiT needs at least one branch and unique branch names, got {names}.")
         if dim % num_heads or (dim // num_heads) % 2:
-            raise ValueError(
+            raise UserError(
                 f"dim={dim} must split into num_heads={num_heads} heads of an even size."
             )
         self.in_channels, self.out_channels = in_channels, out_channels
@@ -420,12 +421,12 @@ class WanDiT(nn.Module):
         )
         for b in branches:
             if b.refiner_layers < 0:
-                raise ValueError(f"Branch {b.name!r}: refiner_layers must be >= 0, got {b.refiner_layers}.")
+                raise UserError(f"Branch {b.name!r}: refiner_layers must be >= 0, got {b.refiner_layers}.")
             if (b.keep_tokens is None) != (b.overflow_to is None):
-                raise ValueError(f"Branch {b.name!r}: set keep_tokens and overflow_to together (or neither).")
+                raise UserError(f"Branch {b.name!r}: set keep_tokens and overflow_to together (or neither).")
             if b.overflow_to is not None and (b.overflow_to not in names or b.overflow_to == b.name
                                               or b.keep_tokens < 0):
-                raise ValueError(
+                raise UserError(
                     f"Branch {b.name!r}: overflow_to must name another branch of {names} and keep_tokens be "
                     f">= 0; got overflow_to={b.overflow_to!r}, keep_tokens={b.keep_tokens}.")
         self.context_refiners = nn.ModuleDict({  # only branches with refiner layers: Wan's keys stay as they are

@@ -57,9 +57,11 @@ class ParallelismConfig:
         activation_checkpointing: per DiT block: ``none``, ``full`` (keep block inputs only) or
             ``selective`` (keep attention outputs, recompute the rest).
         compile: ``torch.compile`` each DiT block (and the head) separately.
-        compile_mode: its ``torch.compile`` mode: ``None`` (default), ``"reduce-overhead"`` (CUDA
-            graphs: one replay per block instead of its kernels' launches; for small models whose
-            steps the host cannot launch fast enough; needs fixed shapes), ``"max-autotune"``, ...
+        compile_mode: its ``torch.compile`` mode: ``None`` (default), ``"max-autotune"``,
+            ``"max-autotune-no-cudagraphs"``. Not ``"reduce-overhead"`` for training: the blocks
+            share one compiled graph, and each block's CUDA-graph replay overwrites the outputs
+            the previous block saved for backward (tried on an H100: the fit stops with
+            "accessing tensor output of CUDAGraphs that has been overwritten").
         fsdp_param_dtype: FSDP2 compute dtype of the DiT under ``ModelParallelStrategy``
             (None: storage dtype).
         fsdp_reshard_after_forward: free gathered block weights after forward (ZeRO-3 style).
@@ -77,6 +79,12 @@ class ParallelismConfig:
     fsdp_reshard_after_forward: bool = True
     fsdp_shard_encoders: bool = True
     sequence_parallel: int = 1
+
+    def __post_init__(self) -> None:
+        if self.compile_mode == "reduce-overhead":
+            raise UserError("parallelism.compile_mode: reduce-overhead (CUDA graphs) cannot train per-block compiled "
+                             "blocks (each replay overwrites what the previous block saved for backward); use null, "
+                             "max-autotune or max-autotune-no-cudagraphs.")
 
 
 def _flatten(config: object, prefix: str = "") -> dict[str, object]:
