@@ -15,6 +15,9 @@ twice these times at this size, where the GPU is full):
    (the first block plus the cached residual).
 4. **Block offload**: the same slice eager, resident against ``dit_offload`` (diffusers group
    offloading, one block per group, side-stream prefetch): time per call and peak memory.
+5. **The whole 14B DiT** (``--only whole_dit``; 40 blocks, weights drawn on the GPU block by block
+   and kept on the CPU): one CFG-batched call (batch 2) eager, resident, offloaded, and offloaded
+   with FP8 attention: time and peak memory (needs ~60 GB of host memory with pinning).
 
 Usage:
     python benchmarks/speed.py                 # GPU: results/speed-<card>.json
