@@ -10,6 +10,7 @@ from callbacks.resume import StepSeed
 from callbacks.predict_progress import PredictProgress
 from callbacks.sampling import SamplingCallback
 from callbacks.schedule import LRSchedule
+from callbacks.throughput import TrainingThroughput
 from callbacks.video_writer import VideoWriter
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "RunCheckpoint",
     "SamplingCallback",
     "StepSeed",
+    "TrainingThroughput",
     "VideoMetrics",
     "VideoWriter",
 ]

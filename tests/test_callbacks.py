@@ -3,6 +3,7 @@
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import torch
 import torch.nn.functional as F
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -201,3 +202,39 @@ def test_the_loss_bar_shows_the_loss_without_making_it_a_per_step_bar_metric(tmp
     assert "train/loss" not in cli.trainer.progress_bar_metrics  # not converted by Lightning each step
     during = [(step, items) for step, items in shown if "train/loss" in items]
     assert during and all(float(items["train/loss"]) > 0 for _, items in during)
+
+
+def test_training_throughput_logs_rates_and_training_is_what_it_was_without_it(tmp_path, monkeypatch):
+    """Samples/s and FLOP/s reach the logger every few steps; counting a step's FLOPs (an extra
+    forward and backward) leaves the RNG and the gradients alone: the same weights as without it."""
+    from callbacks import TrainingThroughput
+
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", "-c", str(TINY), "--trainer.max_steps", "6", "--trainer.limit_val_batches", "0", "--seed_everything", "3"]
+    plain = run_cli(args + ["--trainer.default_root_dir", str(tmp_path / "plain")])
+    timed = run_cli(args + ["--trainer.default_root_dir", str(tmp_path / "timed"), "--trainer.callbacks+=callbacks.TrainingThroughput",
+                            "--trainer.callbacks.every_n_steps=2", "--trainer.callbacks.window=2", "--trainer.callbacks.count_at=1"])
+    callback = next(c for c in timed.trainer.callbacks if isinstance(c, TrainingThroughput))
+    assert callback.flops_per_batch and callback.flops_per_batch > 1e6
+    last = callback.last
+    assert last["throughput/device/samples_per_sec"] > 0 and last["throughput/batches"] == 6
+    assert last["throughput/device/flops_per_sec"] == pytest.approx(
+        callback.flops_per_batch * last["throughput/device/batches_per_sec"], rel=1e-6)
+    assert "throughput/device/mfu" not in last  # no known peak for a CPU
+    for (name, a), b in zip(plain.model.state_dict().items(), timed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_counting_a_steps_flops_puts_gradients_and_rng_back():
+    from callbacks.throughput import count_training_flops
+    from tests.helpers import synthetic_batch, tiny_module
+
+    module = tiny_module()
+    parameters = [p for p in module.parameters() if p.requires_grad]
+    for p in parameters:
+        p.grad = torch.full_like(p, 0.5)
+    grads = [p.grad for p in parameters]
+    state = torch.get_rng_state()
+    flops = count_training_flops(module, synthetic_batch(size=2))
+    assert flops > 0 and torch.equal(torch.get_rng_state(), state)
+    assert all(p.grad is g and bool((g == 0.5).all()) for p, g in zip(parameters, grads))

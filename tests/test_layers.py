@@ -45,7 +45,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("trained models", {"bindweave.inference.pretrained", "bindweave.inference.pipeline"}),
     ("callbacks", {"callbacks", "callbacks.checkpoint", "callbacks.denoise_probe", "callbacks.metrics",
                    "callbacks.predict_progress", "callbacks.resume", "callbacks.sampling", "callbacks.video_writer",
-                   "callbacks.schedule", "callbacks.ema", "callbacks.loss_progress"}),
+                   "callbacks.schedule", "callbacks.ema", "callbacks.loss_progress", "callbacks.throughput"}),
     ("command line and tasks", {"bindweave.cli", "bindweave.cli.__main__", "bindweave.cli.app", "bindweave.cli.data", "bindweave.cli.demo", "bindweave.cli.weights",
                                 "bindweave.tasks.sprites.cli", "bindweave.tasks.sprites.generate_cli",
                                 "bindweave.tasks.sprites.evaluate"}),
