@@ -12,6 +12,8 @@ phase reports the GPU memory allocated when it starts and its peak.
 Usage:
     python benchmarks/sampling.py            # GPU: writes results/sampling-<card>.json
     python benchmarks/sampling.py --smoke    # CPU, tiny parts, seconds
+    # issue #22: the 14B DiT, a few steps (a per-step time), resident vs every memory option (peaks per phase):
+    python benchmarks/sampling.py --dit wan2.1-i2v-14b --steps 5 --runs resident low_memory --out results/x.json
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch
 from bindweave.model.dit import CrossAttentionBranch, WanDiT
 from bindweave.model.presets import wan_dit_preset
 from bindweave.training.module import BindWeave
+from bindweave.inference.dit_offload import DiTOffloadConfig
 from bindweave.inference.sampler import SamplingConfig, sample_videos
 from conditioners import IdentityConditioner, MultiReferenceConditioner, RelationalConditioner
 from encoders import CLIPVisionEncoder, FrozenEncoder, MLLMEncoder, T5TextEncoder, WanVAE
@@ -59,7 +62,7 @@ WAN_VAE = {"base_dim": 96, "z_dim": 16, "dim_mult": [1, 2, 4, 4], "num_res_block
            "temperal_downsample": [False, True, True]}
 
 
-def build(smoke: bool) -> tuple[BindWeave, SamplingConfig, dict]:
+def build(smoke: bool, preset: str = "wan2.1-i2v-1.3b", steps: int = 50) -> tuple[BindWeave, SamplingConfig, dict]:
     if smoke:
         dit = partial(WanDiT, in_channels=12, out_channels=4, dim=32, ffn_dim=64, num_heads=2, num_layers=2,
                       freq_dim=32, branches=[CrossAttentionBranch("text", 32), CrossAttentionBranch("image", 32, "norm_mlp")])
@@ -68,10 +71,10 @@ def build(smoke: bool) -> tuple[BindWeave, SamplingConfig, dict]:
         sampling = SamplingConfig(num_steps=3, num_frames=5, height=32, width=32)
     else:
         FrozenEncoder.random_init_device = None  # draw the 7B + 5.7B random weights on the GPU (speed only)
-        dit = partial(wan_dit_preset, "wan2.1-i2v-1.3b")
+        dit = partial(wan_dit_preset, preset)
         parts = dict(mllm=QWEN25_VL_7B, t5=UMT5_XXL, clip=CLIP_VIT_H, vae=WAN_VAE, dtype="bfloat16", image_size=448,
                      max_length=512)
-        sampling = SamplingConfig(num_steps=50, guidance_scale=5.0, shift=3.0, num_frames=81, height=480, width=832)
+        sampling = SamplingConfig(num_steps=steps, guidance_scale=5.0, shift=3.0, num_frames=81, height=480, width=832)
     dtype = parts["dtype"]
     module = BindWeave(
         dit=dit,
@@ -103,16 +106,28 @@ def gib(value: int) -> float:
     return round(value / 2**30, 2)
 
 
-def run(smoke: bool) -> dict:
+RUNS = {
+    "resident": {},
+    "offload_encoders": {"offload_encoders": True},
+    # Issue #22's 24 GB recipe: encoders take turns on the GPU, DiT blocks visit it one at a time, tiled decode.
+    "low_memory": {"offload_encoders": True, "dit_offload": DiTOffloadConfig(), "vae_tiling": True},
+}
+
+
+def run(smoke: bool, preset: str = "wan2.1-i2v-1.3b", steps: int = 50, runs: list[str] = ("resident", "offload_encoders")) -> dict:
     device = torch.device("cpu" if smoke else "cuda")
     cuda = device.type == "cuda"
     torch.manual_seed(0)
-    with torch.device(device):
-        module, sampling, parts = build(smoke)
-        module.configure_model()
-    module.to(device)
+    default_dtype = torch.get_default_dtype()
     if not smoke:
-        module.dit.to(torch.bfloat16)
+        torch.set_default_dtype(torch.bfloat16)  # the DiT built in bf16: a 14B one in fp32 (56 GB) would not fit beside the encoders
+    try:
+        with torch.device(device):
+            module, sampling, parts = build(smoke, preset, steps)
+            module.configure_model()
+    finally:
+        torch.set_default_dtype(default_dtype)
+    module.to(device)
     b, n, h, w = 1, 4, sampling.height, sampling.width
     batch = {
         "prompt": ["the woman in the first picture walks her dog from the second picture along the beach at sunset"],
@@ -126,44 +141,59 @@ def run(smoke: bool) -> dict:
     times: dict[str, float] = {}
     memory: dict[str, float] = {}  # per phase: allocated at its first call, peak over its calls
 
+    inside: set[str] = set()  # a phase's calls nested in the same phase (forward -> run_blocks) count once
+
     def phase(key: str, fn, *a, **k):
+        if key in inside:
+            return fn(*a, **k)
         if cuda and f"{key}_start_gib" not in memory:
             memory[f"{key}_start_gib"] = gib(torch.cuda.memory_allocated())
             torch.cuda.reset_peak_memory_stats()
-        with timed(device, times, key):
-            out = fn(*a, **k)
+        inside.add(key)
+        try:
+            with timed(device, times, key):
+                out = fn(*a, **k)
+        finally:
+            inside.discard(key)
         if cuda:
             memory[f"{key}_peak_gib"] = max(memory.get(f"{key}_peak_gib", 0.0), gib(torch.cuda.max_memory_allocated()))
         return out
 
     module.model.encode_features = partial(phase, "encoders", encode)
     module.dit.forward = partial(phase, "dit", dit_forward)
+    for stage in ("embed", "run_blocks", "unembed"):  # the staged calls of dit_offload and the step cache
+        setattr(module.dit, stage, partial(phase, "dit", getattr(module.dit, stage)))
     module.vae.decode = partial(phase, "vae_decode", decode)
-    runs = {}
-    # Encoders resident (the default), then offloaded to the CPU after encoding (sampling.offload_encoders).
-    for name, offload in (("resident", False), ("offload_encoders", True)):
+    results = {}
+    # Encoders resident (the default), then offloaded to the CPU after encoding (sampling.offload_encoders),
+    # then (``--runs low_memory``) every memory option. Each run's peaks are over its own phases.
+    for name in runs:
         times.clear()
         memory.clear()
-        config = dataclasses.replace(sampling, offload_encoders=offload)
+        if cuda:
+            torch.cuda.empty_cache()
+        config = dataclasses.replace(sampling, **RUNS[name])
         with timed(device, times, "total"):
-            video = sample_videos(module.model, batch, config)
+            video = sample_videos(module.model, batch, config)  # (B, F, H, W, 3) uint8
+        first = video if runs.index(name) == 0 else first
         # The MultiReference conditioner encodes references through the VAE inside encode_features.
         times["other"] = times["total"] - times["encoders"] - times["dit"] - times["vae_decode"]
-        runs[name] = {
+        results[name] = {
             "seconds": {k: round(v, 3) for k, v in times.items()},
             "share": {k: round(v / times["total"], 4) for k, v in times.items() if k != "total"},
             "encoders_plus_vae_share": round((times["encoders"] + times["vae_decode"]) / times["total"], 4),
             "memory": memory.copy() if cuda else None,
+            "options": {k: str(v) for k, v in RUNS[name].items()},
+            "max_abs_diff_vs_first_run": int((video.int() - first.int()).abs().max()) if runs.index(name) else 0,
         }
-        if smoke:
-            break
     return {
         "card": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
         "torch": torch.__version__,
         "smoke": smoke,
+        "dit": preset,
         "shape": {"frames": sampling.num_frames, "height": h, "width": w, "references": n, "steps": sampling.num_steps,
                   "guidance_scale": sampling.guidance_scale},
-        "runs": runs,
+        "runs": results,
         "video_shape": list(video.shape),
     }
 
@@ -171,10 +201,16 @@ def run(smoke: bool) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny parts on the CPU (seconds)")
+    parser.add_argument("--dit", default="wan2.1-i2v-1.3b", help="DiT preset (wan2.1-i2v-14b for issue #22)")
+    parser.add_argument("--steps", type=int, default=50, help="denoising steps (fewer: a per-step time to scale)")
+    parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=["resident", "offload_encoders"])
+    parser.add_argument("--out", default=None, help="results JSON (default: results/sampling-<card>.json)")
     args = parser.parse_args()
     if not args.smoke and not torch.cuda.is_available():
         parser.error("no CUDA device: use --smoke for the CPU run")
-    result = run(args.smoke)
+    if "low_memory" in args.runs and args.runs[-1] != "low_memory":
+        parser.error("--runs: put low_memory last (its DiT offload stays applied to the model)")
+    result = run(args.smoke, args.dit, args.steps, args.runs)
     for name, r in result["runs"].items():
         print(f"\n{name}:")
         print(f"{'phase':<12} {'seconds':>9} {'share':>7} {'start GiB':>10} {'peak GiB':>9}")
@@ -186,7 +222,7 @@ def main() -> None:
         print(f"encoders + VAE decode: {r['encoders_plus_vae_share']:.1%} of the total (target < 10%)")
     if not args.smoke:
         RESULTS.mkdir(exist_ok=True)
-        path = RESULTS / f"sampling-{result['card'].replace(' ', '-')}.json"
+        path = Path(args.out) if args.out else RESULTS / f"sampling-{result['card'].replace(' ', '-')}.json"
         path.write_text(json.dumps(result, indent=2))
         print(f"wrote {path}")
 

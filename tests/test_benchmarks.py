@@ -14,8 +14,9 @@ def test_sampling_benchmark_smoke():
     spec = importlib.util.spec_from_file_location("sampling_benchmark", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    result = bench.run(smoke=True)
+    result = bench.run(smoke=True, runs=["resident", "low_memory"])
     run = result["runs"]["resident"]
+    assert result["runs"]["low_memory"]["max_abs_diff_vs_first_run"] == 0  # offloads and tiles (frames under a tile) change no pixel
     seconds = run["seconds"]
     assert result["video_shape"] == [1, 5, 32, 32, 3]
     assert min(seconds["encoders"], seconds["dit"], seconds["vae_decode"]) > 0
