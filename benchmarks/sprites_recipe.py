@@ -55,13 +55,9 @@ class Throughput(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         step = trainer.global_step
         if step == self.count_at and self.flops is None:
-            from torch.utils.flop_counter import FlopCounterMode
+            from callbacks.throughput import count_training_flops
 
-            counter = FlopCounterMode(display=False)
-            with counter, torch.autocast("cuda", torch.bfloat16, enabled=torch.cuda.is_available()):
-                pl_module.flow_loss(batch).backward()
-            pl_module.zero_grad(set_to_none=True)
-            self.flops = counter.get_total_flops()
+            self.flops = count_training_flops(pl_module, batch)  # RNG and gradients left as they were
         if step == self.warmup:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
