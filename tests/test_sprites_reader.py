@@ -254,8 +254,9 @@ def test_render_frames_is_the_cpu_renderer_bit_for_bit():
 TINY = [
     "--model.dit.init_args.dim", "32", "--model.dit.init_args.ffn_dim", "64", "--model.dit.init_args.num_heads", "2",
     "--model.dit.init_args.num_layers", "1", "--model.dit.init_args.freq_dim", "32",
-    "--model.relational.init_args.reader.init_args.dim", "32", "--model.relational.init_args.reader.init_args.num_layers", "1",
-    "--model.dit.init_args.branches", '[{"name": "text", "context_dim": 32, "embedder": "mlp"}]',
+    "--model.relational.init_args.reader.init_args.num_layers", "1",  # the readers keep their width: one branch, one width
+    "--model.dit.init_args.branches",
+    '[{"name": "text", "context_dim": 128, "embedder": "mlp"}, {"name": "image", "context_dim": 128, "embedder": "mlp"}]',
     "--trainer.accelerator", "cpu", "--trainer.precision", "32-true", "--trainer.logger", "false",
     "--trainer.enable_progress_bar", "false", "--trainer.callbacks", "[]",
     "--trainer.callbacks+=callbacks.LRSchedule", "--trainer.callbacks.warmup_steps=2",
@@ -316,3 +317,40 @@ def test_a_budget_from_the_command_line_ends_a_real_fit_at_its_step_total(tmp_pa
     assert cli.trainer.global_step == schedule.total_steps < 100000
     stored = torch.load(tmp_path / "outputs/sprites-reader/checkpoints/last.ckpt", weights_only=False)["callbacks"]["LRSchedule"]
     assert stored["total_steps"] == schedule.total_steps and stored["spent_seconds"] > 0
+
+
+@pytest.mark.parametrize("variant", ["full", "noref", "t5-only", "t5-mllm", "no-clip", "no-slots"])
+def test_reader_recipe_ablations_keep_the_paths_their_names_say(variant, monkeypatch):
+    """The recipe's four paths (MLLM role: words + references; T5 role: words; CLIP role: references on
+    the image branch; slots) and each ablation's subset, built and run for one loss."""
+    import lightning as L
+
+    from bindweave.cli.app import BindWeaveArgumentParser, BindWeaveCLI
+    from bindweave.training.module import BindWeave
+
+    monkeypatch.setattr("sys.argv", ["bindweave"])
+    configs = ["-c", str(ROOT / "configs/sprites-reader.yaml")]
+    if variant != "full":
+        configs += ["-c", str(ROOT / f"configs/sprites-reader/{variant}.yaml")]
+    cli = BindWeaveCLI(BindWeave, L.LightningDataModule, subclass_mode_data=True, run=False, save_config_callback=None,
+                       parser_class=BindWeaveArgumentParser,
+                       args=[*configs, "--data.init_args.batch_size", "2", "--data.init_args.num_workers", "0",
+                             "--model.dit.init_args.num_layers", "1", "--data.init_args.scenes.num_frames", "5"])
+    module = cli.model
+    module.configure_model()  # checks every branch and the input channels
+    c = module.conditioners
+    mllm = "relational" in c and c["relational"].reader.read_references  # words and references in one sequence
+    t5 = any(n.startswith("extra_") and not c[n].reader.read_references for n in c)
+    clip = "identity" in c and not c["identity"].reader.read_prompt and c["identity"].branch == "image"
+    slots = "multi_reference" in c
+    paths = {"full": (1, 1, 1, 1), "noref": (0, 1, 0, 0), "t5-only": (0, 1, 1, 1), "t5-mllm": (1, 1, 0, 0),
+             "no-clip": (1, 1, 0, 1), "no-slots": (1, 1, 1, 0)}[variant]
+    assert (mllm, t5, clip, slots) == tuple(map(bool, paths))
+    assert set(module.dit.branches) == ({"text", "image"} if clip else {"text"})
+    batch = cli.datamodule.on_after_batch_transfer(next(iter(cli.datamodule.train_dataloader())), 0)
+    loss = module.flow_loss(batch)
+    loss.backward()
+    if clip:  # the CLIP role trains with the DiT
+        assert c["identity"].reader.patch_embedding.weight.grad is not None
+    if variant != "full":
+        assert cli.trainer.default_root_dir.endswith(f"sprites-reader-{variant}")
