@@ -108,7 +108,12 @@ def block_case(device, smoke: bool, num_layers: int = 1) -> ditbench.Case:
     return ditbench.Case("14b-480p", "wan2.1-i2v-14b", num_layers, (25, 60, 104))
 
 
-def one_block(device, smoke: bool, result: dict) -> None:
+BLOCK_VARIANTS = ("ours", "diffusers", "fp8", "fp8_attention", "fp8_both")
+"""``--block-variants`` of ``one_block``: ours bf16, diffusers bf16, ours with FP8 linears, with FP8
+attention, with both (each compiled; on a cold H100 an FP8 variant's first compile took 193 s)."""
+
+
+def one_block(device, smoke: bool, result: dict, variants: tuple[str, ...] = BLOCK_VARIANTS) -> None:
     case = block_case(device, smoke)
     master = ditbench.build_ours(case, device)
     inp = ditbench.make_inputs(master, case, case.text_tokens_diffusers, device, torch.bfloat16)
@@ -125,17 +130,20 @@ def one_block(device, smoke: bool, result: dict) -> None:
             rows[name] = dict(**r, rel_err_vs_fp32=ditbench.rel_err(out, ref), **ditbench.peak_memory(fn, device))
         log(f"block {name}: {rows[name]}")
 
-    ours = ditbench.ours_in(master, torch.bfloat16).requires_grad_(False)
-    measure("ours bf16 compiled", apply_compile(ours, dynamic=dynamic), "ours")
-    diff = ditbench.build_diffusers(master, torch.bfloat16, device).requires_grad_(False)
-    diff.compile_repeated_blocks(fullgraph=True, dynamic=dynamic)
-    measure("diffusers bf16 compiled", diff, "diffusers")
-    del diff
+    if "ours" in variants:
+        ours = ditbench.ours_in(master, torch.bfloat16).requires_grad_(False)
+        measure("ours bf16 compiled", apply_compile(ours, dynamic=dynamic), "ours")
+        del ours
+    if "diffusers" in variants:
+        diff = ditbench.build_diffusers(master, torch.bfloat16, device).requires_grad_(False)
+        diff.compile_repeated_blocks(fullgraph=True, dynamic=dynamic)
+        measure("diffusers bf16 compiled", diff, "diffusers")
+        del diff
     gc.collect()
     fp8 = ditbench.ours_in(master, torch.bfloat16).requires_grad_(False)
     reason = apply_fp8(fp8)
     result["fp8_unsupported"] = reason
-    if reason is None:
+    if reason is None and "fp8" in variants:
         measure("ours fp8 compiled", apply_compile(fp8, dynamic=dynamic), "ours")
     # FP8 attention (model.sampling.attention: fp8): self-attention on the Triton kernel, text and image on SDPA.
     heads = master.num_heads
@@ -144,14 +152,15 @@ def one_block(device, smoke: bool, result: dict) -> None:
     result["fp8_attention_unsupported"] = attention_reason
     if attention_reason is None:
         with attention_backend("fp8"):
-            measure("ours bf16 + fp8 attention compiled",
-                    apply_compile(ditbench.ours_in(master, torch.bfloat16).requires_grad_(False), dynamic=dynamic), "ours")
-            if reason is None:
+            if "fp8_attention" in variants:
+                measure("ours bf16 + fp8 attention compiled",
+                        apply_compile(ditbench.ours_in(master, torch.bfloat16).requires_grad_(False), dynamic=dynamic), "ours")
+            if reason is None and "fp8_both" in variants:
                 both = ditbench.ours_in(master, torch.bfloat16).requires_grad_(False)
                 apply_fp8(both)
                 measure("ours fp8 + fp8 attention compiled", apply_compile(both, dynamic=dynamic), "ours")
                 del both
-    del fp8, ours, master, ref
+    del fp8, master, ref
     ditbench.free(device)
 
 
@@ -263,6 +272,8 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("--only", nargs="+", choices=["fp8_layers", "one_block", "block_slice", "whole_dit"], default=None,
                         help="run only these parts (a cold H100 compiled the first 14B block in 189 s)")
+    parser.add_argument("--block-variants", nargs="+", choices=BLOCK_VARIANTS, default=list(BLOCK_VARIANTS),
+                        help="one_block's variants (all five outlast one 600 s call on a cold card)")
     args = parser.parse_args()
     device = torch.device("cpu" if args.smoke else "cuda")
     result = {"card": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__}
@@ -274,7 +285,8 @@ def main() -> None:
     import diffusers
     result["diffusers"] = diffusers.__version__
     path = Path(args.out) if args.out else RESULTS / f"speed-{result['card'].replace(' ', '-')}.json"
-    steps = [("one_block", one_block), ("block_slice", block_slice), ("whole_dit", whole_dit)]
+    steps = [("one_block", lambda d, s, r: one_block(d, s, r, tuple(args.block_variants))), ("block_slice", block_slice),
+             ("whole_dit", whole_dit)]
     if result["torchao"] and device.type == "cuda" and fp8_unsupported_on_card() is None:
         steps.insert(0, ("fp8_layers", lambda d, s, r: r.__setitem__("fp8_layers", fp8_layers(d, s))))
     steps = [(name, step) for name, step in steps if args.only is None or name in args.only]
