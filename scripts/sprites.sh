@@ -7,6 +7,8 @@
 #   VARIANTS="full noref" scripts/sprites.sh   # a subset (full = configs/sprites.yaml alone)
 #   STEPS=200 TEST=32 scripts/sprites.sh       # a quick run
 #   GUIDANCE="1 4" scripts/sprites.sh          # sample and score at each guidance scale (the default)
+#   RECIPE=reader BUDGET=00:00:25:00 scripts/sprites.sh   # issue #21's recipe (configs/sprites-reader.yaml):
+#                                              # scenes drawn while training, a training-time budget per run
 # BINDWEAVE overrides the command (default: the installed `bindweave`).
 set -euo pipefail
 DATA=${DATA:-data/sprites}
@@ -36,8 +38,17 @@ RESUME=${RESUME:-0}      # 1: continue each variant from its last.ckpt (MAX_TIME
 FIT_ARGS=${FIT_ARGS:-}   # more `bindweave fit` arguments, e.g. "--data.init_args.pin_memory false"
 BINDWEAVE=${BINDWEAVE:-bindweave}
 SPRITES_ARGS=${SPRITES_ARGS:-}  # more `bindweave data sprites` options, e.g. "--max-subjects 1" (an easier world)
+RECIPE=${RECIPE:-cached} # cached: configs/sprites.yaml (shards, frozen towers); reader: configs/sprites-reader.yaml
+BUDGET=${BUDGET:-}       # reader: each run's training time over all its chunks (DD:HH:MM:SS; the LR schedule spans it)
+case "$RECIPE" in
+  cached) BASE=configs/sprites.yaml; VARIANT_DIR=configs/sprites; PREFIX=outputs/sprites; SPLITS="train val test" ;;
+  reader) BASE=configs/sprites-reader.yaml; VARIANT_DIR=configs/sprites-reader; PREFIX=outputs/sprites-reader
+          SPLITS="test"; CACHE=0 ;;  # training scenes are drawn on the fly: only the test split is written
+  *) echo "scripts/sprites.sh: RECIPE must be cached or reader, got '$RECIPE'" >&2; exit 2 ;;
+esac
+[ -n "$BUDGET" ] && [ "$RECIPE" != reader ] && { echo "scripts/sprites.sh: BUDGET needs RECIPE=reader" >&2; exit 2; }
 
-for split in train val test; do
+for split in $SPLITS; do
   count=$(eval echo \${${split^^}})
   if [ ! -f "$DATA/$split/sprites.json" ]; then
     # shellcheck disable=SC2086  # SPRITES_ARGS is split into words on purpose
@@ -63,8 +74,8 @@ if [ "$CACHE" = 1 ]; then  # the full model's encoders; the ablations read the f
 fi
 
 root_of() {  # variant seed -> run folder (the variant config's own for seed 0)
-  local root=outputs/sprites
-  [ "$1" = full ] || root="outputs/sprites-$1"
+  local root=$PREFIX
+  [ "$1" = full ] || root="$PREFIX-$1"
   if [ "${2:-0}" = 0 ]; then echo "$root"; else echo "$root-seed$2"; fi
 }
 
@@ -72,9 +83,24 @@ run_variant() {  # variant seed [gpu]: train, then sample the test split
   local variant=$1 seed=$2 root
   [ -n "${3:-}" ] && export CUDA_VISIBLE_DEVICES=$3  # a parallel job runs in its own subshell
   root=$(root_of "$variant" "$seed")
-  local configs=(-c configs/sprites.yaml)
-  [ "$variant" != full ] && configs+=(-c "configs/sprites/$variant.yaml")
-  local extra=(--data.init_args.urls "$DATA/train/shard-*.tar" --data.init_args.val_urls "$DATA/val/shard-*.tar")
+  local configs=(-c "$BASE")
+  [ "$variant" != full ] && configs+=(-c "$VARIANT_DIR/$variant.yaml")
+  local extra=()
+  [ "$RECIPE" = cached ] && extra+=(--data.init_args.urls "$DATA/train/shard-*.tar" --data.init_args.val_urls "$DATA/val/shard-*.tar")
+  if [ "$RECIPE" = reader ] && { [ -n "$BUDGET" ] || [ -n "$STEPS" ]; }; then
+    # The LR schedule is one item of trainer.callbacks: an overlay repeats the list with its budget
+    # (BUDGET) or without one (STEPS: the schedule spans max_steps).
+    mkdir -p "$root"
+    python3 - "$BASE" "${BUDGET:-none}" > "$root/schedule.yaml" <<'PY'
+import sys, yaml
+callbacks = yaml.safe_load(open(sys.argv[1]))["trainer"]["callbacks"]
+for callback in callbacks:
+    if callback["class_path"] == "callbacks.LRSchedule":
+        callback["init_args"]["budget"] = None if sys.argv[2] == "none" else sys.argv[2]
+print(yaml.safe_dump({"trainer": {"callbacks": callbacks}}, sort_keys=False))
+PY
+    configs+=(-c "$root/schedule.yaml")
+  fi
   # checkpoints follow the root (callbacks.RunCheckpoint)
   [ "$seed" = 0 ] || extra+=(--seed_everything "$seed" --trainer.default_root_dir "$root")
   [ -n "$STEPS" ] && extra+=(--trainer.max_steps "$STEPS")
@@ -97,8 +123,14 @@ run_variant() {  # variant seed [gpu]: train, then sample the test split
   # shellcheck disable=SC2086  # FIT_ARGS is split into words on purpose
   $BINDWEAVE fit "${configs[@]}" "${extra[@]}" $FIT_ARGS
   [ "$PREDICT" = 1 ] || return 0
+  local requests="$DATA/test/requests.jsonl"
+  if [ "$RECIPE" = reader ]; then  # the model's own size (32 x 32; eval resizes): the requests without theirs
+    requests="$DATA/test/requests-model-size.jsonl"
+    python3 -c "import json, sys; [print(json.dumps({k: v for k, v in json.loads(l).items() if k not in ('height', 'width')})) for l in open(sys.argv[1]) if l.strip()]" \
+      "$DATA/test/requests.jsonl" > "$requests"
+  fi
   for scale in $GUIDANCE; do  # videos in <root>/cfg<scale>/videos
-    $BINDWEAVE predict "${configs[@]}" -c configs/predict.yaml --data.init_args.requests "$DATA/test/requests.jsonl" \
+    $BINDWEAVE predict "${configs[@]}" -c configs/predict.yaml --data.init_args.requests "$requests" \
       --data.init_args.batch_size "$PREDICT_BATCH" --model.sampling.guidance_scale "$scale" \
       --trainer.default_root_dir "$root/cfg$scale" --ckpt_path "$root/checkpoints/last.ckpt"
   done
@@ -148,6 +180,7 @@ $BINDWEAVE eval --data "$DATA/test/shard-*.tar" --reference_points --workers "$C
   echo "# Sprites results"
   echo
   echo "Test split of \`bindweave data sprites\` ($(wc -l < "$DATA/test/requests.jsonl") samples, seed $SEED); \`bindweave eval\` (docs/sprites.md)."
+  echo "Recipe: \`$BASE\` (variants: \`$VARIANT_DIR/*.yaml\`)${BUDGET:+; training budget $BUDGET per run}."
   echo "Generated by scripts/sprites.sh on $(date -u +%Y-%m-%d) ($(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 || echo 'no GPU'))."
   for scale in $GUIDANCE; do
     for seed in $SEEDS; do

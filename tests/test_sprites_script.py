@@ -108,3 +108,39 @@ def test_sprites_script_runs_every_variant_and_seed_into_its_own_folder(tmp_path
             assert f"## Classifier-free guidance {scale}, training seed {seed}" in results
     assert "baseline: noref" in results and "| reference points |" in results and "Fake GPU" in results
     assert "| t5-only | 1 | 5 |" in results and "(3 samples, seed 0)" in results
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+@pytest.mark.slow  # CI time: `pytest -m slow` runs it (~15 s)
+def test_sprites_script_reader_recipe_writes_only_the_test_split_and_gives_each_run_the_budget(tmp_path):
+    """RECIPE=reader: scenes are drawn while training (no train/val shards), each run's LR schedule
+    gets BUDGET through an overlay of the recipe's callbacks, predict samples at the model's size."""
+    import yaml
+
+    work = tmp_path / "repo"
+    for folder in ("scripts", "configs"):
+        shutil.copytree(ROOT / folder, work / folder)
+    (work / "docs").mkdir()
+    (tmp_path / "bindweave.py").write_text(FAKE_BINDWEAVE)
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS")}
+    env.update(PATH=f"{Path(sys.executable).parent}:{env['PATH']}", FAKE_LOG=str(tmp_path / "calls.jsonl"),
+               BINDWEAVE=f"{sys.executable} {tmp_path / 'bindweave.py'}", DATA=str(tmp_path / "data"), TEST="3",
+               STEPS="5", BUDGET="00:00:07:30", VARIANTS="full noref", GUIDANCE="1", RECIPE="reader")
+    done = subprocess.run(["bash", "scripts/sprites.sh"], cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    calls = [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
+    assert [c["argv"][c["argv"].index("--split") + 1] for c in calls if c["argv"][:2] == ["data", "sprites"]] == ["test"]
+    fits = [c["argv"] for c in calls if c["argv"][0] == "fit"]
+    assert len(fits) == 2 and all(a[a.index("-c") + 1] == "configs/sprites-reader.yaml" for a in fits)
+    assert not any("--data.init_args.urls" in a for a in fits)
+    assert {str(p.relative_to(work).parent.parent) for p in work.glob("outputs/*/checkpoints/last.ckpt")} == {
+        "outputs/sprites-reader", "outputs/sprites-reader-noref"}
+    overlay = yaml.safe_load((work / "outputs/sprites-reader-noref/schedule.yaml").read_text())["trainer"]["callbacks"]
+    recipe = yaml.safe_load((work / "configs/sprites-reader.yaml").read_text())["trainer"]["callbacks"]
+    assert [c["class_path"] for c in overlay] == [c["class_path"] for c in recipe]  # the whole list, one value changed
+    assert next(c for c in overlay if c["class_path"] == "callbacks.LRSchedule")["init_args"]["budget"] == "00:00:07:30"
+    predicts = [c["argv"] for c in calls if c["argv"][0] == "predict"]
+    requests = {a[a.index("--data.init_args.requests") + 1] for a in predicts}
+    assert requests == {str(tmp_path / "data/test/requests-model-size.jsonl")}
+    results = (work / "docs/results.md").read_text()
+    assert "Recipe: `configs/sprites-reader.yaml`" in results and "budget 00:00:07:30" in results
