@@ -60,6 +60,7 @@ def healthy_folder(root: Path) -> Path:
     return root
 
 
+@pytest.mark.slow  # a real process (~13 s); the same messages are checked in-process in the default run
 def test_check_names_a_garbage_safetensors_without_config_as_a_user_runs_it(tmp_path):
     garbage = tmp_path / "downloads" / "model.safetensors"
     garbage.parent.mkdir()
@@ -133,6 +134,7 @@ def pack_args(manifest: Path, output: Path, *extra: str) -> list[str]:
             "--no_progress", *extra]
 
 
+@pytest.mark.slow  # a real process (~13 s); the same messages are checked in-process in the default run
 def test_pack_rejecting_every_item_into_a_new_folder_as_a_user_runs_it(tmp_path):
     """The clips hold 9 frames at 8 fps; 50 frames are asked for: every item is short."""
     manifest = make_clips(tmp_path / "clips", count=2)
