@@ -134,6 +134,45 @@ def test_offloaded_encoders_take_turns_on_the_gpu(files, monkeypatch):
     assert on_gpu() == []
 
 
+def test_to_a_gpu_with_dit_offload_never_puts_the_blocks_there(files, monkeypatch):
+    """``pipe.to("cuda")`` with ``dit_offload`` (and ``offload_encoders``): the blocks and encoders stay
+    on the CPU and the blocks are offloaded at once, so a DiT larger than the card never lands on it.
+    Recorded on the CPU; the moving helper itself is checked against the meta device."""
+    import bindweave.inference.pipeline as pipeline_module
+    from bindweave.inference.dit_offload import DiTOffloadConfig
+    from encoders.base import frozen_encoders
+
+    pipe = BindWeavePipeline.from_checkpoint(files["checkpoint"])
+    pipe.sampling = replace(pipe.sampling, offload_encoders=True, dit_offload=DiTOffloadConfig())
+    moves, offloads = [], []
+    monkeypatch.setattr(pipeline_module, "_move_except", lambda model, device, stay: moves.append((device, stay)))
+    monkeypatch.setattr(pipeline_module, "apply_dit_offload", lambda dit, device, config: offloads.append((dit, device)))
+    pipe.to("cuda")
+    (device, stay), = moves
+    encoders = frozen_encoders(pipe.model)
+    assert device.type == "cuda" and stay[-1] is pipe.model.dit.blocks and stay[:-1] == encoders
+    assert offloads == [(pipe.model.dit, device)]
+    pipe.to("cpu")  # on the CPU there is nothing to offload to: the blocks move with the rest
+    assert moves[-1][1] == encoders and len(offloads) == 1
+
+    monkeypatch.undo()
+    model, calls = pipe.model, []
+
+    def recording_to(self, *args, **kwargs):  # which tensors would go where; nothing moves
+        target = args[0] if args else kwargs.get("device")
+        calls.append((self.data_ptr(), str(target)))
+        return self
+
+    monkeypatch.setattr(torch.Tensor, "to", recording_to)
+    pipeline_module._move_except(model, torch.device("cuda"), [model.dit.blocks, *encoders])
+    monkeypatch.undo()
+    to_gpu = {ptr for ptr, target in calls if target == "cuda"}
+    kept = [p for m in (model.dit.blocks, *encoders) for p in m.parameters()]
+    assert kept and not any(p.data_ptr() in to_gpu for p in kept)
+    rest = [p for name, p in model.dit.named_parameters() if not name.startswith("blocks.")]
+    assert rest and all(p.data_ptr() in to_gpu for p in rest)
+
+
 def test_unipc_sampler_and_memory_options(files, monkeypatch):
     import bindweave.inference.sampler as sampling
 

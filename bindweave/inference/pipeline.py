@@ -28,6 +28,7 @@ from PIL import Image
 
 from bindweave.model.bindweave_model import BindWeaveModel
 from bindweave.inference.requests import load_reference_and_mask
+from bindweave.inference.dit_offload import apply_dit_offload
 from bindweave.inference.sampler import SamplingConfig, frozen_encoders, references_uint8, sample_videos
 from bindweave.data.video_io import write_video
 from bindweave.inference.pretrained import load_checkpoint, load_pretrained
@@ -161,17 +162,25 @@ class BindWeavePipeline:
 
     def to(self, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> "BindWeavePipeline":
         """Move the model to ``device`` and cast the DiT and connector to ``dtype`` (frozen encoders
-        keep their configured dtype). With ``offload_encoders`` the encoders stay on the CPU."""
+        keep their configured dtype). With ``offload_encoders`` the encoders stay on the CPU; with
+        ``dit_offload`` (on a GPU) so do the DiT's blocks, offloaded right away: a model larger than
+        the card never has to fit on it whole."""
         if isinstance(dtype, str):
             dtype = resolve_dtype(dtype)
         if dtype is not None:
             self.model.to(dtype=dtype)
         if device is not None:
             device = torch.device(device)
-            if self.sampling.offload_encoders:
-                _move_trainable(self.model, device)
+            stay = list(frozen_encoders(self.model)) if self.sampling.offload_encoders else []
+            offload_blocks = self.sampling.dit_offload is not None and device.type == "cuda"
+            if offload_blocks:
+                stay.append(self.model.dit.blocks)
+            if stay:
+                _move_except(self.model, device, stay)
             else:
                 self.model.to(device)
+            if offload_blocks:
+                apply_dit_offload(self.model.dit, device, self.sampling.dit_offload)
         return self
 
     # -- generation ----------------------------------------------------------------------------
@@ -410,12 +419,13 @@ def _load_references(references: list, height: int, width: int, canvas) -> tuple
     return torch.stack(images), torch.stack(masks)
 
 
-def _move_trainable(module: torch.nn.Module, device: torch.device) -> None:
-    """Move every parameter and buffer outside the frozen encoders to ``device``."""
-    encoders = frozen_encoders(module)
+def _move_except(module: torch.nn.Module, device: torch.device, stay: list[torch.nn.Module]) -> None:
+    """Move every parameter and buffer of ``module`` to ``device``, except those of the modules in
+    ``stay`` (the offloaded encoders, the offloaded DiT blocks), which go to the CPU."""
+    kept = {id(m) for m in stay}
 
     def visit(m: torch.nn.Module) -> None:
-        if isinstance(m, FrozenEncoder):
+        if id(m) in kept:
             return
         for parameter in m.parameters(recurse=False):
             parameter.data = parameter.data.to(device)
@@ -425,5 +435,5 @@ def _move_trainable(module: torch.nn.Module, device: torch.device) -> None:
             visit(child)
 
     visit(module)
-    for encoder in encoders:
-        encoder.to("cpu")
+    for m in stay:
+        m.to("cpu")
