@@ -21,3 +21,10 @@ def host_values(values, device: torch.device, dtype: torch.dtype) -> torch.Tenso
     if torch.device(device).type == "cuda":
         return host.pin_memory().to(device, non_blocking=True)
     return host.to(device)
+
+
+def count_mask(counts, size: int, device: torch.device) -> torch.Tensor:
+    """(B, size) bool, True in row i's first ``counts[i]`` places (real references among padded
+    slots, say): ``counts`` a host-side list, built on ``device`` without waiting for the GPU."""
+    counts = host_values([int(c) for c in counts], device, torch.long)  # (B,)
+    return torch.arange(size, device=device)[None, :] < counts[:, None]  # (B, size)

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from bindweave.host_copy import host_values
+from bindweave.host_copy import count_mask, host_values
 
 
 def reference_mask(batch: dict) -> torch.Tensor:
     """(B, N) bool mask of real references from ``batch["num_references"]`` (a host-side list),
-    built on the references' device with no device sync (:func:`host_values`)."""
+    built on the references' device with no device sync (:func:`~bindweave.host_copy.count_mask`)."""
     references = batch["references"]  # (B, N, 3, H, W)
-    counts = host_values([int(c) for c in batch["num_references"]], references.device, torch.long)  # (B,)
-    return torch.arange(references.shape[1], device=references.device)[None, :] < counts[:, None]  # (B, N)
+    return count_mask(batch["num_references"], references.shape[1], references.device)  # (B, N)
 
 
 def apply_drop(mask: torch.Tensor, drop: list[bool] | None) -> torch.Tensor:

@@ -19,7 +19,7 @@ import math
 import torch
 from PIL import Image
 
-from bindweave.host_copy import host_values
+from bindweave.host_copy import count_mask
 
 VAE_TEMPORAL = 4
 """Frames per latent frame of the Wan VAE (after the first)."""
@@ -167,8 +167,7 @@ def to_model_batch(batch: dict) -> dict:
     refs = batch.get("references")
     if refs is not None and refs.dtype == torch.uint8:
         refs = refs.float().div_(127.5).sub_(1.0)  # (B, N, 3, H, W)
-        counts = host_values(batch["num_references"], refs.device, torch.long)  # (B,): one copy, no sync
-        present = torch.arange(refs.shape[1], device=refs.device) < counts[:, None]  # (B, N)
+        present = count_mask(batch["num_references"], refs.shape[1], refs.device)  # (B, N), no sync
         batch["references"] = refs.mul_(present[:, :, None, None, None])  # padding slots 0: one kernel, not one per sample
     if refs is None and "video_latents" in batch:
         latents = batch["video_latents"]
