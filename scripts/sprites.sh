@@ -73,6 +73,13 @@ if [ "$CACHE" = 1 ]; then  # the full model's encoders; the ablations read the f
   for pid in "${parts[@]}"; do wait "$pid"; done
 fi
 
+REQUESTS="$DATA/test/requests.jsonl"
+if [ "$RECIPE" = reader ]; then  # sampled at the model's own size (32 x 32; eval resizes): the requests without theirs
+  REQUESTS="$DATA/test/requests-model-size.jsonl"
+  python3 -c "import json, sys; [print(json.dumps({k: v for k, v in json.loads(l).items() if k not in ('height', 'width')})) for l in open(sys.argv[1]) if l.strip()]" \
+    "$DATA/test/requests.jsonl" > "$REQUESTS"
+fi
+
 root_of() {  # variant seed -> run folder (the variant config's own for seed 0)
   local root=$PREFIX
   [ "$1" = full ] || root="$PREFIX-$1"
@@ -123,14 +130,8 @@ PY
   # shellcheck disable=SC2086  # FIT_ARGS is split into words on purpose
   $BINDWEAVE fit "${configs[@]}" "${extra[@]}" $FIT_ARGS
   [ "$PREDICT" = 1 ] || return 0
-  local requests="$DATA/test/requests.jsonl"
-  if [ "$RECIPE" = reader ]; then  # the model's own size (32 x 32; eval resizes): the requests without theirs
-    requests="$DATA/test/requests-model-size.jsonl"
-    python3 -c "import json, sys; [print(json.dumps({k: v for k, v in json.loads(l).items() if k not in ('height', 'width')})) for l in open(sys.argv[1]) if l.strip()]" \
-      "$DATA/test/requests.jsonl" > "$requests"
-  fi
   for scale in $GUIDANCE; do  # videos in <root>/cfg<scale>/videos
-    $BINDWEAVE predict "${configs[@]}" -c configs/predict.yaml --data.init_args.requests "$requests" \
+    $BINDWEAVE predict "${configs[@]}" -c configs/predict.yaml --data.init_args.requests "$REQUESTS" \
       --data.init_args.batch_size "$PREDICT_BATCH" --model.sampling.guidance_scale "$scale" \
       --trainer.default_root_dir "$root/cfg$scale" --ckpt_path "$root/checkpoints/last.ckpt"
   done
