@@ -167,7 +167,7 @@ def run(smoke: bool, preset: str = "wan2.1-i2v-1.3b", steps: int = 50, runs: lis
     results = {}
     # Encoders resident (the default), then offloaded to the CPU after encoding (sampling.offload_encoders),
     # then (``--runs low_memory``) every memory option. Each run's peaks are over its own phases.
-    for name in runs:
+    for i, name in enumerate(runs):
         times.clear()
         memory.clear()
         if cuda:
@@ -175,7 +175,8 @@ def run(smoke: bool, preset: str = "wan2.1-i2v-1.3b", steps: int = 50, runs: lis
         config = dataclasses.replace(sampling, **RUNS[name])
         with timed(device, times, "total"):
             video = sample_videos(module.model, batch, config)  # (B, F, H, W, 3) uint8
-        first = video if runs.index(name) == 0 else first
+        if i == 0:
+            first = video
         # The MultiReference conditioner encodes references through the VAE inside encode_features.
         times["other"] = times["total"] - times["encoders"] - times["dit"] - times["vae_decode"]
         results[name] = {
@@ -184,7 +185,7 @@ def run(smoke: bool, preset: str = "wan2.1-i2v-1.3b", steps: int = 50, runs: lis
             "encoders_plus_vae_share": round((times["encoders"] + times["vae_decode"]) / times["total"], 4),
             "memory": memory.copy() if cuda else None,
             "options": {k: str(v) for k, v in RUNS[name].items()},
-            "max_abs_diff_vs_first_run": int((video.int() - first.int()).abs().max()) if runs.index(name) else 0,
+            "max_abs_diff_vs_first_run": int((video.int() - first.int()).abs().max()),
         }
     return {
         "card": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",

@@ -218,16 +218,16 @@ def whole_dit(device, smoke: bool, result: dict) -> None:
         dit = wan_dit_preset(case.preset, num_layers=case.num_layers, **case.overrides)
     generator = torch.Generator(device=device).manual_seed(0)
 
-    def draw(module):  # (all its weights) ~ N(0, 0.02) in bf16, drawn on the device, kept on the CPU
+    def draw(module):  # (all its weights) ~ N(0, 0.02) in bf16, drawn on the device
         module.to_empty(device=device)
         for parameter in module.parameters():
             parameter.data = torch.randn(parameter.shape, generator=generator, device=device).mul_(0.02).to(torch.bfloat16)
-        return module.to("cpu")
+        return module
 
     for block in dit.blocks:
-        draw(block)
-    for name, child in dit.named_children():
-        if name != "blocks":
+        draw(block).to("cpu")  # one block at a time on the device
+    for child in dit.children():  # embedders, modulation, head: they stay on the device
+        if child is not dit.blocks:
             draw(child)
     dit = dit.eval().requires_grad_(False)
     one = ditbench.make_inputs(dit, case, case.text_tokens_diffusers, device, torch.bfloat16)
@@ -241,14 +241,11 @@ def whole_dit(device, smoke: bool, result: dict) -> None:
             rows["resident eager"] = "skipped: the bf16 14B DiT does not fit this card"
             expected = None
         else:
-            dit.to(device)
+            dit.blocks.to(device)
             rows["resident eager"] = dict(**timed(lambda: dit(x, t, ctx), device, 1, iters), **ditbench.peak_memory(lambda: dit(x, t, ctx), device))
             log(f"whole DiT resident eager: {rows['resident eager']}")
             expected = dit(x, t, ctx)
             dit.blocks.to("cpu")
-        for name, child in dit.named_children():  # all but the blocks stay on the device
-            if name != "blocks":
-                child.to(device)
         ditbench.free(device)
         apply_dit_offload(dit, device, DiTOffloadConfig(use_stream=device.type == "cuda"))
         call = staged(dit, offloaded_run_blocks(dit, dit.run_blocks))
