@@ -34,7 +34,7 @@ from bindweave.data.video_io import write_video
 from bindweave.inference.pretrained import load_checkpoint, load_pretrained
 from bindweave.training import lora
 from bindweave.inference.outputs import contact_sheet, png_bytes, write_atomic, write_outputs
-from encoders.base import FrozenEncoder, resolve_dtype
+from encoders.base import resolve_dtype
 
 ReferenceImage = str | Path | Image.Image
 """A reference image: a path or a PIL image."""
