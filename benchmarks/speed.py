@@ -43,7 +43,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dit as ditbench  # noqa: E402  (benchmarks/dit.py: models, inputs, timing)
 
 from bindweave.inference.dit_offload import DiTOffloadConfig, apply_dit_offload, offloaded_run_blocks  # noqa: E402
-from bindweave.inference.fp8 import apply_fp8, fp8_unsupported  # noqa: E402
+from bindweave.dtypes import fp8_device_unsupported  # noqa: E402
+from bindweave.inference.fp8 import apply_fp8  # noqa: E402
 from bindweave.model.attention import attention_backend  # noqa: E402
 from bindweave.model.fp8_attention import fp8_attention_unsupported  # noqa: E402
 from bindweave.inference.step_cache import FirstBlockCache, StepCacheConfig  # noqa: E402
@@ -284,7 +285,7 @@ def main() -> None:
     path = Path(args.out) if args.out else RESULTS / f"speed-{result['card'].replace(' ', '-')}.json"
     steps = [("one_block", lambda d, s, r: one_block(d, s, r, tuple(args.block_variants))), ("block_slice", block_slice),
              ("whole_dit", whole_dit)]
-    if result["torchao"] and device.type == "cuda" and fp8_unsupported_on_card() is None:
+    if result["torchao"] and device.type == "cuda" and fp8_device_unsupported(device, "FP8 linears") is None:
         steps.insert(0, ("fp8_layers", lambda d, s, r: r.__setitem__("fp8_layers", fp8_layers(d, s))))
     steps = [(name, step) for name, step in steps if args.only is None or name in args.only]
     for name, step in steps:
@@ -298,11 +299,6 @@ def main() -> None:
         path.write_text(json.dumps(result, indent=2))
     log(f"wrote {path}")
     print(json.dumps(result, indent=1))
-
-
-def fp8_unsupported_on_card() -> str | None:
-    major, minor = torch.cuda.get_device_capability()
-    return None if (major, minor) >= (8, 9) else f"compute capability {major}.{minor}"
 
 
 if __name__ == "__main__":
