@@ -241,3 +241,17 @@ def test_a_request_gives_the_same_video_alone_or_batched_with_longer_ones(tmp_pa
     for i in range(3):
         alone = predict_batch(module.model, collate_requests([dataset[i]]), 0, module.sampling)["video"][0]
         assert (batched[i].int() - alone.int()).abs().max() <= 1, dataset[i]["id"]  # rounding only
+
+
+def test_contact_sheets_enlarge_small_videos_pixel_for_pixel_and_shrink_large_ones():
+    from bindweave.inference.outputs import contact_sheet
+
+    frames = torch.randint(0, 256, (17, 32, 32, 3), dtype=torch.uint8)
+    references = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8)
+    sheet = contact_sheet(frames, references, max_frames=8, gap=8)
+    assert sheet.shape == (128 + 16, 10 * 128 + 11 * 8 + 8, 3)  # 2 references + 8 frames, each 128 x 128
+    first = sheet[8:136, 8 + 2 * 136 + 8:][:, :128]  # the first frame's tile, after the references and the double gap
+    np.testing.assert_array_equal(first, frames[0].numpy().repeat(4, 0).repeat(4, 1))  # 4 x 4 blocks, no new values
+    large = contact_sheet(torch.zeros(3, 512, 256, 3, dtype=torch.uint8), tile_height=256)
+    assert large.shape[0] == 256 + 16 and large.shape[1] == 3 * 128 + 4 * 8
+    assert contact_sheet(torch.zeros(2, 200, 100, 3, dtype=torch.uint8)).shape[0] == 200 + 16  # between the two: as is

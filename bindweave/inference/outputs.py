@@ -49,7 +49,7 @@ def to_json(value: object) -> str:
 
 def contact_sheet(
     frames: torch.Tensor, references: torch.Tensor | None = None, max_frames: int = 8, tile_height: int = 256,
-    gap: int = 8,
+    gap: int = 8, min_tile_height: int = 128,
 ) -> np.ndarray:
     """References and evenly spaced frames side by side in one row, as (H', W', 3) uint8.
 
@@ -57,18 +57,27 @@ def contact_sheet(
         frames: (F, H, W, 3) uint8 video.
         references: (N, H, W, 3) uint8 reference images, or None.
         max_frames: frames shown (first and last always among them).
-        tile_height: tiles taller than this are scaled down to it.
+        tile_height: tiles taller than this are scaled down to it (bicubic).
         gap: pixels between tiles (a double gap separates references from frames).
+        min_tile_height: frames shorter than this are enlarged by a whole factor, pixel for pixel
+            (a 32 × 32 video is shown 128 × 128: its pixels visible, none invented).
     """
     count = min(max_frames, frames.shape[0])
     picks = torch.linspace(0, frames.shape[0] - 1, count).round().long().unique()
     height, width = frames.shape[1:3]
-    scale = min(1.0, tile_height / height)
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    tiles = [np.asarray(Image.fromarray(t.numpy()).resize(size, Image.Resampling.BICUBIC)) for t in frames[picks]]
-    refs = [] if references is None else [
-        np.asarray(Image.fromarray(r.numpy()).resize(size, Image.Resampling.BICUBIC)) for r in references
-    ]
+    if height < min_tile_height:
+        factor = -(-min_tile_height // height)  # ceil: whole pixels
+        size = (width * factor, height * factor)
+    else:
+        scale = min(1.0, tile_height / height)
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+
+    def fit(image: torch.Tensor) -> np.ndarray:  # (h, w, 3) -> (size[1], size[0], 3): enlarged pixel for pixel, shrunk bicubic
+        resample = Image.Resampling.NEAREST if image.shape[0] < size[1] else Image.Resampling.BICUBIC
+        return np.asarray(Image.fromarray(image.numpy()).resize(size, resample))
+
+    tiles = [fit(t) for t in frames[picks]]
+    refs = [] if references is None else [fit(r) for r in references]
     columns = refs + tiles
     sheet_width = len(columns) * size[0] + (len(columns) + 1) * gap + (gap if refs else 0)
     sheet = np.full((size[1] + 2 * gap, sheet_width, 3), 255, dtype=np.uint8)
