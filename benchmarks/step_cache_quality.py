@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -75,7 +76,7 @@ def main() -> None:
         rows.append(dict(threshold=threshold, **info, psnr_db=[round(v, 2) if math.isfinite(v) else "identical" for v in values],
                          psnr_db_min=round(min(finite), 2) if finite else "identical"))
         print(rows[-1], flush=True)
-    out = {"model": "models/sprites", "requests": len(requests), "sampling": {
+    out = {"model": os.path.relpath(args.model, ROOT), "requests": len(requests), "sampling": {
         "num_steps": pipe.sampling.num_steps, "guidance_scale": pipe.sampling.guidance_scale, "sampler": pipe.sampling.sampler},
         "device": device, "torch": torch.__version__, "rows": rows}
     args.out = args.out or str(ROOT / f"benchmarks/results/step-cache-sprites-{device.replace(' ', '-')}.json")

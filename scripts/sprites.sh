@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # The sprites recipe in one command (docs/sprites.md): generate the data, train the full model and
-# each ablation, sample the test split, score every run and write the table to docs/results.md.
+# each ablation, sample the test split, score every run and write the tables to $RESULTS
+# (outputs/sprites-results.md; docs/results.md keeps the runs reported so far, by hand).
 #   scripts/sprites.sh                         # everything, variants one after another
 #   PARALLEL=1 WORKERS=2 scripts/sprites.sh    # all variants at once (spread over the host's GPUs; small models leave one idle)
 #   SEEDS="0 1" scripts/sprites.sh             # each variant with two training seeds (seed N > 0 in <run>-seedN)
-#   VARIANTS="full noref" scripts/sprites.sh   # a subset (full = configs/sprites.yaml alone)
+#   VARIANTS="full noref" scripts/sprites.sh   # a subset (full = the recipe's config alone)
 #   STEPS=200 TEST=32 scripts/sprites.sh       # a quick run
 #   GUIDANCE="1 4" scripts/sprites.sh          # sample and score at each guidance scale (the default)
-#   RECIPE=reader BUDGET=00:00:25:00 scripts/sprites.sh   # issue #21's recipe (configs/sprites-reader.yaml):
-#                                              # scenes drawn while training, a training-time budget per run
+#   BUDGET=00:00:25:00 scripts/sprites.sh      # each run's training time (default: the config's, 7 min)
+#   RECIPE=cached scripts/sprites.sh           # the earlier recipe (configs/sprites.yaml: shards, frozen random towers)
+# The default recipe, reader (configs/sprites-reader.yaml, issue #21), made the shipped models/sprites:
+#   VARIANTS="full noref" GUIDANCE=1 scripts/sprites.sh, then bindweave weights export <full's last.ckpt> models/sprites --int8
 # BINDWEAVE overrides the command (default: the installed `bindweave`).
 set -euo pipefail
 DATA=${DATA:-data/sprites}
@@ -38,7 +41,8 @@ RESUME=${RESUME:-0}      # 1: continue each variant from its last.ckpt (MAX_TIME
 FIT_ARGS=${FIT_ARGS:-}   # more `bindweave fit` arguments, e.g. "--data.init_args.pin_memory false"
 BINDWEAVE=${BINDWEAVE:-bindweave}
 SPRITES_ARGS=${SPRITES_ARGS:-}  # more `bindweave data sprites` options, e.g. "--max-subjects 1" (an easier world)
-RECIPE=${RECIPE:-cached} # cached: configs/sprites.yaml (shards, frozen towers); reader: configs/sprites-reader.yaml
+RECIPE=${RECIPE:-reader} # reader: configs/sprites-reader.yaml (scenes drawn while training); cached: configs/sprites.yaml (shards, frozen towers)
+RESULTS=${RESULTS:-outputs/sprites-results.md}
 BUDGET=${BUDGET:-}       # reader: each run's training time over all its chunks (DD:HH:MM:SS; the LR schedule spans it)
 case "$RECIPE" in
   cached) BASE=configs/sprites.yaml; VARIANT_DIR=configs/sprites; PREFIX=outputs/sprites; SPLITS="train val test" ;;
@@ -204,6 +208,6 @@ $BINDWEAVE eval --data "$DATA/test/shard-*.tar" --reference_points --workers "$C
       "$(root_of "$variant" "$seed")/checkpoints/last.ckpt")
     echo "| $variant | $seed | $steps |"
   done
-} > docs/results.md.tmp
-mv docs/results.md.tmp docs/results.md  # whole or not at all
-echo "Wrote docs/results.md"
+} > "$RESULTS.tmp"
+mv "$RESULTS.tmp" "$RESULTS"  # whole or not at all
+echo "Wrote $RESULTS"

@@ -71,8 +71,10 @@ def test_shipped_sprites_card_is_generated_with_the_docs_numbers(tmp_path, monke
     generated = (copy / "README.md").read_text().replace(str(copy), "models/sprites")
     assert generated == (shipped / "README.md").read_text(), "models/sprites/README.md is stale: run scripts/sprites_card.py"
     results = (ROOT / "docs" / "results.md").read_text()
-    assert "| full, shipped (alone, 5 min) | 3,200 | 13.97 | 0.269 | 0.737 | 0.106 | 0.079 | 0.445 | 0.283 | 0.569 |" in results
-    assert "| 4 | 13.97 | 0.269 | 0.737 | 0.106 | 0.079 | 0.445 | 0.283 | 0.569 |" in generated
+    assert "| **full, shipped** (seed 0) | 4,776 | 19.79 | 0.627 | **0.216** | 0.027 | 0.416 | 0.033 | **0.940** | 0.954 |" in results
+    assert "| **this model** | 4,776 | 19.79 | 0.627 | 0.216 | 0.027 | 0.416 | 0.033 | 0.940 | 0.954 |" in generated
+    assert "| noref (seed 0) | 5,627 | 15.47 | 0.557 | 0.855 | 0.032 | 0.065 | 0.386 | 0.435 | 0.662 |" in results
+    assert "| noref | 5,627 | 15.47 | 0.557 | 0.855 | 0.032 | 0.065 | 0.386 | 0.435 | 0.662 |" in generated
 
 
 class Stream(io.StringIO):

@@ -83,7 +83,7 @@ def test_sprites_script_runs_every_variant_and_seed_into_its_own_folder(tmp_path
     env.update(PATH=f"{fake_bin}:{Path(sys.executable).parent}:{env['PATH']}", FAKE_LOG=str(tmp_path / "calls.jsonl"),
                BINDWEAVE=f"{sys.executable} {tmp_path / 'bindweave.py'}", DATA=str(tmp_path / "data"),
                TRAIN="3", VAL="3", TEST="3", STEPS="5", SEEDS="0 1", VARIANTS="full noref t5-only", PARALLEL="1",
-               GUIDANCE="1 4", CACHE_DEVICE="cpu")
+               GUIDANCE="1 4", CACHE_DEVICE="cpu", RECIPE="cached")
     done = subprocess.run(["bash", "scripts/sprites.sh"], cwd=work, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     calls = [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
@@ -102,7 +102,8 @@ def test_sprites_script_runs_every_variant_and_seed_into_its_own_folder(tmp_path
     assert (work / "outputs/sprites-noref-seed1/cfg4/videos").is_dir() and (work / "outputs/sprites/cfg1/videos").is_dir()
     evals = [c["argv"] for c in calls if c["argv"][0] == "eval"]
     assert len(evals) == 5 and sum("--reference_points" in a for a in evals) == 1  # 2 scales x 2 seeds + reference points
-    results = (work / "docs/results.md").read_text()
+    results = (work / "outputs/sprites-results.md").read_text()
+    assert not (work / "docs/results.md").exists()  # the hand-kept page is left alone
     for scale in (1, 4):
         for seed in (0, 1):
             assert f"## Classifier-free guidance {scale}, training seed {seed}" in results
@@ -142,5 +143,6 @@ def test_sprites_script_reader_recipe_writes_only_the_test_split_and_gives_each_
     predicts = [c["argv"] for c in calls if c["argv"][0] == "predict"]
     requests = {a[a.index("--data.init_args.requests") + 1] for a in predicts}
     assert requests == {str(tmp_path / "data/test/requests-model-size.jsonl")}
-    results = (work / "docs/results.md").read_text()
+    results = (work / "outputs/sprites-results.md").read_text()
+    assert not (work / "docs/results.md").exists()  # the hand-kept page is left alone
     assert "Recipe: `configs/sprites-reader.yaml`" in results and "budget 00:00:07:30" in results

@@ -89,7 +89,7 @@ def test_console_script_exit_status_and_single_line(tmp_path):
 # init_weights (export folders)
 # ----------------------------------------------------------------------------------------------
 
-SPRITES_DEMO = ["-c", str(ROOT / "configs/sprites.yaml"), "-c", str(ROOT / "configs/predict.yaml"),
+SPRITES_DEMO = ["-c", str(ROOT / "configs/sprites-reader.yaml"), "-c", str(ROOT / "configs/predict.yaml"),
                 "-c", str(ROOT / "configs/sprites/demo.yaml")]
 
 

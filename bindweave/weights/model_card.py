@@ -45,6 +45,20 @@ def _size(num: int) -> str:
     return str(num)
 
 
+def _reader_summary(conditioner: dict) -> str | None:
+    """A ``ReaderConditioner``'s trainable reader in words (what it reads, its size, its branch); None for others."""
+    args = conditioner.get("init_args", {}) or {}
+    reader = args.get("reader")
+    if not isinstance(reader, dict):
+        return None
+    r = reader.get("init_args", {}) or {}
+    reads = " + ".join(part for part, on in (("prompt words", r.get("read_prompt", True)),
+                                             ("references cropped to their subject" if r.get("crop") else "references",
+                                              r.get("read_references", True))) if on)
+    return (f"trained `{_entry_name(reader)}` ({reads}; width {r.get('dim')}, {r.get('num_layers')} layers) → branch "
+            f"`{args.get('branch', 'text')}`")
+
+
 def config_rows(model: dict, shapes: dict[str, tuple[int, ...]] | None = None) -> list[tuple[str, str]]:
     """(part, summary) rows of a ``model:`` config (and the stored weights' shapes, if given)."""
     rows = []
@@ -61,13 +75,17 @@ def config_rows(model: dict, shapes: dict[str, tuple[int, ...]] | None = None) -
     vae = model.get("vae")
     rows.append(("VAE", f"`{_entry_name(vae)}` {_encoder_source(vae)}".strip()))
     relational = model.get("relational")
-    if isinstance(relational, dict):
+    if isinstance(relational, dict) and _reader_summary(relational):
+        rows.append(("relational", _reader_summary(relational)))
+    elif isinstance(relational, dict):
         args = relational.get("init_args", {}) or {}
         text, mllm = args.get("text_encoder"), args.get("mllm")
         rows.append(("relational", f"T5 `{_entry_name(text)}` {_encoder_source(text)}; MLLM `{_entry_name(mllm)}` "
                                    f"{_encoder_source(mllm)} → trained connector → branch `{args.get('branch', 'text')}`"))
     identity = model.get("identity")
-    if isinstance(identity, dict):
+    if isinstance(identity, dict) and _reader_summary(identity):
+        rows.append(("identity", _reader_summary(identity)))
+    elif isinstance(identity, dict):
         args = identity.get("init_args", {}) or {}
         image = args.get("image_encoder")
         rows.append(("identity", f"CLIP `{_entry_name(image)}` {_encoder_source(image)} → branch "
@@ -78,7 +96,7 @@ def config_rows(model: dict, shapes: dict[str, tuple[int, ...]] | None = None) -
                                    f"images as VAE latents in extra temporal slots"))
     extra = model.get("extra_conditioners") or []
     if extra:
-        rows.append(("extra conditioners", ", ".join(f"`{_entry_name(e)}`" for e in extra)))
+        rows.append(("extra conditioners", ", ".join(_reader_summary(e) or f"`{_entry_name(e)}`" for e in extra)))
     s = model.get("sampling") or {}
     if s:
         rows.append(("sampling defaults", f"{s.get('num_frames')} frames of {s.get('width')}×{s.get('height')}, "
@@ -131,14 +149,18 @@ def model_card(folder: str | Path, model: dict, shapes: dict[str, tuple[int, ...
     if folder.is_absolute() and folder.is_relative_to(Path.cwd()):
         folder = folder.relative_to(Path.cwd())  # the examples name it as a user in this folder would
     storage = ", ".join(sorted(dtypes)) if dtypes else "safetensors"
+    frozen = [key for part in ("relational", "identity") for key in ("text_encoder", "mllm", "image_encoder")
+              if isinstance(((model.get(part) or {}).get("init_args") or {}).get(key), dict)]  # T5 / MLLM / CLIP towers
     lines = [
         f"# {name}",
         "",
         f"A {TITLE} model for subject-consistent video generation: a prompt and 1–4 reference images in, a "
         f"video in which those subjects act out the prompt. Exported by `bindweave weights export`: "
-        f"`config.yaml` (the model's config) and `model*.safetensors` (the trained DiT and connector"
+        f"`config.yaml` (the model's config) and `model*.safetensors` (the trained "
+        f"{'DiT and connector' if frozen else 'DiT and conditioners'}"
         f"{', large matrices stored int8 with per-channel scales' if int8 else ''}; {storage}). "
-        f"Frozen encoders are not in the folder: `config.yaml` names their files or builds them from a config.",
+        + ("Frozen encoders are not in the folder: `config.yaml` names their files or builds them from a config."
+           if frozen else "The model has no frozen encoder: every trained part is in the folder."),
     ]
     if description:
         lines += ["", description.strip()]
