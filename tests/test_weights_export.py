@@ -397,3 +397,17 @@ def test_weights_configs_layer_on_the_paper_config(name):
     encoders = [model.vae, model.relational.init_args.text_encoder, model.identity.init_args.image_encoder]
     assert all(e.init_args.tiny_config is None and e.init_args.pretrained_path.startswith("/path/to/") for e in encoders)
     assert model.relational.init_args.mllm.init_args.pretrained_path == "/path/to/Qwen2.5-VL-7B-Instruct"
+
+
+def test_load_pretrained_runs_eager_whatever_the_export_was_trained_with(trained, tmp_path):
+    """An export of a run trained with ``parallelism.compile`` loads eager (a CPU would compile every
+    block on the first video); the caller can still ask for it."""
+    save_pretrained(trained, tmp_path)
+    config = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    config["model"]["parallelism"] = {"compile": True, "activation_checkpointing": "full"}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    loaded = load_pretrained(tmp_path)
+    assert not loaded.parallelism.compile and loaded.parallelism.activation_checkpointing == "none"
+    torch.testing.assert_close(dit_output(loaded), dit_output(trained))
+    asked = load_pretrained(tmp_path, model_overrides={"parallelism": {"compile": True}})
+    assert asked.parallelism.compile

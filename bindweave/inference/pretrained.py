@@ -34,13 +34,17 @@ def load_pretrained(directory: str | Path, dtype: str | None = None, model_overr
         directory: the export folder.
         dtype: dtype of the DiT weights (``float32``, ``bfloat16``, ``float16``); default: as stored.
         model_overrides: entries replacing those of ``config.yaml``'s ``model:`` section (e.g. other
-            encoder paths on this machine, or ``sampling``).
+            encoder paths on this machine, or ``sampling``); ``parallelism`` (compile, FSDP, ...)
+            only from here: the one the export was trained with is not applied.
 
     Returns:
         The built model, in eval mode.
     """
     directory = Path(directory)
     config = read_config(directory)
+    # How it was trained to run (compile, FSDP, checkpointing) is not part of the model: a loaded
+    # model runs eager on one device unless the caller asks (a CPU would otherwise compile every block).
+    config.pop("parallelism", None)
     config.update(copy.deepcopy(model_overrides or {}))
     checkpoint = Checkpoint.open(directory, prefix=WEIGHTS_NAME)
     with build_as_lightning_cli(config):
