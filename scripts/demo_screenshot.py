@@ -10,7 +10,6 @@ import json
 import socket
 import sys
 import time
-from pathlib import Path
 from bindweave.cli.demo import build_demo, load_pipeline, shipped_examples, EXAMPLES
 OUT = sys.argv[1] if len(sys.argv) > 1 else "docs/demo.png"
 t0 = time.time()
@@ -32,7 +31,7 @@ with sync_playwright() as p:
     page.press("#guidance input[type=number]", "Enter")
     page.click("#generate")
     page.wait_for_timeout(3000)
-        page.wait_for_selector("#sheet img[src]", timeout=300000)
+    page.wait_for_selector("#sheet img[src]", timeout=300000)
     page.wait_for_timeout(1500)
     page.screenshot(path=OUT)
     b.close()

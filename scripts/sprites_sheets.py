@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
 from PIL import Image, ImageDraw
 
 LABEL_WIDTH = 72  # pixels left of each row for its name
