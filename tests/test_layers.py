@@ -151,3 +151,15 @@ def test_importing_the_model_leaves_warning_filters_alone():
     result = subprocess.run([sys.executable, "-c", _IMPORT_TWICE.format(packages=PACKAGES), *NO_IMPORT_SIDE_EFFECTS],
                             cwd=ROOT, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]", f"importing {NO_IMPORT_SIDE_EFFECTS} added warning filters: {result.stdout}"
+
+
+def test_every_script_and_benchmark_parses():
+    """scripts/ and benchmarks/ are run by hand, never imported by the suite: a syntax error there
+    (as scripts/demo_screenshot.py once had) would otherwise wait for the next person to run it."""
+    broken = []
+    for path in sorted([*(ROOT / "scripts").glob("*.py"), *(ROOT / "benchmarks").glob("*.py")]):
+        try:
+            compile(path.read_text(), str(path), "exec")
+        except SyntaxError as error:
+            broken.append(f"{path.relative_to(ROOT)}:{error.lineno}: {error.msg}")
+    assert not broken, broken
