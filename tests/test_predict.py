@@ -57,10 +57,10 @@ def test_predict_writes_mp4_png_json_skips_done_and_survives_bad_requests(module
                                  "seed": 7, "num_frames": 5, "height": 32, "width": 32}
     assert record["sampling"]["num_steps"] == 2 and record["checkpoint"] == str(checkpoint)
     assert record["model_config"]["dit"]["init_args"]["dim"] == 64
-    # Contact sheet: 2 references then 5 frames, 32-pixel tiles, 8-pixel gaps (16 before the frames).
+    # Contact sheet: 2 references then 5 frames, the 32-pixel tiles shown 4x (128), 8-pixel gaps (16 before the frames).
     sheet = np.asarray(Image.open(out / "pair.png"))
-    assert sheet.shape == (48, 7 * 32 + 8 * 8 + 8, 3)
-    assert sheet[24, 8 + 16].tolist() == [220, 40, 40] and sheet[24, 48 + 16].tolist()[2] > 200
+    assert sheet.shape == (128 + 16, 7 * 128 + 8 * 8 + 8, 3)
+    assert sheet[8 + 64, 8 + 64].tolist() == [220, 40, 40] and sheet[8 + 64, 144 + 64].tolist()[2] > 200
     errors = {p.name.split(".")[0]: json.loads(p.read_text())["error"] for p in out.glob("*.error.json")}
     assert "later.png' does not exist; fix the path" in errors["late"] and "line 3" in errors["late"]
     assert "prompt is empty" in errors["empty"] and "not valid JSON" in errors["line-5"]
