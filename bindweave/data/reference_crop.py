@@ -40,8 +40,8 @@ def subject_boxes(images: torch.Tensor, fill: float = 1.0, threshold: float = 0.
     x0 = torch.where(cols, xs, big).amin(dim=1)
     x1 = torch.where(cols, xs, -1).amax(dim=1) + 1
     empty = ~rows.any(dim=1)  # (M,): the whole image [0, 0, w, h) instead
-    # Python scalars again: setting elements of a CUDA tensor (`whole[2] = w`) is a host copy, a sync
-    # (it stalled every training step of the sprites reader on an H100).
+    # Python scalars, as `big` above: setting elements of a CUDA tensor (`whole[2] = w`) is a host
+    # copy, a sync (it stalled every training step of the sprites reader on an H100).
     corners = [torch.where(empty, value, edge) for value, edge in ((0, x0), (0, y0), (w, x1), (h, y1))]
     return torch.stack(corners, dim=1).float()  # (M, 4)
 

@@ -75,16 +75,16 @@ def config_rows(model: dict, shapes: dict[str, tuple[int, ...]] | None = None) -
     vae = model.get("vae")
     rows.append(("VAE", f"`{_entry_name(vae)}` {_encoder_source(vae)}".strip()))
     relational = model.get("relational")
-    if isinstance(relational, dict) and _reader_summary(relational):
-        rows.append(("relational", _reader_summary(relational)))
+    if isinstance(relational, dict) and (reader := _reader_summary(relational)):
+        rows.append(("relational", reader))
     elif isinstance(relational, dict):
         args = relational.get("init_args", {}) or {}
         text, mllm = args.get("text_encoder"), args.get("mllm")
         rows.append(("relational", f"T5 `{_entry_name(text)}` {_encoder_source(text)}; MLLM `{_entry_name(mllm)}` "
                                    f"{_encoder_source(mllm)} → trained connector → branch `{args.get('branch', 'text')}`"))
     identity = model.get("identity")
-    if isinstance(identity, dict) and _reader_summary(identity):
-        rows.append(("identity", _reader_summary(identity)))
+    if isinstance(identity, dict) and (reader := _reader_summary(identity)):
+        rows.append(("identity", reader))
     elif isinstance(identity, dict):
         args = identity.get("init_args", {}) or {}
         image = args.get("image_encoder")
