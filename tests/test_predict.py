@@ -255,3 +255,36 @@ def test_contact_sheets_enlarge_small_videos_pixel_for_pixel_and_shrink_large_on
     large = contact_sheet(torch.zeros(3, 512, 256, 3, dtype=torch.uint8), tile_height=256)
     assert large.shape[0] == 256 + 16 and large.shape[1] == 3 * 128 + 4 * 8
     assert contact_sheet(torch.zeros(2, 200, 100, 3, dtype=torch.uint8)).shape[0] == 200 + 16  # between the two: as is
+
+
+def test_sizes_an_absolute_position_model_was_not_trained_on_are_warned_about(tmp_path):
+    """The shipped sprites DiT adds absolute position features (trained at 17 x 32 x 32): another size
+    makes a broken video, so the pipeline warns and a predict request carries the warning."""
+    import warnings as python_warnings
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from bindweave.inference.requests import RequestDataModule
+
+    REPO = Path(__file__).resolve().parents[1]
+    pipe = BindWeavePipeline.from_pretrained(REPO / "models/sprites")
+    reference = REPO / "examples/sprites/references/sprites-test-0-000010.ref0.png"
+    with pytest.warns(UserWarning, match="absolute position features.*leave the size out to use 17x32x32"):
+        pipe("On a grey background, the first subject stays still at the centre.", references=[reference],
+             height=64, width=64, num_steps=1)
+    with python_warnings.catch_warnings():
+        python_warnings.simplefilter("error")  # the trained size and fewer frames: no warning
+        pipe("On a grey background, the first subject stays still at the centre.", references=[reference],
+             num_frames=9, num_steps=1)
+    assert pipe.model.size_warning(17, 32, 32, (17, 32, 32)) is None
+    assert "17x32x32" in pipe.model.size_warning(21, 32, 32, (17, 32, 32))  # frames past the trained ones
+    requests = tmp_path / "r.jsonl"
+    requests.write_text(json.dumps({"prompt": "a subject", "references": [str(reference)], "height": 64, "width": 64})
+                        + "\n" + json.dumps({"prompt": "a subject", "references": [str(reference)]}) + "\n")
+    note = lambda f, h, w: pipe.model.size_warning(f, h, w, (17, 32, 32))  # noqa: E731
+    dataset = RequestDataset(requests, 17, 32, 32, size_note=note)
+    assert "absolute position" in dataset[0]["warnings"][0] and dataset[1]["warnings"] == []
+    data = RequestDataModule(requests=str(requests), skip_done=False)  # as `bindweave predict` builds it
+    data.trainer = SimpleNamespace(lightning_module=SimpleNamespace(sampling=pipe.sampling, model=pipe.model), callbacks=[])
+    built = data.build_dataset()
+    assert "absolute position" in built[0]["warnings"][0] and built[1]["warnings"] == []

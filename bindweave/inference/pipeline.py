@@ -19,6 +19,7 @@ CPU except while they run, ``vae_tiling``/``vae_slicing`` bound the decoder's ac
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Callable
@@ -281,6 +282,10 @@ class BindWeavePipeline:
         num_frames = num_frames or config.num_frames
         height, width = height or config.height, width or config.width
         self.model.check_video(num_frames, height, width)
+        note = self.model.size_warning(num_frames, height, width, (self.sampling.num_frames, self.sampling.height,
+                                                                   self.sampling.width))
+        if note:
+            warnings.warn(note, UserWarning, stacklevel=2)
         loaded = [_load_references(refs, height, width, config.reference_canvas) for refs in per_prompt_refs]
         most = max(images.shape[0] for images, _ in loaded)
         refs = torch.zeros(len(loaded), most, 3, height, width)  # (B, N, 3, H, W), zero-padded

@@ -292,13 +292,16 @@ class RequestDataset(Dataset):
         skip: requests whose id it returns True for are left out (e.g. :func:`is_done`); they are
             listed in ``skipped``. Requests that cannot be parsed are never skipped.
         canvas: how references are fitted into the video size (None: the paper's rule).
+        size_note: what to tell the user about a request's (frames, height, width), or None
+            (e.g. :meth:`~bindweave.model.bindweave_model.BindWeaveModel.size_warning`); goes into its warnings.
     """
 
     def __init__(
         self, path: str | Path, num_frames: int, height: int, width: int, max_references: int | None = None,
         skip: Callable[[str], bool] | None = None, canvas: ReferenceCanvas | None = None,
+        size_note: Callable[[int, int, int], str | None] | None = None,
     ) -> None:
-        self.canvas = canvas
+        self.canvas, self.size_note = canvas, size_note
         entries = read_requests(path, num_frames, height, width, max_references)
         skipped = [isinstance(e, Request) and skip is not None and skip(e.id) for e in entries]
         self.entries = [e for e, s in zip(entries, skipped) if not s]
@@ -316,6 +319,9 @@ class RequestDataset(Dataset):
         if not isinstance(entry, Request):
             return {"failed": entry}
         notes: list[str] = []
+        size_note = self.size_note(entry.num_frames, entry.height, entry.width) if self.size_note else None
+        if size_note:
+            notes.append(size_note)
         try:
             fitted = [load_reference_and_mask(p, entry.height, entry.width, notes, self.canvas) for p in entry.references]
             states = {key: read_mllm_states(getattr(entry, key), key.startswith("negative"))
@@ -442,9 +448,14 @@ class RequestDataModule(L.LightningDataModule):
         num_frames, height, width = self._defaults()
         output_dir = self._output_dir() if self.hparams.skip_done else None
         skip = (lambda request_id: is_done(output_dir, request_id)) if output_dir is not None else None
-        sampling = getattr(getattr(self.trainer, "lightning_module", None), "sampling", None) if self.trainer else None
+        module = getattr(self.trainer, "lightning_module", None) if self.trainer else None
+        sampling, model = getattr(module, "sampling", None), getattr(module, "model", None)
+        size_note = None
+        if sampling is not None and hasattr(model, "size_warning"):
+            made_for = (sampling.num_frames, sampling.height, sampling.width)
+            size_note = lambda f, h, w: model.size_warning(f, h, w, made_for)  # noqa: E731
         dataset = RequestDataset(self.hparams.requests, num_frames, height, width, self.hparams.max_references, skip,
-                                 getattr(sampling, "reference_canvas", None))
+                                 getattr(sampling, "reference_canvas", None), size_note)
         self.skipped = dataset.skipped
         return dataset
 

@@ -110,6 +110,19 @@ class BindWeaveModel(nn.Module):
         check_num_frames(num_frames)
         check_spatial_size(height, width, self.vae.spatial_compression * self.dit.patch_size[1])
 
+    def size_warning(self, num_frames: int, height: int, width: int, made_for: tuple[int, int, int]) -> str | None:
+        """What a user should know before sampling ``num_frames`` × ``height`` × ``width`` with a DiT
+        that adds absolute position features (``absolute_position: true``): they hold only on the
+        token grid it was trained on, ``made_for`` (frames, height, width: its sampling defaults).
+        None when the size is that one (fewer frames are fine) or the DiT has none (RoPE is relative)."""
+        frames, trained_height, trained_width = made_for
+        if not getattr(self.dit, "absolute_position", False) or ((height, width) == (trained_height, trained_width)
+                                                                  and num_frames <= frames):
+            return None
+        return (f"{num_frames}x{height}x{width} is not the {frames}x{trained_height}x{trained_width} this model samples "
+                f"by default, and its DiT adds absolute position features that only hold on the token grid it was "
+                f"trained on: expect a broken video; leave the size out to use {frames}x{trained_height}x{trained_width}.")
+
     @staticmethod
     def check_references(references: torch.Tensor, height: int, width: int) -> None:
         """Raise ``ValueError`` unless ``references`` is (B, N, 3, height, width)."""
