@@ -354,3 +354,17 @@ def test_reader_recipe_ablations_keep_the_paths_their_names_say(variant, monkeyp
         assert c["identity"].reader.patch_embedding.weight.grad is not None
     if variant != "full":
         assert cli.trainer.default_root_dir.endswith(f"sprites-reader-{variant}")
+
+
+def test_validation_batches_are_drawn_without_a_worker_spawn_per_validation():
+    """An H100 sat idle ~10 s at every validation while one worker process was spawned for one
+    batch: one or two batches are drawn in-process, more by workers that stay alive."""
+    from bindweave.tasks.sprites.online import SpritesDataModule
+
+    small = OnlineSprites(num_frames=5, height=32, width=32, reference_size=32)
+    one = SpritesDataModule(small, batch_size=4, num_workers=6, val_batches=1).val_dataloader()
+    assert one.num_workers == 0
+    batch = next(iter(one))
+    assert batch["prompt"] and len(batch["prompt"]) == 4
+    many = SpritesDataModule(small, batch_size=4, num_workers=6, val_batches=3).val_dataloader()
+    assert many.num_workers == 3 and many.persistent_workers
