@@ -11,7 +11,7 @@
 #   BUDGET=00:00:25:00 scripts/sprites.sh      # each run's training time (default: the config's, 7 min)
 #   RECIPE=cached scripts/sprites.sh           # the earlier recipe (configs/sprites.yaml: shards, frozen random towers)
 # The default recipe, reader (configs/sprites-reader.yaml, issue #21), made the shipped models/sprites:
-#   VARIANTS="full noref" GUIDANCE=1 scripts/sprites.sh, then bindweave weights export <full's last.ckpt> models/sprites --int8
+#   VARIANTS="full noref" GUIDANCE=1 scripts/sprites.sh   (its export: outputs/sprites-model)
 # BINDWEAVE overrides the command (default: the installed `bindweave`).
 set -euo pipefail
 DATA=${DATA:-data/sprites}
@@ -43,6 +43,7 @@ BINDWEAVE=${BINDWEAVE:-bindweave}
 SPRITES_ARGS=${SPRITES_ARGS:-}  # more `bindweave data sprites` options, e.g. "--max-subjects 1" (an easier world)
 RECIPE=${RECIPE:-reader} # reader: configs/sprites-reader.yaml (scenes drawn while training); cached: configs/sprites.yaml (shards, frozen towers)
 RESULTS=${RESULTS:-outputs/sprites-results.md}
+EXPORT=${EXPORT:-outputs/sprites-model}  # the full variant's (first seed's) int8 export, as models/sprites is made
 BUDGET=${BUDGET:-}       # reader: each run's training time over all its chunks (DD:HH:MM:SS; the LR schedule spans it)
 case "$RECIPE" in
   cached) BASE=configs/sprites.yaml; VARIANT_DIR=configs/sprites; PREFIX=outputs/sprites; SPLITS="train val test" ;;
@@ -166,6 +167,9 @@ if [ "$PARALLEL" = 1 ]; then
   [ "$failed" = 0 ] || exit 1
 else
   for job in "${jobs[@]}"; do run_variant $job; done
+fi
+if [[ " $VARIANTS " == *" full "* ]]; then  # the model as shipped: models/sprites is this export of the full run
+  $BINDWEAVE weights export "$(root_of full "${SEEDS%% *}")/checkpoints/last.ckpt" "$EXPORT" --int8
 fi
 [ "$PREDICT" = 1 ] || exit 0
 baseline=()

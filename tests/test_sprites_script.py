@@ -52,6 +52,9 @@ elif args[0] in ("fit", "predict"):
     else:
         assert Path(opt("--ckpt_path")).is_file(), opt("--ckpt_path")
         (root / "videos").mkdir(parents=True)
+elif args[:2] == ["weights", "export"]:
+    assert Path(args[2]).is_file() and args[4:] == ["--int8"], args
+    Path(args[3]).mkdir(parents=True, exist_ok=True)
 elif args[0] == "eval":
     runs = [args[i + 1] for i, a in enumerate(args) if a == "--run"]
     assert all(Path(r.split("=", 1)[1]).is_dir() for r in runs), runs
@@ -134,6 +137,8 @@ def test_sprites_script_reader_recipe_writes_only_the_test_split_and_gives_each_
     fits = [c["argv"] for c in calls if c["argv"][0] == "fit"]
     assert len(fits) == 2 and all(a[a.index("-c") + 1] == "configs/sprites-reader.yaml" for a in fits)
     assert not any("--data.init_args.urls" in a for a in fits)
+    exports = [c["argv"] for c in calls if c["argv"][:2] == ["weights", "export"]]
+    assert exports == [["weights", "export", "outputs/sprites-reader/checkpoints/last.ckpt", "outputs/sprites-model", "--int8"]]
     assert {str(p.relative_to(work).parent.parent) for p in work.glob("outputs/*/checkpoints/last.ckpt")} == {
         "outputs/sprites-reader", "outputs/sprites-reader-noref"}
     overlay = yaml.safe_load((work / "outputs/sprites-reader-noref/schedule.yaml").read_text())["trainer"]["callbacks"]
