@@ -149,8 +149,8 @@ def model_card(folder: str | Path, model: dict, shapes: dict[str, tuple[int, ...
     if folder.is_absolute() and folder.is_relative_to(Path.cwd()):
         folder = folder.relative_to(Path.cwd())  # the examples name it as a user in this folder would
     storage = ", ".join(sorted(dtypes)) if dtypes else "safetensors"
-    frozen = [key for part in ("relational", "identity") for key in ("text_encoder", "mllm", "image_encoder")
-              if isinstance(((model.get(part) or {}).get("init_args") or {}).get(key), dict)]  # T5 / MLLM / CLIP towers
+    frozen = any(isinstance(((model.get(part) or {}).get("init_args") or {}).get(key), dict)  # a T5 / MLLM / CLIP tower
+                 for part in ("relational", "identity") for key in ("text_encoder", "mllm", "image_encoder"))
     lines = [
         f"# {name}",
         "",
