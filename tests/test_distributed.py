@@ -306,3 +306,59 @@ def test_sharded_checkpoint_resumes_at_another_world_size(tmp_path):
     assert any(".connector." in k for k in state)
     for key, value in before["dit"].items():
         torch.testing.assert_close(state[f"dit.{key}"], value, msg=key)
+
+
+def _budget_worker(rank: int, world: int, port: int, out: str) -> None:
+    """A DDP fit under an ``LRSchedule`` budget where rank 1's clock runs at half rank 0's speed: each
+    rank alone would plan another total; rank 0's estimates reach both, and both stop at its total."""
+    import datetime
+
+    import lightning as L
+    from lightning.pytorch.strategies import DDPStrategy
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import callbacks.schedule as schedule
+    from callbacks.schedule import LRSchedule
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank), NODE_RANK="0")
+    torch.set_num_threads(1)
+    clock = [0.0]
+    schedule.time.monotonic = lambda: clock[0]  # this spawned process's own clock
+
+    class Tick(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            clock[0] += 0.1 * (rank + 1)  # rank 0: 10 steps/s, rank 1: 5 steps/s
+
+    class Line(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch[0]).square().mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    budget = LRSchedule(warmup_steps=2, budget=10.0, skip_steps=2, measure_steps=4, refine_until=0.5)
+    strategy = DDPStrategy(process_group_backend="gloo", timeout=datetime.timedelta(seconds=30))  # ranks apart: fail
+    trainer = L.Trainer(accelerator="cpu", devices=world, strategy=strategy,
+                        max_steps=10_000, max_epochs=-1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[Tick(), budget])
+    trainer.fit(Line(), DataLoader(TensorDataset(torch.randn(64, 2)), batch_size=4))
+    torch.save({"step": trainer.global_step, "total": budget.total_steps, "final": budget.final}, f"{out}.{rank}")
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def test_a_budget_schedule_keeps_every_rank_on_rank_zeros_total(tmp_path):
+    out = str(tmp_path / "budget")
+    _spawn(_budget_worker, 2, out)
+    ranks = [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(2)]
+    assert ranks[0] == ranks[1]  # one total, one step at the end, fixed on both
+    # Rank 0's clock: 10 s at 10 steps/s. Rank 1 alone would have planned ~50 steps.
+    assert ranks[0]["final"] and 95 <= ranks[0]["step"] == ranks[0]["total"] <= 101

@@ -64,7 +64,8 @@ def test_budget_schedule_measures_the_rate_fixes_the_total_resumes_it_and_stops_
             if trainer.should_stop:
                 return
 
-    callback = LRSchedule(warmup_steps=5, budget="00:00:01:40", skip_steps=10, measure_steps=20, min_factor=0.1)
+    callback = LRSchedule(warmup_steps=5, budget="00:00:01:40", skip_steps=10, measure_steps=20, min_factor=0.1,
+                          refine_until=0.0)  # the first estimate is final
     assert callback.budget == 100.0 and budget_seconds(7.5) == 7.5 and budget_seconds("600") == 600.0  # the CLI's string
     callback.on_train_start(trainer, module)
     clock[0] += 5.0  # compilation before the first step counts against the budget
@@ -73,13 +74,14 @@ def test_budget_schedule_measures_the_rate_fixes_the_total_resumes_it_and_stops_
     run(callback, 21, 0.1)  # the rate is read at the start of step 30
     # At step 30: 5 + 10 + 2 = 17 s spent, 83 s left at 10 steps/s make 830 more steps.
     assert callback.total_steps == 30 + 830
-    assert broadcasts == [(860, 0)]  # rank 0's total reaches every rank
+    assert broadcasts == [((860, True), 0)]  # rank 0's total reaches every rank
     run(callback, 399, 0.1)
     state = callback.state_dict()
     assert state["total_steps"] == 860 and state["spent_seconds"] == pytest.approx(17 + 40)
 
     resumed = LRSchedule(warmup_steps=5, budget=100.0, skip_steps=10, measure_steps=20, min_factor=0.1)
     resumed.load_state_dict(state)
+    assert resumed.final  # fixed: a resumed chunk does not measure again
     resumed.on_train_start(trainer, module)
     resumed.on_train_batch_start(trainer, module, None, 0)
     assert group["lr"] == pytest.approx(lr_factor(430, 5, 860, "cosine", 0.1))
@@ -90,6 +92,61 @@ def test_budget_schedule_measures_the_rate_fixes_the_total_resumes_it_and_stops_
         LRSchedule(budget="1:00")
     with pytest.raises(ValueError, match="not both"):
         LRSchedule(budget=10, total_steps=100)
+
+
+def test_budget_schedule_refines_its_total_from_the_later_steps_until_a_quarter_of_the_budget(monkeypatch):
+    """The first steps timed mislead (here 5 steps/s, then 10 for good): the total is estimated again
+    every ``measure_steps`` steps from the later half of the steps timed, fixed once ``refine_until``
+    of the budget is spent, kept by a resumed chunk, and the run ends where the budget does."""
+    from types import SimpleNamespace
+
+    import callbacks.schedule as schedule
+
+    clock = [0.0]
+    monkeypatch.setattr(schedule.time, "monotonic", lambda: clock[0])
+    group = {"lr": 1.0}
+    broadcasts = []
+    strategy = SimpleNamespace(broadcast=lambda value, src=0: broadcasts.append(value) or value)
+    trainer = SimpleNamespace(global_step=0, max_steps=-1, log_every_n_steps=1000, should_stop=False,
+                              optimizers=[SimpleNamespace(param_groups=[group])], strategy=strategy)
+    module = SimpleNamespace(log=lambda *a, **k: None)
+
+    def run(callback, steps, seconds_per_step):
+        for _ in range(steps):
+            callback.on_train_batch_start(trainer, module, None, 0)
+            clock[0] += seconds_per_step(trainer.global_step) if callable(seconds_per_step) else seconds_per_step
+            trainer.global_step += 1
+            callback.on_train_batch_end(trainer, module, None, None, 0)
+            if trainer.should_stop:
+                return
+
+    callback = LRSchedule(warmup_steps=5, budget=100.0, skip_steps=10, measure_steps=20, min_factor=0.1)
+    callback.on_train_start(trainer, module)
+    run(callback, 31, lambda step: 1.0 if step < 10 else 0.2 if step < 30 else 0.1)  # compile, 20 slow steps
+    # At step 30: 14 s spent; 86 s left at 5 steps/s make 430 more: a first estimate, not final.
+    assert callback.total_steps == 30 + 430 and not callback.final
+    run(callback, 20, 0.1)  # at step 50 the later half (steps 30-50) ran at 10 steps/s; 84 s left
+    assert callback.total_steps == 50 + 840 and not callback.final
+    assert [final for _, final in broadcasts] == [False, False]
+    run(callback, 100, 0.1)  # at step 150: 26 s spent (over a quarter): fixed, at 10 steps/s
+    assert callback.final and callback.total_steps == 150 + 740
+    assert broadcasts[-1] == (890, True) and not any(final for _, final in broadcasts[:-1])
+    fixed = callback.total_steps
+    state = callback.state_dict()
+    assert state["final"] and state["total_steps"] == fixed
+    resumed = LRSchedule(warmup_steps=5, budget=100.0, skip_steps=10, measure_steps=20, min_factor=0.1)
+    resumed.load_state_dict(state)
+    resumed.on_train_start(trainer, module)
+    count = len(broadcasts)
+    run(resumed, 10_000, 0.1)
+    assert trainer.global_step == fixed and len(broadcasts) == count  # not measured again
+    assert clock[0] == pytest.approx(100.0)  # the budget's 100 s, compile and slow steps included
+    # A checkpoint from before refining existed has no "final": its total is kept as fixed.
+    old = LRSchedule(budget=100.0)
+    old.load_state_dict({"total_steps": 123, "spent_seconds": 5.0})
+    assert old.final and old.total_steps == 123
+    with pytest.raises(ValueError, match="refine_until"):
+        LRSchedule(budget=10, refine_until=1.5)
 
 
 def test_ema_decay_warms_up_to_its_target():
