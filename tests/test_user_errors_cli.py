@@ -223,3 +223,13 @@ def test_a_model_setting_that_cannot_work_is_one_line(setting, says, tmp_path, c
                             "--trainer.default_root_dir", str(tmp_path)], capsys, monkeypatch)
     assert status == EXIT_USER_ERROR
     assert says in error_line(err)
+
+
+def test_trainer_settings_lightning_refuses_are_one_line(tmp_path, capsys, monkeypatch):
+    """A config with a progress-bar callback and ``enable_progress_bar false``: Lightning raises while
+    building the Trainer; the command says so on one line with exit status 2."""
+    status, err = run_main(["fit", "-c", str(ROOT / "configs/sprites-reader.yaml"), "--trainer.enable_progress_bar", "false",
+                            "--trainer.default_root_dir", str(tmp_path)], capsys, monkeypatch)
+    assert status == EXIT_USAGE
+    line = error_line(err)
+    assert "enable_progress_bar=False" in line and "LossProgressBar" in line and "change one of them" in line

@@ -26,6 +26,7 @@ from typing import NoReturn
 import lightning as L
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 import callbacks  # noqa: F401  (registers short names for trainer.callbacks)
 import conditioners  # noqa: F401  (registers short names for model.conditioners)
@@ -256,6 +257,9 @@ def run_command(argv: list[str] | None = None) -> None:
         run_cli(argv)
     except UserError as error:  # a mistake the user can fix: one line, no traceback
         raise report(command, error) from None
+    except MisconfigurationException as error:  # Lightning refused a combination of trainer settings
+        raise report(command, f"{one_line(error)} (Lightning's check of the trainer settings: change one of "
+                              "them in the config or on the command line)", EXIT_USAGE) from None
     except ValueError as error:  # jsonargparse wraps what a constructor raised while instantiating
         cause = _user_error_cause(error)
         if cause is None:
