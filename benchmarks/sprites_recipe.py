@@ -242,11 +242,7 @@ def sample(model_path: str, requests: str, npz: str, batch_size: int, checkpoint
         attention_module.FP8_MIN_KEYS = fp8_min_keys
     s.step_cache = None if step_cache is None else StepCacheConfig(threshold=step_cache)
     # The model's own size (a 32 x 32 model samples the 64 x 64 test requests at 32 x 32; eval resizes).
-    lines = [json.loads(line) for line in Path(requests).read_text().splitlines() if line.strip()]
-    local = Path(requests).with_name("requests-model-size.jsonl")  # beside it: reference paths stay relative
-    local.write_text("".join(json.dumps({k: v for k, v in r.items() if k not in ("height", "width")}) + "\n"
-                             for r in lines))
-    dataset = RequestDataset(local, s.num_frames, s.height, s.width)
+    dataset = RequestDataset(requests, s.num_frames, s.height, s.width, use_request_sizes=False)
     videos, ids = [], []
     start = time.perf_counter()
     for first in range(0, len(dataset), batch_size):

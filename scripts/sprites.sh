@@ -79,11 +79,8 @@ if [ "$CACHE" = 1 ]; then  # the full model's encoders; the ablations read the f
 fi
 
 REQUESTS="$DATA/test/requests.jsonl"
-if [ "$RECIPE" = reader ]; then  # sampled at the model's own size (32 x 32; eval resizes): the requests without theirs
-  REQUESTS="$DATA/test/requests-model-size.jsonl"
-  python3 -c "import json, sys; [print(json.dumps({k: v for k, v in json.loads(l).items() if k not in ('height', 'width')})) for l in open(sys.argv[1]) if l.strip()]" \
-    "$DATA/test/requests.jsonl" > "$REQUESTS"
-fi
+SIZES=()  # the reader recipe samples at the model's own size (32 x 32; eval resizes), not the requests' 64 x 64
+[ "$RECIPE" = reader ] && SIZES=(--data.init_args.use_request_sizes false)
 
 root_of() {  # variant seed -> run folder (the variant config's own for seed 0)
   local root=$PREFIX
@@ -136,7 +133,7 @@ PY
   $BINDWEAVE fit "${configs[@]}" "${extra[@]}" $FIT_ARGS
   [ "$PREDICT" = 1 ] || return 0
   for scale in $GUIDANCE; do  # videos in <root>/cfg<scale>/videos
-    $BINDWEAVE predict "${configs[@]}" -c configs/predict.yaml --data.init_args.requests "$REQUESTS" \
+    $BINDWEAVE predict "${configs[@]}" -c configs/predict.yaml --data.init_args.requests "$REQUESTS" "${SIZES[@]}" \
       --data.init_args.batch_size "$PREDICT_BATCH" --model.sampling.guidance_scale "$scale" \
       --trainer.default_root_dir "$root/cfg$scale" --ckpt_path "$root/checkpoints/last.ckpt"
   done

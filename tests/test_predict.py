@@ -288,3 +288,11 @@ def test_sizes_an_absolute_position_model_was_not_trained_on_are_warned_about(tm
     data.trainer = SimpleNamespace(lightning_module=SimpleNamespace(sampling=pipe.sampling, model=pipe.model), callbacks=[])
     built = data.build_dataset()
     assert "absolute position" in built[0]["warnings"][0] and built[1]["warnings"] == []
+    # use_request_sizes false: the 64 x 64 request is sampled at the model's 32 x 32, with no warning.
+    data = RequestDataModule(requests=str(requests), skip_done=False, use_request_sizes=False)
+    data.trainer = SimpleNamespace(lightning_module=SimpleNamespace(sampling=pipe.sampling, model=pipe.model), callbacks=[])
+    at_model_size = data.build_dataset()
+    for item in (at_model_size[0], at_model_size[1]):
+        assert (item["height"], item["width"]) == (32, 32) and item["references"].shape[-2:] == (32, 32)
+        assert item["warnings"] == []
+    assert RequestDataset(requests, 9, 32, 32, use_request_sizes=False)[0]["num_frames"] == 9

@@ -102,6 +102,7 @@ def test_sprites_script_runs_every_variant_and_seed_into_its_own_folder(tmp_path
     predicts = [c["argv"] for c in calls if c["argv"][0] == "predict"]
     scales = sorted(a[a.index("--model.sampling.guidance_scale") + 1] for a in predicts)
     assert scales == ["1"] * 6 + ["4"] * 6
+    assert not any("--data.init_args.use_request_sizes" in a for a in predicts)  # this recipe's model is 64 x 64
     assert (work / "outputs/sprites-noref-seed1/cfg4/videos").is_dir() and (work / "outputs/sprites/cfg1/videos").is_dir()
     evals = [c["argv"] for c in calls if c["argv"][0] == "eval"]
     assert len(evals) == 5 and sum("--reference_points" in a for a in evals) == 1  # 2 scales x 2 seeds + reference points
@@ -147,7 +148,8 @@ def test_sprites_script_reader_recipe_writes_only_the_test_split_and_gives_each_
     assert next(c for c in overlay if c["class_path"] == "callbacks.LRSchedule")["init_args"]["budget"] == "00:00:07:30"
     predicts = [c["argv"] for c in calls if c["argv"][0] == "predict"]
     requests = {a[a.index("--data.init_args.requests") + 1] for a in predicts}
-    assert requests == {str(tmp_path / "data/test/requests-model-size.jsonl")}
+    assert requests == {str(tmp_path / "data/test/requests.jsonl")}  # at the model's size, not the requests' own:
+    assert all(a[a.index("--data.init_args.use_request_sizes") + 1] == "false" for a in predicts)
     results = (work / "outputs/sprites-results.md").read_text()
     assert not (work / "docs/results.md").exists()  # the hand-kept page is left alone
     assert "Recipe: `configs/sprites-reader.yaml`" in results and "budget 00:00:07:30" in results

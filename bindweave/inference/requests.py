@@ -32,6 +32,8 @@ run can be restarted after a crash or after fixing a bad line.
 
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import json
 import os
@@ -294,15 +296,20 @@ class RequestDataset(Dataset):
         canvas: how references are fitted into the video size (None: the paper's rule).
         size_note: what to tell the user about a request's (frames, height, width), or None
             (e.g. :meth:`~bindweave.model.bindweave_model.BindWeaveModel.size_warning`); goes into its warnings.
+        use_request_sizes: False: every request at ``num_frames`` × ``height`` × ``width``, whatever
+            its own fields say (a 32 × 32 model on a test split written at 64 × 64).
     """
 
     def __init__(
         self, path: str | Path, num_frames: int, height: int, width: int, max_references: int | None = None,
         skip: Callable[[str], bool] | None = None, canvas: ReferenceCanvas | None = None,
-        size_note: Callable[[int, int, int], str | None] | None = None,
+        size_note: Callable[[int, int, int], str | None] | None = None, use_request_sizes: bool = True,
     ) -> None:
         self.canvas, self.size_note = canvas, size_note
         entries = read_requests(path, num_frames, height, width, max_references)
+        if not use_request_sizes:
+            entries = [dataclasses.replace(e, num_frames=num_frames, height=height, width=width)
+                       if isinstance(e, Request) else e for e in entries]
         skipped = [isinstance(e, Request) and skip is not None and skip(e.id) for e in entries]
         self.entries = [e for e, s in zip(entries, skipped) if not s]
         self.skipped = [e.id for e, s in zip(entries, skipped) if s]
@@ -394,6 +401,8 @@ class RequestDataModule(L.LightningDataModule):
         height: height of requests that do not say; default: the model's ``sampling.height``.
         width: width of requests that do not say; default: the model's ``sampling.width``.
         max_references: most references per request (None: the model checks).
+        use_request_sizes: False: every request at the default size above (the model's, unless
+            given), whatever its own ``num_frames``/``height``/``width`` say.
     """
 
     def __init__(
@@ -407,6 +416,7 @@ class RequestDataModule(L.LightningDataModule):
         height: int | None = None,
         width: int | None = None,
         max_references: int | None = None,
+        use_request_sizes: bool = True,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -455,7 +465,7 @@ class RequestDataModule(L.LightningDataModule):
             made_for = (sampling.num_frames, sampling.height, sampling.width)
             size_note = lambda f, h, w: model.size_warning(f, h, w, made_for)  # noqa: E731
         dataset = RequestDataset(self.hparams.requests, num_frames, height, width, self.hparams.max_references, skip,
-                                 getattr(sampling, "reference_canvas", None), size_note)
+                                 getattr(sampling, "reference_canvas", None), size_note, self.hparams.use_request_sizes)
         self.skipped = dataset.skipped
         return dataset
 
