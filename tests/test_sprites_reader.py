@@ -39,30 +39,40 @@ def test_lr_factor_warms_up_linearly_then_decays_to_the_floor():
     assert lr_factor(9, 4, 14, decay="constant") == 1.0
 
 
+class _FakeFit:
+    """A one-process trainer on a fake clock for ``LRSchedule``: ``run(callback, steps, seconds)``
+    steps it (``seconds``: per step, or a function of the step); ``broadcasts`` records what rank 0 sent."""
+
+    def __init__(self, monkeypatch, start: float = 0.0) -> None:
+        from types import SimpleNamespace
+
+        import callbacks.schedule as schedule
+
+        self.clock = [start]
+        monkeypatch.setattr(schedule.time, "monotonic", lambda: self.clock[0])
+        self.group = {"lr": 1.0}
+        self.broadcasts = []
+        strategy = SimpleNamespace(broadcast=lambda value, src=0: self.broadcasts.append((value, src)) or value)
+        self.trainer = SimpleNamespace(global_step=0, max_steps=-1, log_every_n_steps=1000, should_stop=False,
+                                       optimizers=[SimpleNamespace(param_groups=[self.group])], strategy=strategy)
+        self.module = SimpleNamespace(log=lambda *a, **k: None)
+
+    def run(self, callback, steps, seconds_per_step) -> None:
+        trainer = self.trainer
+        for _ in range(steps):
+            callback.on_train_batch_start(trainer, self.module, None, 0)
+            self.clock[0] += seconds_per_step(trainer.global_step) if callable(seconds_per_step) else seconds_per_step
+            trainer.global_step += 1
+            callback.on_train_batch_end(trainer, self.module, None, None, 0)
+            if trainer.should_stop:
+                return
+
+
 def test_budget_schedule_measures_the_rate_fixes_the_total_resumes_it_and_stops_there(monkeypatch):
     """A wall-clock budget becomes a step count at the measured rate (here 10 steps/s on a fake
     clock); the decay spans it, a resumed chunk keeps it from the checkpoint, and training stops at it."""
-    from types import SimpleNamespace
-
-    import callbacks.schedule as schedule
-
-    clock = [100.0]
-    monkeypatch.setattr(schedule.time, "monotonic", lambda: clock[0])
-    group = {"lr": 1.0}
-    broadcasts = []
-    strategy = SimpleNamespace(broadcast=lambda value, src=0: broadcasts.append((value, src)) or value)  # one process
-    trainer = SimpleNamespace(global_step=0, max_steps=-1, log_every_n_steps=1000, should_stop=False,
-                              optimizers=[SimpleNamespace(param_groups=[group])], strategy=strategy)
-    module = SimpleNamespace(log=lambda *a, **k: None)
-
-    def run(callback, steps, seconds_per_step):
-        for _ in range(steps):
-            callback.on_train_batch_start(trainer, module, None, 0)
-            clock[0] += seconds_per_step
-            trainer.global_step += 1
-            callback.on_train_batch_end(trainer, module, None, None, 0)
-            if trainer.should_stop:
-                return
+    fit = _FakeFit(monkeypatch, start=100.0)
+    clock, group, broadcasts, trainer, module, run = fit.clock, fit.group, fit.broadcasts, fit.trainer, fit.module, fit.run
 
     callback = LRSchedule(warmup_steps=5, budget="00:00:01:40", skip_steps=10, measure_steps=20, min_factor=0.1,
                           refine_until=0.0)  # the first estimate is final
@@ -98,27 +108,8 @@ def test_budget_schedule_refines_its_total_from_the_later_steps_until_a_quarter_
     """The first steps timed mislead (here 5 steps/s, then 10 for good): the total is estimated again
     every ``measure_steps`` steps from the later half of the steps timed, fixed once ``refine_until``
     of the budget is spent, kept by a resumed chunk, and the run ends where the budget does."""
-    from types import SimpleNamespace
-
-    import callbacks.schedule as schedule
-
-    clock = [0.0]
-    monkeypatch.setattr(schedule.time, "monotonic", lambda: clock[0])
-    group = {"lr": 1.0}
-    broadcasts = []
-    strategy = SimpleNamespace(broadcast=lambda value, src=0: broadcasts.append(value) or value)
-    trainer = SimpleNamespace(global_step=0, max_steps=-1, log_every_n_steps=1000, should_stop=False,
-                              optimizers=[SimpleNamespace(param_groups=[group])], strategy=strategy)
-    module = SimpleNamespace(log=lambda *a, **k: None)
-
-    def run(callback, steps, seconds_per_step):
-        for _ in range(steps):
-            callback.on_train_batch_start(trainer, module, None, 0)
-            clock[0] += seconds_per_step(trainer.global_step) if callable(seconds_per_step) else seconds_per_step
-            trainer.global_step += 1
-            callback.on_train_batch_end(trainer, module, None, None, 0)
-            if trainer.should_stop:
-                return
+    fit = _FakeFit(monkeypatch)
+    clock, broadcasts, trainer, module, run = fit.clock, fit.broadcasts, fit.trainer, fit.module, fit.run
 
     callback = LRSchedule(warmup_steps=5, budget=100.0, skip_steps=10, measure_steps=20, min_factor=0.1)
     callback.on_train_start(trainer, module)
@@ -127,10 +118,10 @@ def test_budget_schedule_refines_its_total_from_the_later_steps_until_a_quarter_
     assert callback.total_steps == 30 + 430 and not callback.final
     run(callback, 20, 0.1)  # at step 50 the later half (steps 30-50) ran at 10 steps/s; 84 s left
     assert callback.total_steps == 50 + 840 and not callback.final
-    assert [final for _, final in broadcasts] == [False, False]
+    assert [final for (_, final), _ in broadcasts] == [False, False]
     run(callback, 100, 0.1)  # at step 150: 26 s spent (over a quarter): fixed, at 10 steps/s
     assert callback.final and callback.total_steps == 150 + 740
-    assert broadcasts[-1] == (890, True) and not any(final for _, final in broadcasts[:-1])
+    assert broadcasts[-1] == ((890, True), 0) and not any(final for (_, final), _ in broadcasts[:-1])
     fixed = callback.total_steps
     state = callback.state_dict()
     assert state["final"] and state["total_steps"] == fixed
