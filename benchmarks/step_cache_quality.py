@@ -40,6 +40,8 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="only the first N requests")
     parser.add_argument("--num_steps", type=int, default=None, help="override the model's steps (a quick check)")
     parser.add_argument("--out", default=None, help="default: results/step-cache-sprites-<device>.json")
+    parser.add_argument("--model_size", action="store_true",
+                        help="sample at the model's size whatever the requests say (the test split's requests say 64 x 64)")
     args = parser.parse_args()
     torch.manual_seed(0)
     pipe = BindWeavePipeline.from_pretrained(args.model, device=args.device)
@@ -58,8 +60,9 @@ def main() -> None:
             cache = None if threshold is None else StepCacheConfig(threshold=threshold)
             full_calls.clear()
             start = time.perf_counter()
-            video = pipe(r["prompt"], references=[str(base / p) for p in r["references"]], seed=r["seed"],
-                         num_frames=r["num_frames"], height=r["height"], width=r["width"], step_cache=cache)
+            sizes = {} if args.model_size else {k: r[k] for k in ("num_frames", "height", "width") if k in r}
+            video = pipe(r["prompt"], references=[str(base / p) for p in r["references"]], seed=r.get("seed", 0),
+                         step_cache=cache, **sizes)
             seconds += time.perf_counter() - start
             videos.append(torch.as_tensor(video.frames))
             steps += pipe.sampling.num_steps
@@ -76,7 +79,8 @@ def main() -> None:
         rows.append(dict(threshold=threshold, **info, psnr_db=[round(v, 2) if math.isfinite(v) else "identical" for v in values],
                          psnr_db_min=round(min(finite), 2) if finite else "identical"))
         print(rows[-1], flush=True)
-    out = {"model": os.path.relpath(args.model, ROOT), "requests": len(requests), "sampling": {
+    out = {"model": os.path.relpath(args.model, ROOT), "requests": os.path.relpath(args.requests, ROOT),
+           "count": len(requests), "model_size": args.model_size, "sampling": {
         "num_steps": pipe.sampling.num_steps, "guidance_scale": pipe.sampling.guidance_scale, "sampler": pipe.sampling.sampler},
         "device": device, "torch": torch.__version__, "rows": rows}
     args.out = args.out or str(ROOT / f"benchmarks/results/step-cache-sprites-{device.replace(' ', '-')}.json")
