@@ -114,6 +114,38 @@ def test_only_trainable_parts_get_optimised():
     assert optimizer.defaults["lr"] == 5e-6
 
 
+def test_lr_multipliers_give_parts_their_own_learning_rate_under_the_schedule():
+    """``lr_multipliers``: the longest matching prefix sets a part's multiple of the optimizer's rate;
+    the LR schedule scales every group alike; an unknown prefix or a non-positive multiple is one line."""
+    from functools import partial as bind
+
+    from bindweave.errors import UserError
+    from callbacks.schedule import LRSchedule
+
+    module = tiny_module(optimizer=bind(torch.optim.AdamW, lr=1e-3),
+                         lr_multipliers={"model.dit": 0.5, "model.dit.blocks.0": 0.1})
+    optimizer = module.configure_optimizers()
+    rate = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    named = dict(module.named_parameters())
+    assert len(rate) == sum(p.requires_grad for p in named.values())  # every trainable parameter, once
+    for name, p in named.items():
+        if not p.requires_grad:
+            continue
+        want = 1e-4 if name.startswith("model.dit.blocks.0.") else 5e-4 if name.startswith("model.dit.") else 1e-3
+        assert rate[id(p)] == pytest.approx(want), name
+    assert any(".connector." in n for n, p in named.items() if p.requires_grad)  # left at the optimizer's own rate
+    from types import SimpleNamespace
+
+    schedule = LRSchedule(warmup_steps=4, total_steps=10)
+    trainer = SimpleNamespace(global_step=1, max_steps=10, log_every_n_steps=1000, optimizers=[optimizer])
+    schedule.on_train_batch_start(trainer, SimpleNamespace(log=lambda *a, **k: None), None, 0)
+    assert sorted(g["lr"] for g in optimizer.param_groups) == pytest.approx([0.5 * x for x in (1e-4, 5e-4, 1e-3)])
+    with pytest.raises(UserError, match="'model.dit.block' names no trainable parameter"):
+        tiny_module(lr_multipliers={"model.dit.block": 2.0}).configure_optimizers()  # a whole name part, not a prefix
+    with pytest.raises(UserError, match="positive multiple"):
+        tiny_module(lr_multipliers={"model.dit": 0.0})
+
+
 def test_checkpoint_holds_trainable_weights_only():
     module = tiny_module()
     checkpoint = {"state_dict": module.state_dict()}

@@ -158,6 +158,11 @@ class BindWeave(L.LightningModule):
         init_weights: an export folder (``bindweave weights export``, ``save_pretrained``) whose
             trainable weights are loaded, strictly, when the model is built: ``predict`` or fine-tune
             from an export without a ``.ckpt`` (e.g. the shipped ``models/sprites``).
+        lr_multipliers: a learning rate of their own for parts of the model: parameter-name prefix
+            (as ``named_parameters`` gives them, e.g. ``model.conditioners.relational`` or
+            ``model.dit.blocks.0``) → multiple of the optimizer's learning rate; the longest matching
+            prefix wins, the rest keep the optimizer's rate. Each becomes a param group (a schedule
+            scales every group alike).
     """
 
     def __init__(
@@ -182,8 +187,14 @@ class BindWeave(L.LightningModule):
         feature_cache: str | None = None,
         init_weights: str | None = None,
         lora: LoraConfig | None = None,
+        lr_multipliers: dict[str, float] | None = None,
     ) -> None:
         super().__init__()
+        for prefix, multiple in (lr_multipliers or {}).items():
+            if not multiple > 0:
+                raise UserError(f"lr_multipliers: {prefix!r} has {multiple}; give a positive multiple of the learning "
+                                "rate (to freeze a part, leave it out of training instead).")
+        self.lr_multipliers = dict(lr_multipliers or {})
         # Under LightningCLI the hyperparameters are the config (class_path/init_args dicts), so a
         # checkpoint carries everything needed to rebuild the model (``load_from_checkpoint``).
         # Built in Python, the factories and conditioners are objects: keep them out of the checkpoint.
@@ -402,10 +413,33 @@ class BindWeave(L.LightningModule):
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        params = [p for p in self.parameters() if p.requires_grad]
+        params = self._param_groups()
         if self.optimizer_factory is None:
-            return torch.optim.AdamW(params, lr=5e-6, weight_decay=0.01)
-        return self.optimizer_factory(params)
+            optimizer = torch.optim.AdamW(params, lr=5e-6, weight_decay=0.01)
+        else:
+            optimizer = self.optimizer_factory(params)
+        for group in optimizer.param_groups:  # the factory's rate times each group's multiple
+            group["lr"] = group["lr"] * group.get("lr_multiplier", 1.0)
+        return optimizer
+
+    def _param_groups(self) -> list:
+        """The trainable parameters, in one group per ``lr_multipliers`` entry (longest prefix wins)
+        and one for the rest; a plain list without multipliers."""
+        named = [(name, p) for name, p in self.named_parameters() if p.requires_grad]
+        if not self.lr_multipliers:
+            return [p for _, p in named]
+        prefixes = sorted(self.lr_multipliers, key=len, reverse=True)
+        groups: dict[str | None, list] = {}
+        for name, p in named:
+            match = next((x for x in prefixes if name == x or name.startswith(x.rstrip(".") + ".")), None)
+            groups.setdefault(match, []).append(p)
+        unused = [x for x in self.lr_multipliers if x not in groups]
+        if unused:
+            roots = sorted({".".join(name.split(".")[:3]) for name, _ in named})
+            raise UserError(f"lr_multipliers: {unused[0]!r} names no trainable parameter; prefixes of the trainable "
+                            f"ones: {', '.join(roots[:8])}.")
+        return [{"params": ps, **({"lr_multiplier": self.lr_multipliers[x]} if x is not None else {})}
+                for x, ps in groups.items()]
 
     # -- checkpoints ---------------------------------------------------------------------------
 
