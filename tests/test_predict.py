@@ -284,14 +284,15 @@ def test_sizes_an_absolute_position_model_was_not_trained_on_are_warned_about(tm
     note = lambda f, h, w: pipe.model.size_warning(f, h, w, (17, 32, 32))  # noqa: E731
     dataset = RequestDataset(requests, 17, 32, 32, size_note=note)
     assert "absolute position" in dataset[0]["warnings"][0] and dataset[1]["warnings"] == []
-    data = RequestDataModule(requests=str(requests), skip_done=False)  # as `bindweave predict` builds it
-    data.trainer = SimpleNamespace(lightning_module=SimpleNamespace(sampling=pipe.sampling, model=pipe.model), callbacks=[])
-    built = data.build_dataset()
+    def build(**options):  # as `bindweave predict` builds it
+        data = RequestDataModule(requests=str(requests), skip_done=False, **options)
+        data.trainer = SimpleNamespace(lightning_module=SimpleNamespace(sampling=pipe.sampling, model=pipe.model), callbacks=[])
+        return data.build_dataset()
+
+    built = build()
     assert "absolute position" in built[0]["warnings"][0] and built[1]["warnings"] == []
     # use_request_sizes false: the 64 x 64 request is sampled at the model's 32 x 32, with no warning.
-    data = RequestDataModule(requests=str(requests), skip_done=False, use_request_sizes=False)
-    data.trainer = SimpleNamespace(lightning_module=SimpleNamespace(sampling=pipe.sampling, model=pipe.model), callbacks=[])
-    at_model_size = data.build_dataset()
+    at_model_size = build(use_request_sizes=False)
     for item in (at_model_size[0], at_model_size[1]):
         assert (item["height"], item["width"]) == (32, 32) and item["references"].shape[-2:] == (32, 32)
         assert item["warnings"] == []

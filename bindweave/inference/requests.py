@@ -33,7 +33,6 @@ run can be restarted after a crash or after fixing a bad line.
 from __future__ import annotations
 
 import dataclasses
-
 import hashlib
 import json
 import os
