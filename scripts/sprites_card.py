@@ -45,7 +45,9 @@ row is the best possible score.
 | noref | 5,627 | 15.47 | 0.557 | 0.855 | 0.032 | 0.065 | 0.386 | 0.435 | 0.662 |
 
 Subject MSE 75 % below `noref`'s (paired −0.639 ± 0.013), from 0.196 with one subject to 0.222
-with four. One training seed of each.
+with four. This model is training seed 0. Seed 1 of the same recipe, whose step total came out 31 %
+short (3,271 steps), reached 0.565: it binds one subject, not two to four (docs/results.md,
+fifteenth session).
 """
 
 
