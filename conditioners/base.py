@@ -8,9 +8,10 @@ A conditioner turns (part of) a batch into a :class:`Conditioning`:
   latents + masks), with a per-sample ``slot_mask`` when samples have different numbers of slots
   (or placed before it, and with channels for the video frames too: the released BindWeave's layout).
 
-It works in two halves: :meth:`Conditioner.encode` runs the frozen encoders (its output is what a
-feature cache stores) and :meth:`Conditioner.condition` turns those features into contributions
-(trainable projections, masks, condition dropout).
+It works in two halves: :meth:`Conditioner.encode` runs the encoders (its output is what a feature
+cache stores, unless the model trains one of them: ``model.train_encoders``) and
+:meth:`Conditioner.condition` turns those features into contributions (trainable projections, masks,
+condition dropout).
 
 Heavy parts (frozen encoders) are built in :meth:`Conditioner.build`, called from the
 LightningModule's ``configure_model``, so constructing a conditioner from YAML is instant.
@@ -19,13 +20,14 @@ Add your own by subclassing and naming it with ``class_path`` in a config (see R
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from torch import nn
 
-from encoders.base import Tokens
+from encoders.base import FrozenEncoder, Tokens
 
 
 @dataclass
@@ -94,9 +96,24 @@ class Conditioner(nn.Module):
         raise NotImplementedError
 
     def encode(self, batch: dict) -> dict[str, torch.Tensor]:
-        """Run the frozen encoders: per-sample features, batched on dim 0 (what a feature cache
-        stores, so training from the cache never loads the encoders). Default: none."""
+        """Run the encoders: per-sample features, batched on dim 0 (what a feature cache stores, so
+        training from the cache never loads the encoders). Default: none. Run it under
+        :meth:`encoding`."""
         return {}
+
+    #: Batch keys :meth:`encode` reads. A feature cache keeps the prompts but no pixels, so a
+    #: conditioner whose encoder trains can run from cached shards only if it reads no more than those.
+    encode_inputs: frozenset[str] = frozenset({"prompt", "references"})
+
+    @property
+    def trains_encoder(self) -> bool:
+        """Whether one of its (built) encoders trains (``model.train_encoders``): its features are then
+        computed in every step, with gradients, and never cached."""
+        return any(isinstance(m, FrozenEncoder) and m.trainable for m in self.modules())
+
+    def encoding(self) -> AbstractContextManager:
+        """The context :meth:`encode` runs in: no gradients, unless one of its encoders trains."""
+        return nullcontext() if self.trains_encoder else torch.no_grad()
 
     def cached_state(self) -> dict[str, torch.Tensor]:
         """What a feature cache records, besides per-sample features, to build this (built)

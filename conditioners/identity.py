@@ -65,10 +65,12 @@ class IdentityConditioner(Conditioner):
     def spec(self) -> ConditionerSpec:
         return ConditionerSpec(branches={self.branch: self.width}, min_references=1)
 
-    @torch.no_grad()
+    encode_inputs = frozenset({"references"})
+
     def encode(self, batch: dict) -> dict[str, torch.Tensor]:
         references = batch["references"]  # (B, N, 3, H, W)
-        tokens = self.image_encoder(references.flatten(0, 1))  # (B·N, T, D)
+        with self.encoding():
+            tokens = self.image_encoder(references.flatten(0, 1))  # (B·N, T, D)
         return {"tokens": tokens.unflatten(0, references.shape[:2])}  # (B, N, T, D)
 
     def condition(self, batch: dict, features: dict[str, torch.Tensor], drop: list[bool] | None = None) -> Conditioning:

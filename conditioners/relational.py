@@ -180,8 +180,17 @@ class RelationalConditioner(Conditioner):
     def spec(self) -> ConditionerSpec:
         return ConditionerSpec(branches={self.branch: self.width})
 
-    @torch.no_grad()
+    @property
+    def encode_inputs(self) -> frozenset[str]:
+        """The prompts (and precomputed MLLM states); the reference images too when an MLLM reads them."""
+        texts = {"prompt", "negative_prompt", "mllm_states", "negative_mllm_states"}
+        return frozenset(texts | ({"references"} if self.mllm is not None else set()))
+
     def encode(self, batch: dict) -> dict[str, torch.Tensor]:
+        with self.encoding():
+            return self._encode(batch)
+
+    def _encode(self, batch: dict) -> dict[str, torch.Tensor]:
         features = self._encode_texts(batch, list(batch["prompt"]), True, batch.get("mllm_states"))
         negatives = self.negative_prompts(batch)
         given = batch.get("negative_mllm_states") or [None] * len(negatives)
@@ -236,12 +245,17 @@ class RelationalConditioner(Conditioner):
         self.null_features = features
 
     def _null(self) -> dict[str, torch.Tensor]:
-        if self.null_features is None:
-            if self.has_mllm and self.mllm is None:
-                raise ValueError("the null condition needs the MLLM, which this model does not load (relational "
-                                 "mllm_width); give every request `negative_mllm_states` (or a negative prompt).")
-            self.null_features = self._encode_texts({}, [self.null_prompt], with_references=False)
-        return self.null_features
+        """The null condition's features: computed once, or at every call while an encoder trains."""
+        if self.null_features is not None and not self.trains_encoder:
+            return self.null_features
+        if self.has_mllm and self.mllm is None:
+            raise ValueError("the null condition needs the MLLM, which this model does not load (relational "
+                             "mllm_width); give every request `negative_mllm_states` (or a negative prompt).")
+        with self.encoding():
+            features = self._encode_texts({}, [self.null_prompt], with_references=False)
+        if not self.trains_encoder:
+            self.null_features = features
+        return features
 
     def condition(self, batch: dict, features: dict[str, torch.Tensor], drop: list[bool] | None = None) -> Conditioning:
         t5_tokens, t5_mask = features["t5_tokens"], features["t5_mask"]

@@ -1,4 +1,5 @@
-"""Frozen pretrained backbones: relational MLLM, T5 text encoder, CLIP image encoder, Wan VAE (or a fixed patch VAE);
+"""Pretrained backbones (frozen unless a model trains them): relational MLLM, T5 text encoder, CLIP image encoder,
+Wan VAE (or a fixed patch VAE);
 and a small trainable prompt + reference reader (``PromptReferenceReader``)."""
 
 from encoders.base import FrozenEncoder, Tokens, resolve_dtype

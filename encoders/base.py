@@ -1,4 +1,4 @@
-"""Shared base of the frozen backbones: dtype handling, freezing and the token output contract."""
+"""Shared base of the pretrained backbones: dtype handling, freezing (or training) and the token output contract."""
 
 from __future__ import annotations
 
@@ -56,15 +56,23 @@ class Tokens:
 
 
 class FrozenEncoder(nn.Module):
-    """A pretrained backbone used only for inference: weights frozen, always in eval mode.
+    """A pretrained backbone (T5, CLIP, the MLLM, the VAE): frozen unless the model trains it.
+
+    Frozen (the default), its weights never change and it stays in eval mode whatever Lightning
+    asks; checkpoints and exports leave its weights out (they come from its own files). A model
+    that lists it in ``train_encoders`` calls :meth:`unfreeze`: it then trains with the rest (its
+    own learning rate through ``lr_multipliers``), follows train/eval mode, and its trained weights
+    go into checkpoints and exports, loaded over the pretrained ones.
 
     Subclasses build their network either from a local pretrained folder/file or from a tiny
-    random-weight config (tests, ``configs/tiny.yaml``), and expose a ``tiny()`` classmethod
-    returning a small random instance for the shared contract tests.
+    random-weight config (tests, ``configs/tiny.yaml``), call :meth:`freeze` at the end of
+    ``__init__``, and expose a ``tiny()`` classmethod returning a small random instance for the
+    shared contract tests.
 
     Args:
         dtype: dtype of the weights and of the computation ("float32", "bfloat16", "float16");
-            kept whatever precision the trainer casts the rest of the model to.
+            kept whatever precision the trainer casts the rest of the model to. A trained encoder's
+            weights are its optimizer's master weights: float32 under a mixed-precision trainer.
     """
 
     #: Device on which random (``tiny_config``) weights are drawn. The CPU by default, so that the
@@ -77,9 +85,13 @@ class FrozenEncoder(nn.Module):
     #: Seed of the CPU generator while random weights are drawn (see ``random_init``).
     random_init_seed: int = 0
 
+    #: Whether a model may train it (:meth:`unfreeze`). False for the VAE: it encodes the targets.
+    can_train: bool = True
+
     def __init__(self, dtype: str = "bfloat16") -> None:
         super().__init__()
         self.dtype = resolve_dtype(dtype)
+        self.trainable = False
 
     @classmethod
     def random_init(cls) -> AbstractContextManager:
@@ -97,7 +109,16 @@ class FrozenEncoder(nn.Module):
         """Cast to the configured dtype, disable gradients and switch to eval mode."""
         self.to(self.dtype)
         self.requires_grad_(False)
+        self.trainable = False
         return super().train(False)
+
+    def unfreeze(self) -> "FrozenEncoder":
+        """Train this encoder: gradients on, train/eval mode as the model's (``model.train_encoders``)."""
+        if not self.can_train:
+            raise ValueError(f"{type(self).__name__} cannot be trained: the flow loss compares its outputs.")
+        self.trainable = True
+        self.requires_grad_(True)
+        return self
 
     def _apply(self, fn, recurse: bool = True):
         """Keep the configured dtype when a whole model is cast (e.g. Lightning's ``bf16-true``
@@ -109,8 +130,9 @@ class FrozenEncoder(nn.Module):
         return module
 
     def train(self, mode: bool = True) -> "FrozenEncoder":
-        """Frozen encoders stay in eval mode whatever Lightning asks (no dropout, fixed norms)."""
-        return super().train(False)
+        """Frozen encoders stay in eval mode whatever Lightning asks (no dropout, fixed norms); a
+        trained one follows ``mode``."""
+        return super().train(mode and self.trainable)
 
     def check_source(self, pretrained_path: str | None, tiny_config: dict | None, pretrained_what: str) -> None:
         """Raise unless exactly one of ``pretrained_path`` / ``tiny_config`` is given.
@@ -160,8 +182,9 @@ class VideoAutoencoder(Protocol):
         overlapping spatial tiles, or raises ``ValueError`` where the VAE has no tiling."""
 
 
-def frozen_encoders(module: nn.Module) -> list[FrozenEncoder]:
-    """The outermost :class:`FrozenEncoder` submodules of ``module`` (the VAE included)."""
+def pretrained_encoders(module: nn.Module) -> list[FrozenEncoder]:
+    """The outermost :class:`FrozenEncoder` submodules of ``module`` (the VAE included), frozen or
+    trained: what sampling may offload."""
     found: list[FrozenEncoder] = []
 
     def walk(parent: nn.Module) -> None:
@@ -175,7 +198,19 @@ def frozen_encoders(module: nn.Module) -> list[FrozenEncoder]:
     return found
 
 
+def frozen_encoders(module: nn.Module) -> list[FrozenEncoder]:
+    """The outermost :class:`FrozenEncoder` submodules of ``module`` that stay frozen (not trained)."""
+    return [encoder for encoder in pretrained_encoders(module) if not encoder.trainable]
+
+
 def frozen_prefixes(module: nn.Module) -> list[str]:
-    """State-dict key prefixes (``"vae."``, ``"conditioners.identity.image_encoder."``) of the
-    :class:`FrozenEncoder` submodules of ``module``: the weights that checkpoints and exports leave out."""
-    return [name + "." for name, m in module.named_modules() if isinstance(m, FrozenEncoder) and name]
+    """State-dict key prefixes (``"vae."``, ``"conditioners.identity.image_encoder."``) of the frozen
+    :class:`FrozenEncoder` submodules of ``module``: the weights that checkpoints and exports leave
+    out (a trained encoder's are kept)."""
+    return [name + "." for name, m in module.named_modules()
+            if isinstance(m, FrozenEncoder) and name and not m.trainable]
+
+
+def trained_prefixes(module: nn.Module) -> list[str]:
+    """State-dict key prefixes of the :class:`FrozenEncoder` submodules of ``module`` that train."""
+    return [name + "." for name, m in module.named_modules() if isinstance(m, FrozenEncoder) and name and m.trainable]

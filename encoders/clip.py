@@ -251,7 +251,6 @@ class CLIPVisionEncoder(FrozenEncoder):
         """Number T of tokens per image: the class token plus one per patch."""
         return self.visual.positional_embedding.shape[0]
 
-    @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Encode images.
 

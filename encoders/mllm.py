@@ -192,7 +192,6 @@ class MLLMEncoder(FrozenEncoder):
             flat.append(((ref + 1) / 2).clamp(0, 1).cpu())  # (3, h, w) in [0, 1]
         return {"text": self._texts(prompts, [len(sample) for sample in references]), "images": flat or None}
 
-    @torch.no_grad()
     def forward(
         self,
         prompts: list[str],

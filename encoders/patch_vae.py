@@ -35,6 +35,8 @@ class PatchVAE(FrozenEncoder):
         dtype: dtype of the latents ("float32", "bfloat16", "float16").
     """
 
+    can_train = False  # it encodes the flow loss's targets
+
     def __init__(self, spatial: int = 4, temporal: int = 4, scale: float = 1.0, shift: float = 0.0,
                  dtype: str = "float32") -> None:
         super().__init__(dtype)

@@ -131,7 +131,6 @@ class T5TextEncoder(FrozenEncoder):
         """Width D of the returned embeddings (d_model)."""
         return self.model.config.d_model
 
-    @torch.no_grad()
     def forward(self, prompts: list[str]) -> Tokens:
         """Encode prompts.
 

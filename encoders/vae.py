@@ -90,6 +90,8 @@ class WanVAE(FrozenEncoder):
             float32).
     """
 
+    can_train = False  # it encodes the flow loss's targets
+
     def __init__(
         self,
         pretrained_path: str | None = None,

@@ -27,29 +27,44 @@ def per_sample_loss(module, batch):
     return torch.stack(losses).mean()
 
 
-def build(**parallelism):
+T5 = "conditioners.relational.text_encoder"
+
+
+def build(train_encoders=None, **parallelism):
     from bindweave.training.module import ParallelismConfig
 
     torch.manual_seed(0)
-    module = tiny_module(parallelism=ParallelismConfig(**parallelism))
+    module = tiny_module(parallelism=ParallelismConfig(**parallelism), train_encoders=train_encoders)
     for c in module.conditioners.values():
         c.dropout = 0.0
+    if train_encoders:
+        live_head(module)
     return module
+
+
+def live_head(module) -> None:
+    """A non-zero DiT head, the same in every process: gradients then reach every part (the DiT's
+    zero-initialised head passes none back)."""
+    weight = module.dit.head.proj.weight
+    with torch.no_grad():
+        weight.copy_(0.5 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(7)))
 
 
 def dataset():
     return SyntheticSubjects(2, num_frames=5, height=32, width=32, max_references=2, seed=0)
 
 
-def reference_step():
-    """One process, full batch of 2."""
-    module = build()
+def reference_step(train_encoders=None):
+    """One process, full batch of 2: the loss, the DiT's and the text encoder's weights after one step."""
+    module = build(train_encoders)
     torch.manual_seed(0)  # connector and DiT init happen in build; same for every rank
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=LR)
     loss = per_sample_loss(module, collate([dataset()[0], dataset()[1]]))
     loss.backward()
     optimizer.step()
-    return loss.detach(), {k: v.detach().clone() for k, v in module.dit.state_dict().items()}
+    t5 = module.conditioners["relational"].text_encoder
+    return loss.detach(), {k: v.detach().clone() for k, v in module.dit.state_dict().items()}, \
+        {k: v.detach().clone() for k, v in t5.state_dict().items()}
 
 
 def _worker(rank: int, world: int, port: int, strategy: str, out: str) -> None:
@@ -83,10 +98,17 @@ def _worker(rank: int, world: int, port: int, strategy: str, out: str) -> None:
         from encoders import WanVAE
         from tests.helpers import TINY_DIT
 
+        class Sharded(Step):
+            def _apply_parallelism(self):
+                if self.train_encoders:
+                    live_head(self)  # before sharding, as build() does
+                super()._apply_parallelism()
+
         torch.manual_seed(0)
-        module = Step(dit=partial(WanDiT, **TINY_DIT), vae=tiny_factory(WanVAE), relational=tiny(RelationalConditioner),
-                      identity=tiny(IdentityConditioner), multi_reference=tiny(MultiReferenceConditioner),
-                      parallelism=ParallelismConfig(fsdp_param_dtype=None))
+        module = Sharded(dit=partial(WanDiT, **TINY_DIT), vae=tiny_factory(WanVAE), relational=tiny(RelationalConditioner),
+                         identity=tiny(IdentityConditioner), multi_reference=tiny(MultiReferenceConditioner),
+                         parallelism=ParallelismConfig(fsdp_param_dtype=None),
+                         train_encoders=[T5] if strategy == "fsdp2-t5" else None)
         for c in module.conditioners.values():
             c.dropout = 0.0
         chosen = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)
@@ -94,11 +116,12 @@ def _worker(rank: int, world: int, port: int, strategy: str, out: str) -> None:
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     loader = DataLoader(dataset(), batch_size=1, collate_fn=collate)
     trainer.fit(module, loader)
-    state = {}
-    for key, value in module.dit.state_dict().items():
-        state[key] = value.full_tensor() if hasattr(value, "full_tensor") else value
+    def full(part):
+        return {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in part.state_dict().items()}
+
+    state, t5 = full(module.dit), full(module.conditioners["relational"].text_encoder)
     if rank == 0:
-        torch.save({"loss": trainer.callback_metrics["loss"], "dit": state}, out)
+        torch.save({"loss": trainer.callback_metrics["loss"], "dit": state, "t5": t5}, out)
     # Leave together, then skip the interpreter's teardown: in fresh-clone CI runs rank 1 sometimes
     # aborted *after* this point ("terminate called without an active exception", SIGABRT: a C++
     # thread still joinable when static destructors ran), with the barrier and the destroyed group
@@ -149,18 +172,25 @@ def test_spawn_retries_a_port_taken_before_rank_zero_binds_it(tmp_path, monkeypa
         assert torch.load(tmp_path / "port.pt", weights_only=True) != taken.getsockname()[1]
 
 
-@pytest.mark.parametrize("strategy", [pytest.param("ddp", marks=pytest.mark.slow), "fsdp2"])  # ddp: `pytest -m slow`
+@pytest.mark.parametrize("strategy", [pytest.param("ddp", marks=pytest.mark.slow), "fsdp2", "fsdp2-t5"])  # ddp: `pytest -m slow`
 def test_two_ranks_match_one_process(strategy, tmp_path):
-    if strategy == "fsdp2" and torch.__version__ < "2.6":
+    """One step on two ranks equals one process on the whole batch; ``fsdp2-t5`` also trains the
+    text encoder (``model.train_encoders``: its own FSDP unit, gradients reduced over the ranks)."""
+    if strategy.startswith("fsdp2") and torch.__version__ < "2.6":
         pytest.skip("FSDP2 fully_shard needs torch >= 2.6")
     out = str(tmp_path / "rank0.pt")
     _spawn(_worker, 2, strategy, out)
     result = torch.load(out, weights_only=True)
     # The reference must build the same initial weights: build() seeds before configure_model.
-    loss, expected = reference_step()
+    loss, expected, t5 = reference_step([T5] if strategy == "fsdp2-t5" else None)
     torch.testing.assert_close(result["loss"], loss, rtol=1e-5, atol=1e-6)
     for key, value in expected.items():
         torch.testing.assert_close(result["dit"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    for key, value in t5.items():
+        torch.testing.assert_close(result["t5"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    if strategy == "fsdp2-t5":  # the encoder took Adam steps (~LR each), not only AdamW's weight decay
+        start = build().conditioners["relational"].text_encoder.state_dict()["model.shared.weight"]
+        assert (t5["model.shared.weight"] - start * (1 - LR * 0.01)).abs().max() > 0.5 * LR
 
 
 def _sp_worker(rank: int, world: int, port: int, path: str) -> None:

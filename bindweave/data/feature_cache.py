@@ -1,5 +1,9 @@
 """The feature cache: the frozen encoders run once over raw shards; training reads their outputs.
 
+A conditioner whose encoder trains (``model.train_encoders``) is left out: its features change with
+every step, so it encodes in the step, from the prompts the cached samples keep (a conditioner that
+reads pixels, e.g. a trained CLIP, cannot train from a cache: ``check_encodes_from_cache``).
+
 ``bindweave data cache`` decodes every sample of a raw shard as training would (same clip length,
 fps and bucket, but deterministic: first frames, centre crop, no reference augmentation), runs the
 VAE and every conditioner's ``encode()`` on it, and writes a shard of the same name holding, per
@@ -38,6 +42,7 @@ from safetensors.torch import load_file, save, save_file
 from torch import nn
 
 from bindweave.atomic import AtomicPath, write_atomic
+from bindweave.errors import UserError
 from bindweave.model.batch import collate, to_model_batch
 from bindweave.data.shards import FEATURES, AtomicShard, BrokenSample, expand_urls
 
@@ -156,19 +161,41 @@ def load_cache(path: str | Path) -> tuple[dict, LatentSpace, dict[str, dict[str,
     return manifest, LatentSpace(**manifest["vae"]), states
 
 
-def build_from_cache(conditioners: nn.ModuleDict, path: str | Path) -> LatentSpace:
+CACHED_INPUTS = frozenset({"prompt", "negative_prompt", "mllm_states", "negative_mllm_states"})
+"""Batch keys a conditioner may read from a batch of cached shards to encode in the step (they hold
+the prompts, no pixels): what lets a conditioner whose encoder trains run beside a feature cache."""
+
+
+def check_encodes_from_cache(name: str, conditioner: nn.Module) -> None:
+    """Raise a one-line :class:`UserError` unless ``conditioner`` (whose encoder trains, so a cache
+    cannot hold its features) reads nothing that cached shards lack."""
+    lacking = sorted(set(conditioner.encode_inputs) - CACHED_INPUTS)
+    if lacking:
+        raise UserError(
+            f"conditioners.{name} trains an encoder (model.train_encoders) and reads the batch's {', '.join(lacking)}, "
+            f"which cached shards do not hold (they keep the prompts only): train from raw shards (model.feature_cache "
+            f"null, data cached false), or leave its encoders out of train_encoders.")
+
+
+def build_from_cache(conditioners: nn.ModuleDict, path: str | Path, live: frozenset[str] = frozenset()) -> LatentSpace:
     """Build each conditioner's trainable parts from a cache folder (no encoder is loaded);
-    returns the VAE stand-in. Raises if a conditioner has no features in the cache."""
+    returns the VAE stand-in. Conditioners named in ``live`` (their encoder trains) are built whole
+    instead and encode in every step; the cache's features of them, if any, are not used. Raises if
+    another conditioner has no features in the cache."""
     manifest, latent_space, states = load_cache(path)
+    for name in sorted(live):
+        conditioners[name].build(latent_space)
+        check_encodes_from_cache(name, conditioners[name])
     cached = manifest["features"]
-    missing = [name for name in conditioners if name not in cached]
+    missing = [name for name in conditioners if name not in cached and name not in live]
     if missing:
         raise ValueError(
             f"The feature cache {path} has no features of conditioner(s) {missing} (it has {sorted(cached)}); "
             f"re-run `bindweave data cache` with this model config."
         )
     for name, conditioner in conditioners.items():
-        conditioner.build_cached(latent_space, states.get(name, {}))
+        if name not in live:
+            conditioner.build_cached(latent_space, states.get(name, {}))
     return latent_space
 
 
@@ -194,6 +221,8 @@ def write_cache_info(output: Path, model: nn.Module, features: dict[str, list[st
             )
     state = {}
     for name, conditioner in model.conditioners.items():
+        if conditioner.trains_encoder:  # never cached: it encodes in every step
+            continue
         for key, tensor in conditioner.cached_state().items():
             state[f"{name}.{key}"] = tensor.detach().cpu().contiguous()
     output.mkdir(parents=True, exist_ok=True)
@@ -218,9 +247,10 @@ class CacheSummary:
 
 @torch.no_grad()
 def encode_sample(model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, dict[str, torch.Tensor]]]:
-    """VAE latents (z, T, h, w) and every conditioner's features of a one-sample float batch."""
+    """VAE latents (z, T, h, w) and the features of a one-sample float batch of every conditioner
+    whose encoders are all frozen (one whose encoder trains encodes in each training step)."""
     latents = model.vae.encode(batch["video"])  # (1, z, T, h, w)
-    features = {name: _unbatch(c.encode(batch), 0) for name, c in model.conditioners.items()}
+    features = {name: _unbatch(c.encode(batch), 0) for name, c in model.conditioners.items() if not c.trains_encoder}
     return latents[0], features
 
 
@@ -260,6 +290,9 @@ def cache_shards(
     mine = shards[index::count]
     if not mine:
         raise ValueError(f"Part {index}/{count} of {len(shards)} shard(s) is empty.")
+    for name, conditioner in model.conditioners.items():
+        if conditioner.trains_encoder:  # left out of the cache: it must encode from what the cache keeps
+            check_encodes_from_cache(name, conditioner)
     model.vae.to(device)
     model.conditioners.to(device)
     names = {os.path.basename(s) for s in shards}

@@ -30,7 +30,7 @@ from PIL import Image
 from bindweave.model.bindweave_model import BindWeaveModel
 from bindweave.inference.requests import load_reference_and_mask
 from bindweave.inference.dit_offload import apply_dit_offload
-from bindweave.inference.sampler import SamplingConfig, frozen_encoders, references_uint8, sample_videos
+from bindweave.inference.sampler import SamplingConfig, pretrained_encoders, references_uint8, sample_videos
 from bindweave.data.video_io import write_video
 from bindweave.inference.pretrained import load_checkpoint, load_pretrained
 from bindweave.training import lora
@@ -172,7 +172,7 @@ class BindWeavePipeline:
             self.model.to(dtype=dtype)
         if device is not None:
             device = torch.device(device)
-            stay = list(frozen_encoders(self.model)) if self.sampling.offload_encoders else []
+            stay = list(pretrained_encoders(self.model)) if self.sampling.offload_encoders else []
             offload_blocks = self.sampling.dit_offload is not None and device.type == "cuda"
             if offload_blocks:
                 stay.append(self.model.dit.blocks)

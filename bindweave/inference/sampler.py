@@ -44,7 +44,7 @@ from bindweave.inference.dit_offload import DiTOffloadConfig, apply_dit_offload,
 from bindweave.inference.fp8 import apply_fp8
 from bindweave.inference.step_cache import FirstBlockCache, StepCacheConfig
 from conditioners.base import merge, stack_batches
-from encoders.base import FrozenEncoder, VideoAutoencoder, frozen_encoders
+from encoders.base import FrozenEncoder, VideoAutoencoder, pretrained_encoders
 
 
 SAMPLERS = ("euler", "unipc")
@@ -306,7 +306,7 @@ def sample_videos(
     batch = {**batch, "num_frames": [num_frames] * size, "height": [height] * size, "width": [width] * size}
     dit, vae = model.dit, model.vae
     device = dit.patch_embedding.weight.device
-    encoders = frozen_encoders(model)
+    encoders = pretrained_encoders(model)  # frozen or trained: offloaded alike
     guided = config.guidance_scale != 1.0
     if config.fp8:
         apply_fp8(dit)  # once per DiT; a message and bf16 where FP8 cannot run

@@ -153,10 +153,12 @@ class BindWeaveModel(nn.Module):
     # -- conditioning --------------------------------------------------------------------------
 
     def encode_features(self, batch: dict) -> dict[str, dict[str, torch.Tensor]]:
-        """Frozen-encoder features of every conditioner: ``batch["features"][name]`` when the batch
-        comes from a feature cache, else computed now (once)."""
-        cached = batch.get("features", {})
-        missing = sorted(set(self.conditioners) - set(cached))
+        """Encoder features of every conditioner: ``batch["features"][name]`` when the batch comes
+        from a feature cache, else computed now (once); always computed now for a conditioner whose
+        encoder trains."""
+        cached = {name: f for name, f in batch.get("features", {}).items()
+                  if name in self.conditioners and not self.conditioners[name].trains_encoder}
+        missing = sorted(name for name, c in self.conditioners.items() if name not in cached and not c.trains_encoder)
         if missing and not self.vae.can_encode:  # built from a feature cache: no encoders
             raise ValueError(
                 f"The batch has no cached features of {missing} and this model's VAE stand-in "

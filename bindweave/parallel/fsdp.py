@@ -77,7 +77,8 @@ def shard_model(
 
 def trainable_parts(conditioners: nn.ModuleDict) -> list[nn.Module]:
     """The outermost submodules of each conditioner that hold trainable weights and no frozen
-    encoder (e.g. ``relational.connector``): the units :func:`shard_model` shards beside the DiT.
+    encoder (e.g. ``relational.connector``, or a trained encoder: ``model.train_encoders``): the
+    units :func:`shard_model` shards beside the DiT.
     Never a conditioner itself: conditioners run through ``condition``, not ``forward``, so FSDP's
     forward hooks would not gather their weights."""
 
@@ -86,7 +87,7 @@ def trainable_parts(conditioners: nn.ModuleDict) -> list[nn.Module]:
         for child in module.children():
             if not any(p.requires_grad for p in child.parameters()):
                 continue
-            holds_encoder = any(isinstance(m, FrozenEncoder) for m in child.modules())
+            holds_encoder = any(isinstance(m, FrozenEncoder) and not m.trainable for m in child.modules())
             parts += within(child) if holds_encoder else [child]
         return parts
 

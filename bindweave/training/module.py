@@ -163,6 +163,13 @@ class BindWeave(L.LightningModule):
             ``model.dit.blocks.0``) → multiple of the optimizer's learning rate; the longest matching
             prefix wins, the rest keep the optimizer's rate. Each becomes a param group (a schedule
             scales every group alike).
+        train_encoders: pretrained encoders trained with the rest instead of frozen, by module path
+            (``conditioners.relational.text_encoder``, ``conditioners.relational.mllm``,
+            ``conditioners.identity.image_encoder``; not the VAE, whose latents are the targets).
+            Their trained weights join checkpoints and exports (loaded over the pretrained ones);
+            a feature cache leaves out their conditioners' features, which are then computed in
+            each step from the cached prompts. A learning rate of their own: ``lr_multipliers``
+            with ``model.`` before the path.
     """
 
     def __init__(
@@ -188,8 +195,17 @@ class BindWeave(L.LightningModule):
         init_weights: str | None = None,
         lora: LoraConfig | None = None,
         lr_multipliers: dict[str, float] | None = None,
+        train_encoders: list[str] | None = None,
     ) -> None:
         super().__init__()
+        self.train_encoders = list(train_encoders or [])
+        for path in self.train_encoders:
+            if not path.startswith("conditioners.") or path.count(".") < 2:
+                raise UserError(f"train_encoders: {path!r} is not an encoder path; give the path of a conditioner's "
+                                "encoder in the model, e.g. conditioners.relational.text_encoder.")
+        if self.train_encoders and lora is not None:
+            raise UserError("train_encoders and lora together: LoRA trains adapters with the weights frozen; leave out "
+                            "one of model.lora or model.train_encoders.")
         for prefix, multiple in (lr_multipliers or {}).items():
             if not multiple > 0:
                 raise UserError(f"lr_multipliers: {prefix!r} has {multiple}; give a positive multiple of the learning "
@@ -268,8 +284,10 @@ class BindWeave(L.LightningModule):
         if self.feature_cache is not None and not self._predicting():
             from bindweave.data.feature_cache import build_from_cache
 
+            live = frozenset(path.split(".")[1] for path in self.train_encoders)  # built whole: they encode in the step
             with _fixed_seed():
-                self.model.vae = build_from_cache(self.conditioners, self.feature_cache)  # sizes only
+                self.model.vae = build_from_cache(self.conditioners, self.feature_cache, live)  # sizes only
+            self._unfreeze_trained_encoders()
         else:
             self.model.vae = self._build_vae_and_conditioners()
         return self.vae
@@ -283,7 +301,21 @@ class BindWeave(L.LightningModule):
             vae = self.vae_factory()
             for conditioner in self.conditioners.values():
                 conditioner.build(vae)
+        self.model.vae = vae
+        self._unfreeze_trained_encoders()
         return vae
+
+    def _unfreeze_trained_encoders(self) -> None:
+        """Unfreeze the encoders ``train_encoders`` names; a path that names none is one line listing those there are."""
+        encoders = {name: m for name, m in self.model.named_modules() if isinstance(m, FrozenEncoder) and name}
+        for path in self.train_encoders:
+            encoder = encoders.get(path)
+            if encoder is None or not encoder.can_train:
+                trainable = sorted(name for name, m in encoders.items() if m.can_train)
+                why = "cannot be trained (its outputs are the loss's targets)" if encoder is not None else "is not an encoder of this model"
+                raise UserError(f"model.train_encoders: {path!r} {why}; the encoders it can train: "
+                                f"{', '.join(trainable) or 'none'}.")
+            encoder.unfreeze()
 
     def attach_encoders(self) -> bool:
         """Give a model that trains from a feature cache its VAE and frozen encoders, for sampling

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from encoders.base import frozen_prefixes, resolve_dtype
+from encoders.base import frozen_prefixes, resolve_dtype, trained_prefixes
 
 from bindweave.atomic import AtomicPath, write_atomic
 from bindweave.progress import progress
@@ -96,7 +96,22 @@ def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     frozen encoders (DiT, connector, ...); of a LoRA fine-tune, its adapters (and ``also_train`` weights)."""
     prefixes = tuple(frozen_prefixes(model))
     lora = lora_trainable_keys(model)
-    return {k: v for k, v in model.state_dict().items() if not k.startswith(prefixes) and (lora is None or k in lora)}
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith(prefixes) and (lora is None or k in lora)}
+    return _without_aliases(state)
+
+
+def _without_aliases(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` without the second name of a tied weight (a trained T5's ``shared`` and
+    ``encoder.embed_tokens``): safetensors stores one tensor once, and loading the first name fills both."""
+    seen, kept = set(), {}
+    for key, tensor in state.items():
+        view = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype) \
+            if tensor.device.type != "meta" and tensor.numel() else None
+        if view is not None and view in seen:
+            continue
+        seen.add(view)
+        kept[key] = tensor
+    return kept
 
 
 def save_pretrained(module, directory: str | Path, config: dict | None = None,
@@ -215,6 +230,7 @@ def _write_converted(state: dict[str, torch.Tensor], content: dict, directory: s
     from bindweave.weights.quantize import quantize_state_dict
 
     cast = resolve_dtype(dtype) if dtype is not None else None
+    state = _without_aliases(state)  # before casting: a cast makes two tensors of a tied weight
     converted: dict[str, torch.Tensor] = {}
     for key, tensor in progress(state.items(), len(state), f"export {Path(directory).name}", "tensor"):
         if cast is not None and tensor.is_floating_point():
@@ -262,7 +278,7 @@ def _read_content(directory: str | Path) -> dict:
 
 
 def check_export_matches(checkpoint: Checkpoint, state: dict[str, torch.Tensor], directory: str | Path,
-                         prefix: str = "") -> None:
+                         prefix: str = "", optional: tuple[str, ...] = ()) -> None:
     """Raise :class:`WeightsError` (one line: the folder, what differs, the fix) unless an export's
     weights are exactly the keys of ``state`` (a model's trainable weights), each with its shape.
     Reads the headers only.
@@ -273,16 +289,19 @@ def check_export_matches(checkpoint: Checkpoint, state: dict[str, torch.Tensor],
         directory: the export folder, for the message.
         prefix: compare only the weights whose keys start with it (a part built before the rest,
             e.g. ``dit.``).
+        optional: key prefixes whose weights the export may lack (encoders this model trains and the
+            export's model kept frozen: they start from their pretrained weights).
     """
     directory = Path(directory)
     fix = f"build the model from the config the export was made with ({directory / CONFIG_NAME}) or export it again"
     stored = {k for k in checkpoint.keys() if k.startswith(prefix)}
-    missing, unexpected = sorted(set(state) - stored), sorted(stored - set(state))
+    missing = sorted(k for k in set(state) - stored if not k.startswith(optional))
+    unexpected = sorted(stored - set(state))
     if missing or unexpected:
         raise WeightsError(f"{directory}: these weights do not belong to this model config (missing {missing[:8]}, "
                            f"unexpected {unexpected[:8]}): {fix}.")
     wrong = [f"{checkpoint.file_of(k).name}: {k} has shape {tuple(checkpoint.shape(k))}, expected {tuple(v.shape)}"
-             for k, v in state.items() if checkpoint.shape(k) != tuple(v.shape)]
+             for k, v in state.items() if k in stored and checkpoint.shape(k) != tuple(v.shape)]
     if wrong:
         raise WeightsError(f"{directory}: {len(wrong)} weight(s) with other shapes than this model config's (e.g. "
                            f"{wrong[0]}): {fix}.")
@@ -291,10 +310,13 @@ def check_export_matches(checkpoint: Checkpoint, state: dict[str, torch.Tensor],
 def load_trainable_weights(module, directory: str | Path) -> None:
     """Copy an export's weights into a built model's trainable weights (DiT, connector, ...), strict:
     every trainable weight must be in the export with its shape, and nothing else may be (what
-    ``BindWeave(init_weights=...)`` runs in ``configure_model``)."""
+    ``BindWeave(init_weights=...)`` runs in ``configure_model``). An encoder the model trains
+    (``train_encoders``) and the export's model kept frozen keeps its pretrained weights."""
     checkpoint = Checkpoint.open(directory, prefix=WEIGHTS_NAME)
     state = trainable_state_dict(module.model)
-    check_export_matches(checkpoint, state, directory)
+    check_export_matches(checkpoint, state, directory, optional=tuple(trained_prefixes(module.model)))
+    stored = set(checkpoint.keys())
     with torch.no_grad():
         for key, tensor in state.items():
-            tensor.copy_(checkpoint.read(key, tensor.dtype))
+            if key in stored:
+                tensor.copy_(checkpoint.read(key, tensor.dtype))

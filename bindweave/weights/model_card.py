@@ -151,6 +151,7 @@ def model_card(folder: str | Path, model: dict, shapes: dict[str, tuple[int, ...
     storage = ", ".join(sorted(dtypes)) if dtypes else "safetensors"
     frozen = any(isinstance(((model.get(part) or {}).get("init_args") or {}).get(key), dict)  # a T5 / MLLM / CLIP tower
                  for part in ("relational", "identity") for key in ("text_encoder", "mllm", "image_encoder"))
+    trained = model.get("train_encoders") or []  # their weights are in the folder too
     lines = [
         f"# {name}",
         "",
@@ -158,6 +159,7 @@ def model_card(folder: str | Path, model: dict, shapes: dict[str, tuple[int, ...
         f"video in which those subjects act out the prompt. Exported by `bindweave weights export`: "
         f"`config.yaml` (the model's config) and `model*.safetensors` (the trained "
         f"{'DiT and connector' if frozen else 'DiT and conditioners'}"
+        f"{', and the encoders it trained: ' + ', '.join(trained) if trained else ''}"
         f"{', large matrices stored int8 with per-channel scales' if int8 else ''}; {storage}). "
         + ("Frozen encoders are not in the folder: `config.yaml` names their files or builds them from a config."
            if frozen else "The model has no frozen encoder: every trained part is in the folder."),
