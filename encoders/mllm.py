@@ -140,6 +140,18 @@ class MLLMEncoder(FrozenEncoder):
         self.processor.tokenizer.padding_side = "right"
         self.freeze()
 
+    def unfreeze(self) -> "MLLMEncoder":
+        """Train the MLLM (``model.train_encoders``), except what never reaches the returned hidden
+        states: with ``layer`` other than the last, the decoder layers after it and the final norm
+        stay frozen (data-parallel training needs a gradient for every trained weight)."""
+        super().unfreeze()
+        text = getattr(self.model, "language_model", None)
+        if self.layer != -1 and text is not None:
+            applied = self.layer % (len(text.layers) + 1)  # hidden_states[i] follows i decoder layers
+            for module in [*text.layers[applied:], text.norm]:
+                module.requires_grad_(False)
+        return self
+
     @property
     def hidden_size(self) -> int:
         """Width D of the returned hidden states."""

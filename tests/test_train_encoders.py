@@ -19,7 +19,8 @@ from bindweave.errors import UserError
 from bindweave.parallel.fsdp import trainable_parts
 from bindweave.weights.export import load_trainable_weights, trainable_state_dict
 from conditioners import RelationalConditioner
-from encoders import T5TextEncoder
+from encoders import MLLMEncoder, T5TextEncoder
+from encoders.mllm import TINY_MLLM_CONFIG
 from encoders.base import frozen_encoders, frozen_prefixes, pretrained_encoders
 from tests.data_helpers import TINY, make_clips
 from tests.helpers import synthetic_batch, tiny_module
@@ -74,6 +75,27 @@ def test_a_trained_text_encoder_gets_gradients_its_own_rate_and_train_mode_the_o
     start = _weights(frozen.conditioners["relational"].text_encoder)
     _train(frozen)
     assert all(torch.equal(v, start[k]) for k, v in _weights(frozen.conditioners["relational"].text_encoder).items())
+
+
+@pytest.mark.parametrize("path, layer", [(T5, None), ("conditioners.identity.image_encoder", None),
+                                         ("conditioners.relational.mllm", -1), ("conditioners.relational.mllm", -2)])
+def test_every_weight_of_a_trained_encoder_gets_a_gradient(path, layer):
+    """What DDP needs (no unused trained weight): one backward reaches every weight the switch
+    unfroze; an MLLM read at an inner ``layer`` keeps the layers after it (and the final norm) frozen."""
+    relational = None
+    if layer is not None:
+        mllm = partial(MLLMEncoder, tiny_config=TINY_MLLM_CONFIG, image_size=56, dtype="float32", layer=layer)
+        relational = RelationalConditioner(text_encoder=tiny_factory(T5TextEncoder), mllm=mllm, dropout=0.0)
+    module = tiny_module(train_encoders=[path], **({"relational": relational} if relational else {}))
+    torch.nn.init.normal_(module.dit.head.proj.weight, std=0.5)
+    torch.nn.init.normal_(module.conditioners["relational"].connector[2].weight, std=0.5)
+    module.flow_loss(synthetic_batch(size=2)).backward()
+    encoder = module.model.get_submodule(path)
+    trained = [n for n, p in encoder.named_parameters() if p.requires_grad]
+    assert trained and [n for n, p in encoder.named_parameters() if p.requires_grad and p.grad is None] == []
+    if layer == -2:  # the tiny MLLM has 2 decoder layers: hidden_states[1] follows the first only
+        assert not any(n.startswith(("model.language_model.layers.1.", "model.language_model.norm.")) for n in trained)
+        assert any(n.startswith("model.language_model.layers.0.") for n in trained)
 
 
 def test_a_trained_encoder_is_kept_by_checkpoints_exports_and_fsdp_and_loads_over_the_pretrained_one(tmp_path):
