@@ -173,8 +173,14 @@ def test_the_feature_cache_leaves_out_a_trained_encoders_features_and_the_step_e
     loss = seeded_loss(cached, cached_batch, drops)
     torch.testing.assert_close(loss, seeded_loss(online, raw_batch, drops), rtol=1e-5, atol=1e-6)
     loss.backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0
-               for p in cached.conditioners["relational"].text_encoder.parameters() if p.ndim == 2)
+    t5 = cached.conditioners["relational"].text_encoder
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in t5.parameters() if p.ndim == 2)
+    # Sampling mid-fit builds the frozen encoders and keeps the trained T5's parameters (the tied embedding too).
+    held = {n: p for n, p in cached.named_parameters()}
+    assert cached.attach_encoders()
+    t5 = cached.conditioners["relational"].text_encoder
+    assert t5.model.encoder.embed_tokens.weight is t5.model.shared.weight is held[f"model.{T5}.model.shared.weight"]
+    assert all(p is held[n] for n, p in cached.named_parameters() if n in held)
 
     with pytest.raises(UserError, match="conditioners.relational trains an encoder .* reads the batch's references"):
         cache_shards(tiny_module(train_encoders=[T5]), raw_shards, tmp_path / "c2", SampleDecoder(**DECODER))

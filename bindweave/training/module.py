@@ -325,7 +325,7 @@ class BindWeave(L.LightningModule):
         if self.vae.can_encode:
             return False
         device = self.dit.patch_embedding.weight.device
-        trained = dict(self.conditioners.named_parameters())  # name -> Parameter (optimizer's objects)
+        trained = dict(self.conditioners.named_parameters(remove_duplicate=False))  # the optimizer's objects (a tied one under each name)
         vae = self._build_vae_and_conditioners()  # the same random encoders as build_encoders draws
         for name, parameter in trained.items():
             path, _, attr = name.rpartition(".")
