@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from bindweave.dtypes import resolve_dtype  # noqa: F401  (re-exported: encoders.resolve_dtype)
+from bindweave.errors import UserError
 
 
 @contextmanager
@@ -120,6 +121,13 @@ class FrozenEncoder(nn.Module):
         self.requires_grad_(True)
         return self
 
+    def checkpoint_activations(self) -> None:
+        """Recompute each layer's activations in the backward pass instead of keeping them (a trained
+        encoder under ``parallelism.activation_checkpointing``), through its library's own switch.
+        Subclasses with such a switch override it; the default says there is none."""
+        raise UserError(f"{type(self).__name__} has no activation checkpointing switch; train it without "
+                        "parallelism.activation_checkpointing, or add one to the class.")
+
     def _apply(self, fn, recurse: bool = True):
         """Keep the configured dtype when a whole model is cast (e.g. Lightning's ``bf16-true``
         precision casts every module): a frozen encoder's precision is part of its config."""
@@ -214,3 +222,12 @@ def frozen_prefixes(module: nn.Module) -> list[str]:
 def trained_prefixes(module: nn.Module) -> list[str]:
     """State-dict key prefixes of the :class:`FrozenEncoder` submodules of ``module`` that train."""
     return [name + "." for name, m in module.named_modules() if isinstance(m, FrozenEncoder) and name and m.trainable]
+
+
+def checkpoint_transformers_layers(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing of every layer of a transformers model, through the
+    method its version has (``activation_checkpointing_enable`` replaced ``gradient_checkpointing_enable``)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

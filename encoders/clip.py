@@ -241,6 +241,10 @@ class CLIPVisionEncoder(FrozenEncoder):
         self.register_buffer("std", torch.tensor(image_std).view(1, 3, 1, 1), persistent=False)
         self.freeze()
 
+    def checkpoint_activations(self) -> None:
+        """open_clip's per-block activation checkpointing of the tower (non-reentrant)."""
+        self.visual.set_grad_checkpointing(True)
+
     @property
     def hidden_size(self) -> int:
         """Width D of the tokens."""

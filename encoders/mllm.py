@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from encoders.base import FrozenEncoder, Tokens
+from encoders.base import FrozenEncoder, Tokens, checkpoint_transformers_layers
 from encoders.tokenizer import QWEN2_VL_CHAT_TEMPLATE, QWEN2_VL_SPECIAL_TOKENS, byte_level_tokenizer, qwen2_tokenizer
 
 # Tiny Qwen2.5-VL: 2 text layers of width 32, 2 vision blocks on 4x4 patches (49 tokens per 56x56
@@ -151,6 +151,10 @@ class MLLMEncoder(FrozenEncoder):
             for module in [*text.layers[applied:], text.norm]:
                 module.requires_grad_(False)
         return self
+
+    def checkpoint_activations(self) -> None:
+        """transformers' gradient checkpointing of every decoder layer and vision block (non-reentrant)."""
+        checkpoint_transformers_layers(self.model)
 
     @property
     def hidden_size(self) -> int:

@@ -12,7 +12,7 @@ import transformers
 
 from bindweave.weights.loading import Checkpoint, WeightsError, assert_materialized, load_into
 from bindweave.weights.wan_official import umt5_config_from_wan, wan_t5_to_transformers_key
-from encoders.base import FrozenEncoder, Tokens
+from encoders.base import FrozenEncoder, Tokens, checkpoint_transformers_layers
 from encoders.mllm import build_from_config, locate
 from encoders.tokenizer import byte_level_tokenizer, qwen2_tokenizer
 
@@ -130,6 +130,10 @@ class T5TextEncoder(FrozenEncoder):
     def hidden_size(self) -> int:
         """Width D of the returned embeddings (d_model)."""
         return self.model.config.d_model
+
+    def checkpoint_activations(self) -> None:
+        """transformers' gradient checkpointing of every T5 block (non-reentrant)."""
+        checkpoint_transformers_layers(self.model)
 
     def forward(self, prompts: list[str]) -> Tokens:
         """Encode prompts.

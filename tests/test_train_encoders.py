@@ -98,6 +98,33 @@ def test_every_weight_of_a_trained_encoder_gets_a_gradient(path, layer):
         assert any(n.startswith("model.language_model.layers.0.") for n in trained)
 
 
+@pytest.mark.parametrize("path, layer", [(T5, "model.encoder.block.0.layer.1"),  # inside a checkpointed layer
+                                         ("conditioners.identity.image_encoder", "visual.transformer.resblocks.0.mlp"),
+                                         ("conditioners.relational.mllm", "model.language_model.layers.0.mlp")])
+def test_activation_checkpointing_recomputes_a_trained_encoders_layers_with_the_same_gradients(path, layer):
+    """``parallelism.activation_checkpointing`` reaches trained encoders: their layers run again in
+    the backward pass (twice the forward calls of a part of a layer), and every gradient is what it was."""
+    from bindweave.training.module import ParallelismConfig
+
+    results = {}
+    for mode in ("none", "full"):
+        torch.manual_seed(0)  # the same DiT and connector
+        module = tiny_module(train_encoders=[path], parallelism=ParallelismConfig(activation_checkpointing=mode))
+        torch.nn.init.normal_(module.dit.head.proj.weight, std=0.5)
+        torch.nn.init.normal_(module.conditioners["relational"].connector[2].weight, std=0.5)
+        encoder = module.model.get_submodule(path)
+        calls = []
+        encoder.get_submodule(layer).register_forward_pre_hook(lambda *_: calls.append(1))  # a recompute may stop before it returns
+        module.train()
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            module.flow_loss(synthetic_batch(size=2)).backward()
+        results[mode] = len(calls), {n: p.grad for n, p in encoder.named_parameters() if p.requires_grad}
+    assert results["full"][0] == 2 * results["none"][0] > 0
+    for name, grad in results["none"][1].items():
+        torch.testing.assert_close(results["full"][1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
 def test_a_trained_encoder_is_kept_by_checkpoints_exports_and_fsdp_and_loads_over_the_pretrained_one(tmp_path):
     module = tiny_module(train_encoders=[T5])
     _train(module, steps=2)

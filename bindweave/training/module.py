@@ -55,7 +55,8 @@ class ParallelismConfig:
 
     Args:
         activation_checkpointing: per DiT block: ``none``, ``full`` (keep block inputs only) or
-            ``selective`` (keep attention outputs, recompute the rest).
+            ``selective`` (keep attention outputs, recompute the rest). Encoders that train
+            (``train_encoders``) then recompute per layer too, through their library's switch.
         compile: ``torch.compile`` each DiT block (and the head) separately.
         compile_mode: its ``torch.compile`` mode: ``None`` (default), ``"max-autotune"``,
             ``"max-autotune-no-cudagraphs"``. Not ``"reduce-overhead"`` for training: the blocks
@@ -347,11 +348,15 @@ class BindWeave(L.LightningModule):
         """Activation checkpointing, compile and (under ModelParallelStrategy) FSDP2, in that order."""
         from bindweave.parallel.per_block import apply_activation_checkpointing, apply_compile
         from bindweave.parallel.fsdp import shard_model, trainable_parts
-        from encoders.base import frozen_encoders
+        from encoders.base import frozen_encoders, pretrained_encoders
 
         p = self.parallelism
         mesh, divide = self._sequence_parallel_mesh()
         apply_activation_checkpointing(self.dit, p.activation_checkpointing)
+        if p.activation_checkpointing != "none":
+            for encoder in pretrained_encoders(self.model):
+                if encoder.trainable:  # frozen ones keep no activations to begin with
+                    encoder.checkpoint_activations()
         if p.compile:
             apply_compile(self.dit, mode=p.compile_mode)
         if mesh is not None:
