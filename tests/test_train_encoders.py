@@ -219,8 +219,8 @@ def test_the_feature_cache_leaves_out_a_trained_encoders_features_and_the_step_e
 def test_fit_trains_the_named_encoder_and_its_export_samples_with_it(tmp_path, monkeypatch):
     """Through the CLI: ``--model.train_encoders`` on configs/tiny.yaml trains T5 (its weights leave
     their pretrained values and are in ``last.ckpt``); the export holds them and loads them back."""
+    from bindweave.cli.app import run_command
     from bindweave.inference.pretrained import load_pretrained
-    from bindweave.weights.export import export_checkpoint
 
     monkeypatch.chdir(tmp_path)
     cli = run_cli(["fit", "-c", TINY, "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0",
@@ -232,8 +232,9 @@ def test_fit_trains_the_named_encoder_and_its_export_samples_with_it(tmp_path, m
     assert keys and not any(".mllm." in k for k in stored)
     assert any(not torch.equal(stored[f"model.{T5}.{k}"], v) for k, v in pretrained.items() if f"model.{T5}.{k}" in stored)
 
-    export_checkpoint(tmp_path / "outputs" / "tiny" / "checkpoints" / "last.ckpt", tmp_path / "export")
+    run_command(["weights", "export", str(tmp_path / "outputs" / "tiny" / "checkpoints" / "last.ckpt"), str(tmp_path / "export")])
     assert yaml.safe_load((tmp_path / "export" / "config.yaml").read_text())["model"]["train_encoders"] == [T5]
+    assert f"and the encoders it trained: {T5}" in (tmp_path / "export" / "README.md").read_text()  # the model card
     loaded = load_pretrained(tmp_path / "export")
     for key, value in _weights(loaded.conditioners["relational"].text_encoder).items():
         torch.testing.assert_close(value, trained[key], rtol=0, atol=0)
