@@ -172,7 +172,9 @@ def test_spawn_retries_a_port_taken_before_rank_zero_binds_it(tmp_path, monkeypa
         assert torch.load(tmp_path / "port.pt", weights_only=True) != taken.getsockname()[1]
 
 
-@pytest.mark.parametrize("strategy", [pytest.param("ddp", marks=pytest.mark.slow), "fsdp2", "fsdp2-t5"])  # ddp: `pytest -m slow`
+# The default run keeps fsdp2-t5 (every part gets gradients, T5 trains); fsdp2 and ddp: `pytest -m slow`.
+@pytest.mark.parametrize("strategy", [pytest.param("ddp", marks=pytest.mark.slow), pytest.param("fsdp2", marks=pytest.mark.slow),
+                                      "fsdp2-t5"])
 def test_two_ranks_match_one_process(strategy, tmp_path):
     """One step on two ranks equals one process on the whole batch; ``fsdp2-t5`` also trains the
     text encoder (``model.train_encoders``: its own FSDP unit, gradients reduced over the ranks)."""
