@@ -215,13 +215,17 @@ def frozen_prefixes(module: nn.Module) -> list[str]:
     """State-dict key prefixes (``"vae."``, ``"conditioners.identity.image_encoder."``) of the frozen
     :class:`FrozenEncoder` submodules of ``module``: the weights that checkpoints and exports leave
     out (a trained encoder's are kept)."""
-    return [name + "." for name, m in module.named_modules()
-            if isinstance(m, FrozenEncoder) and name and not m.trainable]
+    return _encoder_prefixes(module, trained=False)
 
 
 def trained_prefixes(module: nn.Module) -> list[str]:
     """State-dict key prefixes of the :class:`FrozenEncoder` submodules of ``module`` that train."""
-    return [name + "." for name, m in module.named_modules() if isinstance(m, FrozenEncoder) and name and m.trainable]
+    return _encoder_prefixes(module, trained=True)
+
+
+def _encoder_prefixes(module: nn.Module, trained: bool) -> list[str]:
+    return [name + "." for name, m in module.named_modules()
+            if isinstance(m, FrozenEncoder) and name and m.trainable == trained]
 
 
 def checkpoint_transformers_layers(model: nn.Module) -> None:
