@@ -219,16 +219,20 @@ def _profile_mode(build, module, on_device, host: dict, mode: str, steps: int, d
 
 def sample(model_path: str, requests: str, npz: str, batch_size: int, checkpoint_config: str | None,
            guidance_scale: float | None = None, num_steps: int | None = None, fp8: bool = False,
-           attention: str = "sdpa", step_cache: float | None = None, fp8_min_keys: int | None = None) -> None:
+           attention: str = "sdpa", step_cache: float | None = None, fp8_min_keys: int | None = None,
+           dtype: str | None = None) -> None:
     from bindweave.inference.pretrained import load_checkpoint, load_pretrained
     from bindweave.inference.step_cache import StepCacheConfig
     from bindweave.inference.requests import RequestDataset
     from bindweave.model.batch import collate
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if fp8 and device == "cuda" and dtype != "bfloat16":  # the FP8 linears refuse another DiT dtype and run it instead
+        raise SystemExit("sample: --fp8 needs --dtype bfloat16 (sample the exact video to compare with at --dtype "
+                         "bfloat16 too)")
     # On a CPU, float32: an int8 export reads back in its scales' bfloat16, 26 s a video here against 3.6 s (2 cores).
     module = (load_checkpoint(model_path, checkpoint_config) if model_path.endswith(".ckpt")  # a .ckpt is float32
-              else load_pretrained(model_path, dtype="float32" if device == "cpu" else None))
+              else load_pretrained(model_path, dtype=dtype or ("float32" if device == "cpu" else None)))
     module.to(device).eval()
     s = module.sampling
     if guidance_scale is not None:
@@ -294,6 +298,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--attention", default="sdpa", choices=["sdpa", "fp8"], help="model.sampling.attention")
     p.add_argument("--step-cache", type=float, default=None, help="model.sampling.step_cache threshold")
     p.add_argument("--fp8-min-keys", type=int, default=None, help="FP8 attention from this many keys (quality checks)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                   help="the DiT's weights (default: float32 on a CPU, the export's own on a GPU); --fp8 needs bfloat16")
     p = sub.add_parser("videos")
     p.add_argument("--npz", required=True)
     p.add_argument("--out", required=True)
@@ -305,7 +311,7 @@ def main(argv: list[str] | None = None) -> None:
         profile(args.json, fit_args, args.steps, args.loader_batches, args.modes.split(","))
     elif args.command == "sample":
         sample(args.model, args.requests, args.npz, args.batch_size, args.config, args.guidance_scale, args.num_steps,
-               args.fp8, args.attention, args.step_cache, args.fp8_min_keys)
+               args.fp8, args.attention, args.step_cache, args.fp8_min_keys, args.dtype)
     else:
         write_videos(args.npz, args.out, args.fps)
 
