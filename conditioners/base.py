@@ -27,7 +27,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from encoders.base import FrozenEncoder, Tokens
+from encoders.base import Tokens, pretrained_encoders
 
 
 @dataclass
@@ -109,7 +109,7 @@ class Conditioner(nn.Module):
     def trains_encoder(self) -> bool:
         """Whether one of its (built) encoders trains (``model.train_encoders``): its features are then
         computed in every step, with gradients, and never cached."""
-        return any(isinstance(m, FrozenEncoder) and m.trainable for m in self.modules())
+        return any(encoder.trainable for encoder in pretrained_encoders(self))
 
     def encoding(self) -> AbstractContextManager:
         """The context :meth:`encode` runs in: no gradients, unless one of its encoders trains."""

@@ -246,14 +246,15 @@ class RelationalConditioner(Conditioner):
 
     def _null(self) -> dict[str, torch.Tensor]:
         """The null condition's features: computed once, or at every call while an encoder trains."""
-        if self.null_features is not None and not self.trains_encoder:
+        trains = self.trains_encoder
+        if self.null_features is not None and not trains:
             return self.null_features
         if self.has_mllm and self.mllm is None:
             raise ValueError("the null condition needs the MLLM, which this model does not load (relational "
                              "mllm_width); give every request `negative_mllm_states` (or a negative prompt).")
         with self.encoding():
             features = self._encode_texts({}, [self.null_prompt], with_references=False)
-        if not self.trains_encoder:
+        if not trains:
             self.null_features = features
         return features
 

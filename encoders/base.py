@@ -116,7 +116,8 @@ class FrozenEncoder(nn.Module):
     def unfreeze(self) -> "FrozenEncoder":
         """Train this encoder: gradients on, train/eval mode as the model's (``model.train_encoders``)."""
         if not self.can_train:
-            raise ValueError(f"{type(self).__name__} cannot be trained: the flow loss compares its outputs.")
+            raise UserError(f"{type(self).__name__} cannot be trained: the flow loss compares its outputs; leave it out "
+                            "of model.train_encoders.")
         self.trainable = True
         self.requires_grad_(True)
         return self

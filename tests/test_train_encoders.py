@@ -19,13 +19,13 @@ from bindweave.errors import UserError
 from bindweave.parallel.fsdp import trainable_parts
 from bindweave.weights.export import load_trainable_weights, trainable_state_dict
 from conditioners import RelationalConditioner
-from encoders import MLLMEncoder, T5TextEncoder
+from encoders import MLLMEncoder, T5TextEncoder, WanVAE
 from encoders.mllm import TINY_MLLM_CONFIG
 from encoders.base import frozen_encoders, frozen_prefixes, pretrained_encoders
 from tests.data_helpers import TINY, make_clips
 from tests.helpers import synthetic_batch, tiny_module
 from tests.test_data_cache import DECODER, one_batch, seeded_loss
-from tests.tiny_parts import tiny_factory
+from tests.tiny_parts import tiny, tiny_factory
 
 ROOT = Path(__file__).resolve().parents[1]
 T5 = "conditioners.relational.text_encoder"
@@ -173,6 +173,8 @@ def test_wrong_train_encoders_are_one_line_naming_the_encoders_there_are():
         tiny_module(train_encoders=["conditioners.relational.connector"])
     with pytest.raises(UserError, match="'vae' is not an encoder path"):
         tiny_module(train_encoders=["vae"])
+    with pytest.raises(UserError, match="WanVAE cannot be trained: the flow loss compares its outputs"):
+        tiny(WanVAE).unfreeze()  # a VAE held by a conditioner of one's own refuses too
     with pytest.raises(UserError, match="train_encoders and lora together"):
         tiny_module(train_encoders=[T5], lora=LoraConfig())
 

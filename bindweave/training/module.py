@@ -302,7 +302,6 @@ class BindWeave(L.LightningModule):
             vae = self.vae_factory()
             for conditioner in self.conditioners.values():
                 conditioner.build(vae)
-        self.model.vae = vae
         self._unfreeze_trained_encoders()
         return vae
 
@@ -310,13 +309,11 @@ class BindWeave(L.LightningModule):
         """Unfreeze the encoders ``train_encoders`` names; a path that names none is one line listing those there are."""
         encoders = {name: m for name, m in self.model.named_modules() if isinstance(m, FrozenEncoder) and name}
         for path in self.train_encoders:
-            encoder = encoders.get(path)
-            if encoder is None or not encoder.can_train:
+            if path not in encoders:
                 trainable = sorted(name for name, m in encoders.items() if m.can_train)
-                why = "cannot be trained (its outputs are the loss's targets)" if encoder is not None else "is not an encoder of this model"
-                raise UserError(f"model.train_encoders: {path!r} {why}; the encoders it can train: "
-                                f"{', '.join(trainable) or 'none'}.")
-            encoder.unfreeze()
+                raise UserError(f"model.train_encoders: {path!r} is not an encoder of this model; the encoders it can "
+                                f"train: {', '.join(trainable) or 'none'}.")
+            encoders[path].unfreeze()  # one line of its own for an encoder that cannot train
 
     def attach_encoders(self) -> bool:
         """Give a model that trains from a feature cache its VAE and frozen encoders, for sampling
