@@ -104,7 +104,7 @@ def test_the_strategy_library_is_imported_quietly_only_where_a_run_names_it(tmp_
     """DeepSpeed logs to the stdout of its import (its accelerator line), which broke
     `--print_config > run.yaml`; the console script imports it first with stdout sent to stderr,
     but only when the command line or a config names it (the import takes seconds)."""
-    from bindweave.cli.app import names_deepspeed
+    from bindweave.cli.command import names_deepspeed
 
     plain, custom = tmp_path / "plain.yaml", tmp_path / "mine.yaml"
     plain.write_text("trainer:\n  precision: bf16-mixed\n")
@@ -112,3 +112,25 @@ def test_the_strategy_library_is_imported_quietly_only_where_a_run_names_it(tmp_
     assert names_deepspeed(["fit", "-c", "configs/strategy/deepspeed-zero2.yaml"])
     assert names_deepspeed(["fit", "--config", str(custom)])  # named inside the file only
     assert not names_deepspeed(["fit", "-c", str(plain), "--trainer.max_steps", "3"])
+
+
+_TOOLS_ALONE = """
+import sys
+from bindweave.cli.command import run_command
+for words in (["eval", "--help"], ["weights", "--help"], ["data", "--help"], ["data", "sprites", "--help"]):
+    try:
+        run_command(words)
+    except SystemExit as stop:
+        assert not stop.code, (words, stop.code)
+heavy = ("lightning", "encoders", "conditioners", "callbacks", "open_clip", "diffusers", "transformers")
+print("imported:", sorted(name for name in heavy if name in sys.modules))
+"""
+
+
+def test_the_tools_start_without_lightning_or_the_model_stack():
+    """`bindweave eval|weights|data` load what they use: Lightning alone (with the torchmetrics,
+    transformers and torchvision it imports) is ~6 s of a 2-core machine's 10-s start, the encoders' open_clip
+    and diffusers ~2.5 s more."""
+    result = subprocess.run([sys.executable, "-c", _TOOLS_ALONE], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().endswith("imported: []"), result.stdout[-500:]

@@ -46,7 +46,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("callbacks", {"callbacks", "callbacks.checkpoint", "callbacks.denoise_probe", "callbacks.metrics",
                    "callbacks.predict_progress", "callbacks.resume", "callbacks.sampling", "callbacks.video_writer",
                    "callbacks.schedule", "callbacks.ema", "callbacks.loss_progress", "callbacks.throughput"}),
-    ("command line and tasks", {"bindweave.cli", "bindweave.cli.__main__", "bindweave.cli.app", "bindweave.cli.data", "bindweave.cli.demo", "bindweave.cli.weights",
+    ("command line and tasks", {"bindweave.cli", "bindweave.cli.__main__", "bindweave.cli.app", "bindweave.cli.command", "bindweave.cli.data", "bindweave.cli.demo", "bindweave.cli.weights",
                                 "bindweave.tasks.sprites.cli", "bindweave.tasks.sprites.generate_cli",
                                 "bindweave.tasks.sprites.evaluate"}),
     ("the package's front (``from bindweave import ...``)", {"bindweave"}),
@@ -130,7 +130,7 @@ def test_a_function_local_import_cycle_is_found(tmp_path):
 
 
 NO_IMPORT_SIDE_EFFECTS = ["bindweave.training.module", "bindweave.inference.pretrained", "bindweave.inference.pipeline",
-                          "bindweave.data.datamodule", "bindweave.data.memory", "bindweave.cli.app"]
+                          "bindweave.data.datamodule", "bindweave.data.memory", "bindweave.cli.app", "bindweave.cli.command"]
 """Modules whose import must leave the warning filters as they were."""
 
 _IMPORT_TWICE = """

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from bindweave.cli.app import run_command
+from bindweave.cli.command import run_command
 from bindweave.progress import progress
 from bindweave.weights.export import read_config
 from tests.pipeline_helpers import cli_module, tiny_model_config, write_checkpoint

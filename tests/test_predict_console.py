@@ -11,7 +11,8 @@ import warnings
 import pytest
 from PIL import Image
 
-from bindweave.cli.app import main, run_cli
+from bindweave.cli.app import run_cli
+from bindweave.cli.command import main
 from bindweave.errors import UserError
 from tests.pipeline_helpers import ROOT, TINY, cli_module, draw_reference, tiny_model_config, write_checkpoint
 

@@ -221,7 +221,7 @@ def test_the_feature_cache_leaves_out_a_trained_encoders_features_and_the_step_e
 def test_fit_trains_the_named_encoder_and_its_export_samples_with_it(tmp_path, monkeypatch):
     """Through the CLI: ``--model.train_encoders`` on configs/tiny.yaml trains T5 (its weights leave
     their pretrained values and are in ``last.ckpt``); the export holds them and loads them back."""
-    from bindweave.cli.app import run_command
+    from bindweave.cli.command import run_command
     from bindweave.inference.pretrained import load_pretrained
 
     monkeypatch.chdir(tmp_path)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from bindweave.cli import app as cli
+from bindweave.cli.command import run_command
 from bindweave.errors import EXIT_USAGE, EXIT_USER_ERROR
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,7 +25,7 @@ def run_main(argv: list[str], capsys, monkeypatch) -> tuple[int, str]:
     monkeypatch.setattr(sys, "argv", ["bindweave"])  # pytest's own arguments are not the command's
     capsys.readouterr()
     try:
-        cli.run_command(argv)
+        run_command(argv)
         status = 0
     except SystemExit as stop:
         status = stop.code if isinstance(stop.code, int) else 1
@@ -233,3 +234,20 @@ def test_trainer_settings_lightning_refuses_are_one_line(tmp_path, capsys, monke
     assert status == EXIT_USAGE
     line = error_line(err)
     assert "enable_progress_bar=False" in line and "LossProgressBar" in line and "change one of them" in line
+
+
+def test_a_shadowing_package_not_yet_imported_is_named_before_a_tool_runs(tmp_path):
+    """The check looks where an import would find `callbacks` without importing it (a tool imports
+    none of the three packages): one found first on the path is named, exit status 1."""
+    import os
+    import subprocess
+
+    shadow = tmp_path / "callbacks"
+    shadow.mkdir()
+    (shadow / "__init__.py").write_text("raise RuntimeError('imported')\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-m", "bindweave.cli", "weights", "--help"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == EXIT_USER_ERROR, result.stderr[-2000:]
+    line = error_line(result.stderr)
+    assert str(shadow) in line and "pip uninstall callbacks" in line and "RuntimeError" not in result.stderr

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from bindweave.cli.app import run_command
+from bindweave.cli.command import run_command
 from bindweave.cli.demo import SHIPPED, check_inputs, generate, load_pipeline
 from bindweave.errors import UserError
 from bindweave.inference.pipeline import BindWeavePipeline

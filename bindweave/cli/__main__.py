@@ -1,5 +1,5 @@
 """``python -m bindweave.cli`` (and ``torchrun -m bindweave.cli``): the ``bindweave`` command."""
 
-from bindweave.cli.app import main
+from bindweave.cli.command import main
 
 main()

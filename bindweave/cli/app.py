@@ -3,24 +3,17 @@
 Any LightningDataModule can be named with ``data.class_path``; conditioners, encoders, the DiT and
 callbacks are chosen the same way (``class_path`` + ``init_args``), which is the plug-in registry.
 
-Tools that are not training loops have their own subcommand modules (``TOOLS``), each with a
-``main(argv: list[str]) -> None``: ``bindweave data pack ...``, ``bindweave weights check ...``.
+The console command itself (:mod:`bindweave.cli.command`) imports this module only for these
+subcommands; the tools that are not training loops (``bindweave data ...``, ``weights``, ``eval``,
+``demo``) start without it.
 """
 
 from __future__ import annotations
 
 import difflib
-import contextlib
-import faulthandler
 import importlib
-import importlib.util
-import logging
-import os
 import re
-import signal
 import sys
-import warnings
-from pathlib import Path
 from typing import NoReturn
 
 import lightning as L
@@ -31,7 +24,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 import callbacks  # noqa: F401  (registers short names for trainer.callbacks)
 import conditioners  # noqa: F401  (registers short names for model.conditioners)
 import encoders  # noqa: F401
-from bindweave.errors import EXIT_USAGE, UserError, one_line, report
+from bindweave.errors import EXIT_USAGE, one_line, report
 from bindweave.weights.loading import check_lightning_checkpoint
 from bindweave.training.module import BindWeave
 from bindweave.data.synthetic import SyntheticDataModule  # noqa: F401
@@ -83,30 +76,6 @@ def condense_parser_error(message: str, parser) -> str:
         hint = f"; did you mean {close!r}?" if close else ""
         return f"{where}class_path {bad_class.group(1)!r} cannot be used ({bad_class.group(2).strip()}){hint}"
     return one_line(message)
-
-
-# ----------------------------------------------------------------------------------------------
-# Top-level names shared with PyPI
-# ----------------------------------------------------------------------------------------------
-
-OWN_PACKAGES = ("encoders", "conditioners", "callbacks")
-"""Top-level packages BindWeave installs beside ``bindweave`` (YAML names them: ``encoders.WanVAE``,
-``callbacks.VideoWriter``). PyPI has unrelated ``encoders`` and ``callbacks`` packages; installed in
-the same environment, one of them could shadow ours."""
-
-
-def check_own_packages() -> None:
-    """Raise :class:`UserError` if an ``encoders``/``conditioners``/``callbacks`` imported here is not
-    the one installed beside ``bindweave`` (another distribution of that name shadows it)."""
-    home = Path(sys.modules["bindweave"].__file__).resolve().parent.parent
-    for name in OWN_PACKAGES:
-        module = sys.modules.get(name) or importlib.import_module(name)
-        where = Path(getattr(module, "__file__", "") or "").resolve()
-        if where.parent.parent != home:
-            raise UserError(
-                f"the `{name}` package imported from {where} is not BindWeave's (expected {home / name}): another "
-                f"package of that name shadows it; `pip uninstall {name}` or use a separate virtual environment."
-            )
 
 
 class BindWeaveArgumentParser(LightningArgumentParser):
@@ -184,102 +153,19 @@ def run_cli(args: list[str] | None = None) -> BindWeaveCLI:
     )
 
 
-TOOLS = {
-    "data": "bindweave.cli.data",
-    "demo": "bindweave.cli.demo",
-    "eval": "bindweave.tasks.sprites.cli",
-    "weights": "bindweave.cli.weights",
-}
-"""Subcommands outside LightningCLI: name -> module with ``main(argv)``."""
 
 
-KNOWN_WARNINGS: dict[str, str] = {
-    re.escape("Your `IterableDataset` has `__len__` defined"):
-        "the project's streams split an epoch's batch positions between their workers: the length is exact",
-    r"Found \d+ module\(s\) in eval mode": "frozen encoders are kept in eval mode on purpose",
-    re.escape("`isinstance(treespec, LeafSpec)` is deprecated"): "raised inside Lightning under newer torch",
-}
-"""Library warnings that say nothing a user can act on in this project (message regex -> why).
-The console script hides them for its own process; importing the package changes no filter."""
+def run_lightning(argv: list[str] | None, command: str) -> None:
+    """``bindweave fit|validate|test|predict ...``: :func:`run_cli`, with Lightning's refusal of a
+    combination of trainer settings reported as one line (exit status 2)."""
+    try:
+        run_cli(argv)
+    except MisconfigurationException as error:
+        raise report(command, f"{one_line(error)} (Lightning's check of the trainer settings: change one of "
+                              "them in the config or on the command line)", EXIT_USAGE) from None
 
 
 def main() -> None:
-    """Entry point of the ``bindweave`` console script.
-
-    For a job that seems stuck: ``kill -USR1 <pid>`` prints every thread's Python stack to stderr
-    and lets the run go on; the environment variable ``BINDWEAVE_DUMP_STACKS_EVERY=<seconds>`` prints
-    them periodically."""
-    if hasattr(signal, "SIGUSR1"):
-        faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)
-    every = os.environ.get("BINDWEAVE_DUMP_STACKS_EVERY")
-    if every:
-        faulthandler.dump_traceback_later(float(every), repeat=True)
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropAdvertisement())
-    for message in KNOWN_WARNINGS:
-        warnings.filterwarnings("ignore", message=message)
-    if names_deepspeed(sys.argv[1:]):
-        import_deepspeed_logging_to_stderr()
-    run_command()
-
-
-def names_deepspeed(words: list[str]) -> bool:
-    """Whether the command line or a config file it names (``-c``/``--config``) mentions DeepSpeed."""
-    texts = list(words)
-    for flag, value in zip(words, words[1:]):
-        if flag in ("-c", "--config") and Path(value).is_file():
-            texts.append(Path(value).read_text(errors="replace"))
-    return any("deepspeed" in text.lower() for text in texts)
-
-
-def import_deepspeed_logging_to_stderr() -> None:
-    """Import DeepSpeed (where installed) with stdout pointed at stderr.
-
-    Its logger writes to the stdout of the moment it is imported, and it logs its accelerator on
-    import, so ``bindweave fit -c ...deepspeed... --print_config > run.yaml`` wrote that line into
-    the YAML. Imported here first, its log lines go to stderr for the whole run."""
-    if importlib.util.find_spec("deepspeed") is None:
-        return
-    with contextlib.redirect_stdout(sys.stderr):
-        import deepspeed  # noqa: F401
-
-
-def run_command(argv: list[str] | None = None) -> None:
-    """``bindweave <argv>`` (default: the command line): a tool of :data:`TOOLS` or a LightningCLI
-    subcommand. A :class:`~bindweave.errors.UserError` ends it with one line on stderr and exit
-    status 1."""
-    words = sys.argv[1:] if argv is None else argv
-    command = words[0] if words else ""
-    try:
-        check_own_packages()
-        if command in TOOLS:
-            importlib.import_module(TOOLS[command]).main(words[1:])
-            return
-        run_cli(argv)
-    except UserError as error:  # a mistake the user can fix: one line, no traceback
-        raise report(command, error) from None
-    except MisconfigurationException as error:  # Lightning refused a combination of trainer settings
-        raise report(command, f"{one_line(error)} (Lightning's check of the trainer settings: change one of "
-                              "them in the config or on the command line)", EXIT_USAGE) from None
-    except ValueError as error:  # jsonargparse wraps what a constructor raised while instantiating
-        cause = _user_error_cause(error)
-        if cause is None:
-            raise
-        raise report(command, cause) from None
-
-
-def _user_error_cause(error: BaseException) -> UserError | None:
-    """The :class:`UserError` that ``error`` was raised from (its ``__cause__``/``__context__`` chain)."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, UserError):
-            return error
-        error = error.__cause__ or error.__context__
-    return None
-
-
-class _DropAdvertisement(logging.Filter):
-    """Lightning's "Tip: try installing litlogger" line, printed by every ``Trainer()``."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "litlogger" not in record.getMessage()
+    """The console script's entry point as installs made before :mod:`bindweave.cli.command` wrote it
+    (``bindweave.cli.app:main``): the same command. Imported by name: that module imports this one."""
+    importlib.import_module("bindweave.cli.command").main()
