@@ -117,7 +117,7 @@ def test_the_strategy_library_is_imported_quietly_only_where_a_run_names_it(tmp_
 _TOOLS_ALONE = """
 import sys
 from bindweave.cli.command import run_command
-for words in (["eval", "--help"], ["weights", "--help"], ["data", "--help"], ["data", "sprites", "--help"]):
+for words in (["eval", "--help"], ["weights", "--help"], ["data", "--help"], ["data", "sprites", "--help"], ["demo", "--help"]):
     try:
         run_command(words)
     except SystemExit as stop:
@@ -128,7 +128,7 @@ print("imported:", sorted(name for name in heavy if name in sys.modules))
 
 
 def test_the_tools_start_without_lightning_or_the_model_stack():
-    """`bindweave eval|weights|data` load what they use: Lightning alone (with the torchmetrics,
+    """`bindweave eval|weights|data|demo` load what they use: Lightning alone (with the torchmetrics,
     transformers and torchvision it imports) is ~6 s of a 2-core machine's 10-s start, the encoders' open_clip
     and diffusers ~2.5 s more."""
     result = subprocess.run([sys.executable, "-c", _TOOLS_ALONE], cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -59,8 +59,7 @@ def test_loading_defaults_to_the_shipped_model_and_names_bad_paths(tmp_path, cap
         load_pipeline("a.ckpt", "folder")
     with pytest.raises(UserError, match="export folder .* has no config.yaml"):
         load_pipeline(None, str(tmp_path))
-    pytest.importorskip("gradio", reason="the demo extra (gradio) is not installed")
-    with pytest.raises(SystemExit) as exit_info:
+    with pytest.raises(SystemExit) as exit_info:  # with or without Gradio: the path is checked first
         run_command(["demo", "--checkpoint", str(tmp_path / "missing.ckpt")])
     assert exit_info.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
@@ -116,3 +115,17 @@ def test_the_page_in_a_headless_browser(pipe, red, tmp_path):
             browser.close()
     finally:
         demo.close()
+
+
+def test_a_wrong_model_path_is_named_before_gradio_is_needed(tmp_path, capsys, monkeypatch):
+    """The path is checked before Gradio is imported (~10 s, or not installed at all)."""
+    import bindweave.cli.demo as demo
+
+    def no_gradio():
+        raise UserError("gradio is not installed (test)")
+
+    monkeypatch.setattr(demo, "import_gradio", no_gradio)
+    with pytest.raises(SystemExit):
+        run_command(["demo", "--pretrained", str(tmp_path / "nowhere")])
+    err = capsys.readouterr().err
+    assert "has no config.yaml" in err and "gradio" not in err

@@ -17,9 +17,12 @@ import logging
 import tempfile
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bindweave.errors import UserError, report
-from bindweave.inference.pipeline import BindWeavePipeline
+
+if TYPE_CHECKING:  # imported where a pipeline is loaded: `--help` and a wrong path answer without the model stack
+    from bindweave.inference.pipeline import BindWeavePipeline
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "models" / "sprites"
@@ -137,20 +140,31 @@ def shipped_examples() -> list[list]:
     return rows
 
 
-def load_pipeline(checkpoint: str | None, pretrained: str | None, device: str = "cpu") -> BindWeavePipeline:
-    """The pipeline of ``--checkpoint`` or ``--pretrained`` (default: the shipped sprites model)."""
+def model_source(checkpoint: str | None, pretrained: str | None) -> tuple[str, Path]:
+    """``("checkpoint", file)`` or ``("pretrained", folder)`` (default: the shipped sprites model),
+    checked to exist: a wrong path is one line before anything heavy is imported."""
     if checkpoint and pretrained:
         raise UserError("pass --checkpoint or --pretrained, not both.")
     if checkpoint:
         if not Path(checkpoint).is_file():
             raise UserError(f"checkpoint {checkpoint!r} does not exist; pass the .ckpt written by `bindweave fit`.")
-        return BindWeavePipeline.from_checkpoint(checkpoint, device=device)
+        return "checkpoint", Path(checkpoint)
     folder = Path(pretrained) if pretrained else SHIPPED
     if not (folder / "config.yaml").is_file():
         what = "the shipped sprites model" if not pretrained else "export folder"
         raise UserError(f"{what} {str(folder)!r} has no config.yaml; pass an export folder of "
                         f"`bindweave weights export` with --pretrained, or a .ckpt with --checkpoint.")
-    return BindWeavePipeline.from_pretrained(folder, device=device)
+    return "pretrained", folder
+
+
+def load_pipeline(checkpoint: str | None, pretrained: str | None, device: str = "cpu") -> BindWeavePipeline:
+    """The pipeline of ``--checkpoint`` or ``--pretrained`` (default: the shipped sprites model)."""
+    kind, path = model_source(checkpoint, pretrained)
+    from bindweave.inference.pipeline import BindWeavePipeline
+
+    if kind == "checkpoint":
+        return BindWeavePipeline.from_checkpoint(str(path), device=device)
+    return BindWeavePipeline.from_pretrained(path, device=device)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -167,6 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     """``bindweave demo [--checkpoint X | --pretrained DIR]``: serve the app until interrupted."""
     args = parser().parse_args(argv)
     try:
+        model_source(args.checkpoint, args.pretrained)  # a wrong path first: Gradio takes ~10 s to import
         import_gradio()
         pipe = load_pipeline(args.checkpoint, args.pretrained, args.device)
         shipped = not args.checkpoint and not args.pretrained
