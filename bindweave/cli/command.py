@@ -4,7 +4,7 @@ with a user's mistake reported as one line and an exit status (:mod:`bindweave.e
 
 This module imports neither Lightning nor the model stack, so a tool starts with only what it uses
 (measured on 2 CPU cores: ``bindweave eval --help`` 3.8 s, ``weights --help`` 2.8 s, ``data --help``
-2.6 s, each ~10 s when the command imported Lightning first: Lightning imports torchmetrics, which
+2.6 s, ``demo --help`` 2.9 s, each ~9-10 s when the command imported Lightning first: Lightning imports torchmetrics, which
 imports transformers and torchvision's models).
 """
 
