@@ -117,7 +117,7 @@ def test_the_strategy_library_is_imported_quietly_only_where_a_run_names_it(tmp_
 _TOOLS_ALONE = """
 import sys
 from bindweave.cli.command import run_command
-for words in (["eval", "--help"], ["weights", "--help"], ["data", "--help"], ["data", "sprites", "--help"], ["demo", "--help"]):
+for words in (["--help"], ["eval", "--help"], ["weights", "--help"], ["data", "--help"], ["data", "sprites", "--help"], ["demo", "--help"]):
     try:
         run_command(words)
     except SystemExit as stop:

@@ -251,3 +251,22 @@ def test_a_shadowing_package_not_yet_imported_is_named_before_a_tool_runs(tmp_pa
     assert result.returncode == EXIT_USER_ERROR, result.stderr[-2000:]
     line = error_line(result.stderr)
     assert str(shadow) in line and "pip uninstall callbacks" in line and "RuntimeError" not in result.stderr
+
+
+def test_bindweave_alone_or_a_wrong_command_names_every_command(capsys, monkeypatch):
+    """Lightning's own message listed fit/validate/test/predict only; the tools were invisible."""
+    status, err = run_main([], capsys, monkeypatch)
+    line = error_line(err)
+    assert status == EXIT_USAGE and line.startswith("bindweave: error: no command")
+    for command in ("fit", "validate", "test", "predict", "data", "demo", "eval", "weights"):
+        assert command in line, command
+    status, err = run_main(["predcit", "-c", TINY], capsys, monkeypatch)
+    assert status == EXIT_USAGE and "unknown command 'predcit' (did you mean 'predict'?)" in error_line(err)
+
+
+def test_bindweave_help_describes_every_command(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["bindweave"])
+    run_command(["--help"])
+    out = capsys.readouterr().out
+    for command in ("fit", "validate", "test", "predict", "data", "demo", "eval", "weights"):
+        assert f"\n  {command} " in out, command

@@ -11,6 +11,7 @@ imports transformers and torchvision's models).
 from __future__ import annotations
 
 import contextlib
+import difflib
 import faulthandler
 import importlib
 import importlib.util
@@ -22,7 +23,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from bindweave.errors import UserError, report
+from bindweave.errors import EXIT_USAGE, UserError, report
 
 OWN_PACKAGES = ("encoders", "conditioners", "callbacks")
 """Top-level packages BindWeave installs beside ``bindweave`` (YAML names them: ``encoders.WanVAE``,
@@ -57,6 +58,27 @@ TOOLS = {
     "weights": "bindweave.cli.weights",
 }
 """Subcommands outside LightningCLI: name -> module with ``main(argv)``."""
+
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+"""Subcommands of LightningCLI (:mod:`bindweave.cli.app`)."""
+
+OVERVIEW = """usage: bindweave <command> [options]      (`bindweave <command> --help`: every option of one)
+
+Subject-consistent video generation (BindWeave) on PyTorch Lightning.
+
+Training and sampling, configured by YAML (-c configs/...; LightningCLI):
+  fit        train or fine-tune a model (`bindweave fit -c configs/tiny.yaml`)
+  validate   one pass over the validation set
+  test       one pass over the test set
+  predict    videos from a requests file (`-c <model config> -c configs/predict.yaml`)
+
+Tools:
+  data       build, inspect and feature-cache training shards; generate sprites scenes
+  weights    check, convert, export model weights and write model cards
+  eval       score generated videos against the sprites ground truth
+  demo       try a model in the browser (Gradio)
+"""
+"""What ``bindweave`` and ``bindweave --help`` print: every command, Lightning's and the tools'."""
 
 
 KNOWN_WARNINGS: dict[str, str] = {
@@ -115,6 +137,14 @@ def run_command(argv: list[str] | None = None) -> None:
     :class:`~bindweave.errors.UserError` ends it with one line on stderr and exit status 1."""
     words = sys.argv[1:] if argv is None else argv
     command = words[0] if words else ""
+    if command in ("-h", "--help"):
+        print(OVERVIEW, end="")
+        return
+    if not command or (not command.startswith("-") and command not in TOOLS and command not in LIGHTNING_COMMANDS):
+        known = [*LIGHTNING_COMMANDS, *TOOLS]
+        close = difflib.get_close_matches(command, known, n=1)
+        what = f"unknown command {command!r}" + (f" (did you mean {close[0]!r}?)" if close else "") if command else "no command"
+        raise report("", f"{what}: name one of {', '.join(known)} (`bindweave --help` says what each does)", EXIT_USAGE)
     try:
         check_own_packages()
         if command in TOOLS:
