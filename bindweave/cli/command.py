@@ -133,7 +133,8 @@ def import_deepspeed_logging_to_stderr() -> None:
 
 def run_command(argv: list[str] | None = None) -> None:
     """``bindweave <argv>`` (default: the command line): a tool of :data:`TOOLS` (imported alone) or a
-    LightningCLI subcommand (:func:`bindweave.cli.app.run_lightning`). A
+    LightningCLI subcommand (:func:`bindweave.cli.app.run_lightning`); ``--help`` alone prints
+    :data:`OVERVIEW`, no command or an unknown one is one line naming them all (exit status 2). A
     :class:`~bindweave.errors.UserError` ends it with one line on stderr and exit status 1."""
     words = sys.argv[1:] if argv is None else argv
     command = words[0] if words else ""
@@ -142,8 +143,11 @@ def run_command(argv: list[str] | None = None) -> None:
         return
     if not command or (not command.startswith("-") and command not in TOOLS and command not in LIGHTNING_COMMANDS):
         known = [*LIGHTNING_COMMANDS, *TOOLS]
-        close = difflib.get_close_matches(command, known, n=1)
-        what = f"unknown command {command!r}" + (f" (did you mean {close[0]!r}?)" if close else "") if command else "no command"
+        if not command:
+            what = "no command"
+        else:
+            close = difflib.get_close_matches(command, known, n=1)
+            what = f"unknown command {command!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
         raise report("", f"{what}: name one of {', '.join(known)} (`bindweave --help` says what each does)", EXIT_USAGE)
     try:
         check_own_packages()
