@@ -153,8 +153,6 @@ def run_cli(args: list[str] | None = None) -> BindWeaveCLI:
     )
 
 
-
-
 def run_lightning(argv: list[str] | None, command: str) -> None:
     """``bindweave fit|validate|test|predict ...``: :func:`run_cli`, with Lightning's refusal of a
     combination of trainer settings reported as one line (exit status 2)."""

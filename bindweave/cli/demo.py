@@ -159,7 +159,12 @@ def model_source(checkpoint: str | None, pretrained: str | None) -> tuple[str, P
 
 def load_pipeline(checkpoint: str | None, pretrained: str | None, device: str = "cpu") -> BindWeavePipeline:
     """The pipeline of ``--checkpoint`` or ``--pretrained`` (default: the shipped sprites model)."""
-    kind, path = model_source(checkpoint, pretrained)
+    return open_pipeline(model_source(checkpoint, pretrained), device)
+
+
+def open_pipeline(source: tuple[str, Path], device: str = "cpu") -> BindWeavePipeline:
+    """The pipeline of a checked :func:`model_source`."""
+    kind, path = source
     from bindweave.inference.pipeline import BindWeavePipeline
 
     if kind == "checkpoint":
@@ -181,9 +186,9 @@ def main(argv: list[str] | None = None) -> None:
     """``bindweave demo [--checkpoint X | --pretrained DIR]``: serve the app until interrupted."""
     args = parser().parse_args(argv)
     try:
-        model_source(args.checkpoint, args.pretrained)  # a wrong path first: Gradio takes ~10 s to import
+        source = model_source(args.checkpoint, args.pretrained)  # a wrong path first: Gradio takes ~10 s to import
         import_gradio()
-        pipe = load_pipeline(args.checkpoint, args.pretrained, args.device)
+        pipe = open_pipeline(source, args.device)
         shipped = not args.checkpoint and not args.pretrained
         demo = build_demo(pipe, title="BindWeave: the shipped sprites model" if shipped else "BindWeave",
                           examples=shipped_examples() if shipped else None)
