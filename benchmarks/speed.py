@@ -18,6 +18,10 @@ twice these times at this size, where the GPU is full):
 5. **The whole 14B DiT** (``--only whole_dit``; 40 blocks, weights drawn on the GPU block by block
    and kept on the CPU): one CFG-batched call (batch 2) eager, resident, offloaded, and offloaded
    with FP8 attention: time and peak memory (needs ~60 GB of host memory with pinning).
+6. **The whole 14B DiT compiled** (``--only whole_dit_compiled``): resident, each block compiled as
+   ``parallelism.compile`` does, one CFG-batched call: bf16, then with FP8 linears applied to the
+   compiled DiT (the order ``predict`` uses) and FP8 attention; time, peak memory and error against
+   the eager bf16 call. A 50-step video's DiT time without the step cache is 50 of these calls.
 
 Usage:
     python benchmarks/speed.py                 # GPU: results/speed-<card>.json
@@ -209,11 +213,10 @@ def block_slice(device, smoke: bool, result: dict) -> None:
         log(f"slice compiled cache skipped: {rows['compiled cache skipped step']}")
 
 
-def whole_dit(device, smoke: bool, result: dict) -> None:
-    """The whole 14B DiT (40 blocks, bf16, random weights), one CFG-batched call (batch 2) eager:
-    resident on the card, then with its blocks offloaded (``dit_offload``), then offloaded with FP8
-    attention: time per call and peak GPU memory (weights included). Weights are drawn on the GPU
-    block by block and kept on the CPU, so building it needs ~28 GB of host memory, not 56."""
+def whole_dit_model(device, smoke: bool):
+    """The 14B DiT (40 blocks; 2 when ``smoke``) with random bf16 weights, its blocks on the CPU, and one
+    CFG-batched input (batch 2). Weights are drawn on the device block by block and kept on the CPU,
+    so building it needs ~28 GB of host memory, not 56. Returns ``(dit, x, t, ctx, case)``."""
     case = block_case(device, smoke, num_layers=2 if smoke else 40)
     with torch.device("meta"):
         dit = wan_dit_preset(case.preset, num_layers=case.num_layers, **case.overrides)
@@ -234,6 +237,14 @@ def whole_dit(device, smoke: bool, result: dict) -> None:
     one = ditbench.make_inputs(dit, case, case.text_tokens_diffusers, device, torch.bfloat16)
     x, t = one.x.expand(2, -1, -1, -1, -1).contiguous(), one.t.expand(2).contiguous()  # CFG: (2, C, F, H, W)
     ctx = {"text": one.text.expand(2, -1, -1).contiguous(), "image": one.image.expand(2, -1, -1).contiguous()}
+    return dit, x, t, ctx, case
+
+
+def whole_dit(device, smoke: bool, result: dict) -> None:
+    """The whole 14B DiT (40 blocks, bf16, random weights), one CFG-batched call (batch 2) eager:
+    resident on the card, then with its blocks offloaded (``dit_offload``), then offloaded with FP8
+    attention: time per call and peak GPU memory (weights included)."""
+    dit, x, t, ctx, case = whole_dit_model(device, smoke)
     frames, height, width = case.latent
     rows = result.setdefault("whole_dit", {"blocks": len(dit.blocks), "batch": 2, "tokens_per_sample": frames * height * width // 4})
     iters = 2
@@ -264,11 +275,42 @@ def whole_dit(device, smoke: bool, result: dict) -> None:
     ditbench.free(device)
 
 
+def whole_dit_compiled(device, smoke: bool, result: dict) -> None:
+    """The whole 14B DiT resident and compiled per block (``parallelism.compile``), one CFG-batched call
+    (batch 2): bf16, then with sampling's speed options, FP8 linears (applied to the compiled DiT, in
+    the order ``predict`` applies them: compile at ``configure_model``, FP8 at the first sampling call)
+    and FP8 attention. Time per call, peak memory, error against the eager bf16 call. Needs ~30 GB
+    of GPU memory; on the CPU (``smoke``) blocks trace with ``aot_eager`` and FP8 falls back."""
+    dit, x, t, ctx, case = whole_dit_model(device, smoke)
+    frames, height, width = case.latent
+    tokens = frames * height * width // 4
+    rows = result.setdefault("whole_dit_compiled", {"blocks": len(dit.blocks), "batch": 2, "tokens_per_sample": tokens})
+    iters = 2 if smoke else 3
+    dit.blocks.to(device)
+    with torch.no_grad():
+        expected = dit(x, t, ctx)
+        apply_compile(dit, dynamic=None if smoke else False, backend="aot_eager" if smoke else "inductor")
+
+        def measure(name):
+            rows[name] = dict(**timed(lambda: dit(x, t, ctx), device, 1, iters), **ditbench.peak_memory(lambda: dit(x, t, ctx), device),
+                              rel_err_vs_eager_bf16=ditbench.rel_err(dit(x, t, ctx), expected))
+            log(f"whole DiT {name}: {rows[name]}")
+
+        measure("compiled bf16")
+        rows["fp8_unsupported"] = apply_fp8(dit)
+        probe = torch.empty(1, 16, dit.num_heads, dit.dim // dit.num_heads, dtype=torch.bfloat16, device=device)
+        rows["fp8_attention_unsupported"] = fp8_attention_unsupported(probe)
+        with attention_backend("fp8" if rows["fp8_attention_unsupported"] is None else "sdpa"):
+            measure("compiled fp8 linears + fp8 attention")
+    del dit, expected
+    ditbench.free(device)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--out", default=None)
-    parser.add_argument("--only", nargs="+", choices=["fp8_layers", "one_block", "block_slice", "whole_dit"], default=None,
+    parser.add_argument("--only", nargs="+", choices=["fp8_layers", "one_block", "block_slice", "whole_dit", "whole_dit_compiled"], default=None,
                         help="run only these parts (a cold H100 compiled the first 14B block in 189 s)")
     parser.add_argument("--block-variants", nargs="+", choices=BLOCK_VARIANTS, default=list(BLOCK_VARIANTS),
                         help="one_block's variants (all five outlast one 600 s call on a cold card)")
@@ -284,7 +326,7 @@ def main() -> None:
     result["diffusers"] = diffusers.__version__
     path = Path(args.out) if args.out else RESULTS / f"speed-{result['card'].replace(' ', '-')}.json"
     steps = [("one_block", lambda d, s, r: one_block(d, s, r, tuple(args.block_variants))), ("block_slice", block_slice),
-             ("whole_dit", whole_dit)]
+             ("whole_dit", whole_dit), ("whole_dit_compiled", whole_dit_compiled)]
     if result["torchao"] and device.type == "cuda" and fp8_device_unsupported(device, "FP8 linears") is None:
         steps.insert(0, ("fp8_layers", lambda d, s, r: r.__setitem__("fp8_layers", fp8_layers(d, s))))
     steps = [(name, step) for name, step in steps if args.only is None or name in args.only]

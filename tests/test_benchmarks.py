@@ -56,3 +56,24 @@ def test_speed_benchmark_whole_dit_smoke(tmp_path, monkeypatch):
     rows = json.loads(out.read_text())["whole_dit"]
     assert rows["batch"] == 2 and rows["blocks"] == 2
     assert rows["resident eager"]["ms"] > 0 and rows["offloaded eager"]["rel_err_vs_resident"] == 0.0
+
+
+def test_speed_benchmark_whole_dit_compiled_smoke(tmp_path, monkeypatch):
+    """The compiled whole-DiT part of benchmarks/speed.py on the CPU: the per-block compiled DiT (traced
+    with aot_eager) gives the eager output, and the FP8 options say why they fall back here."""
+    import json
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
+    monkeypatch.syspath_prepend(str(path.parent))
+    spec = importlib.util.spec_from_file_location("speed_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "speed.json"
+    monkeypatch.setattr(sys, "argv", ["speed.py", "--smoke", "--only", "whole_dit_compiled", "--out", str(out)])
+    bench.main()
+    rows = json.loads(out.read_text())["whole_dit_compiled"]
+    assert rows["batch"] == 2 and rows["blocks"] == 2
+    assert rows["compiled bf16"]["ms"] > 0 and rows["compiled bf16"]["rel_err_vs_eager_bf16"] == 0.0
+    assert "CUDA" in rows["fp8_unsupported"] and "CUDA" in rows["fp8_attention_unsupported"]
+    assert rows["compiled fp8 linears + fp8 attention"]["rel_err_vs_eager_bf16"] == 0.0  # the fallback is exact bf16
