@@ -100,6 +100,25 @@ def test_fit_console_hides_the_library_warnings_nobody_can_act_on(tmp_path):
         assert message not in output, message
 
 
+def test_mixed_precision_norms_warn_nothing_under_the_console_filters():
+    """Under bf16 autocast the DiT's RMSNorms get bf16 activations with fp32 weights, and torch warns
+    (once a process) that it takes its unfused kernel: every GPU `fit` and `predict` of a bf16-mixed
+    config. The console's filters hide exactly that warning, whose result is the same. Fresh
+    interpreters: torch warns only the first time."""
+    script = ("import sys, torch\n"
+              "if sys.argv[1] == 'filtered':\n"
+              "    from bindweave.cli.command import hide_known_warnings\n"
+              "    hide_known_warnings()\n"
+              "torch.nn.RMSNorm(8)(torch.randn(2, 8, dtype=torch.bfloat16))\n")
+    outputs = {}
+    for mode in ("plain", "filtered"):
+        run = subprocess.run([sys.executable, "-c", script, mode], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stderr[-2000:]
+        outputs[mode] = run.stderr
+    assert "Mismatch dtype between input and weight" in outputs["plain"]  # torch still warns
+    assert "Mismatch dtype" not in outputs["filtered"], outputs["filtered"]
+
+
 def test_the_strategy_library_is_imported_quietly_only_where_a_run_names_it(tmp_path):  # (no "deepspeed" in tmp_path)
     """DeepSpeed logs to the stdout of its import (its accelerator line), which broke
     `--print_config > run.yaml`; the console script imports it first with stdout sent to stderr,

@@ -86,6 +86,9 @@ KNOWN_WARNINGS: dict[str, str] = {
         "the project's streams split an epoch's batch positions between their workers: the length is exact",
     r"Found \d+ module\(s\) in eval mode": "frozen encoders are kept in eval mode on purpose",
     re.escape("`isinstance(treespec, LeafSpec)` is deprecated"): "raised inside Lightning under newer torch",
+    re.escape("Mismatch dtype between input and weight"):
+        "bf16 autocast hands the DiT's RMSNorms bf16 activations while their weights stay fp32; torch then "
+        "takes its unfused kernel, with the same result",
 }
 """Library warnings that say nothing a user can act on in this project (message regex -> why).
 The console script hides them for its own process; importing the package changes no filter."""
@@ -103,11 +106,16 @@ def main() -> None:
     if every:
         faulthandler.dump_traceback_later(float(every), repeat=True)
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropAdvertisement())
-    for message in KNOWN_WARNINGS:
-        warnings.filterwarnings("ignore", message=message)
+    hide_known_warnings()
     if names_deepspeed(sys.argv[1:]):
         import_deepspeed_logging_to_stderr()
     run_command()
+
+
+def hide_known_warnings() -> None:
+    """Filter out :data:`KNOWN_WARNINGS` for this process."""
+    for message in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
 
 
 def names_deepspeed(words: list[str]) -> bool:
