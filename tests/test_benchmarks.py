@@ -39,9 +39,8 @@ def test_train_step_benchmark_smoke():
         assert variant["profile"]["top"] and variant["train_flops_per_step"] > 0
 
 
-def test_speed_benchmark_whole_dit_smoke(tmp_path, monkeypatch):
-    """The whole-DiT part of benchmarks/speed.py on the CPU: weights drawn block by block, resident
-    and offloaded calls give the same output (the offload only moves weights)."""
+def run_speed_smoke(tmp_path, monkeypatch, part: str) -> dict:
+    """``benchmarks/speed.py --smoke --only <part>`` in this process; its results JSON."""
     import json
     import sys
 
@@ -51,9 +50,15 @@ def test_speed_benchmark_whole_dit_smoke(tmp_path, monkeypatch):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "speed.json"
-    monkeypatch.setattr(sys, "argv", ["speed.py", "--smoke", "--only", "whole_dit", "--out", str(out)])
+    monkeypatch.setattr(sys, "argv", ["speed.py", "--smoke", "--only", part, "--out", str(out)])
     bench.main()
-    rows = json.loads(out.read_text())["whole_dit"]
+    return json.loads(out.read_text())
+
+
+def test_speed_benchmark_whole_dit_smoke(tmp_path, monkeypatch):
+    """The whole-DiT part of benchmarks/speed.py on the CPU: weights drawn block by block, resident
+    and offloaded calls give the same output (the offload only moves weights)."""
+    rows = run_speed_smoke(tmp_path, monkeypatch, "whole_dit")["whole_dit"]
     assert rows["batch"] == 2 and rows["blocks"] == 2
     assert rows["resident eager"]["ms"] > 0 and rows["offloaded eager"]["rel_err_vs_resident"] == 0.0
 
@@ -61,18 +66,7 @@ def test_speed_benchmark_whole_dit_smoke(tmp_path, monkeypatch):
 def test_speed_benchmark_whole_dit_compiled_smoke(tmp_path, monkeypatch):
     """The compiled whole-DiT part of benchmarks/speed.py on the CPU: the per-block compiled DiT (traced
     with aot_eager) gives the eager output, and the FP8 options say why they fall back here."""
-    import json
-    import sys
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
-    monkeypatch.syspath_prepend(str(path.parent))
-    spec = importlib.util.spec_from_file_location("speed_benchmark", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    out = tmp_path / "speed.json"
-    monkeypatch.setattr(sys, "argv", ["speed.py", "--smoke", "--only", "whole_dit_compiled", "--out", str(out)])
-    bench.main()
-    rows = json.loads(out.read_text())["whole_dit_compiled"]
+    rows = run_speed_smoke(tmp_path, monkeypatch, "whole_dit_compiled")["whole_dit_compiled"]
     assert rows["batch"] == 2 and rows["blocks"] == 2
     assert rows["compiled bf16"]["ms"] > 0 and rows["compiled bf16"]["rel_err_vs_eager_bf16"] == 0.0
     assert "CUDA" in rows["fp8_unsupported"] and "CUDA" in rows["fp8_attention_unsupported"]
