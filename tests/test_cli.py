@@ -103,7 +103,7 @@ def test_fit_console_hides_the_library_warnings_nobody_can_act_on(tmp_path):
 def test_mixed_precision_norms_warn_nothing_under_the_console_filters():
     """Under bf16 autocast the DiT's RMSNorms get bf16 activations with fp32 weights, and torch warns
     (once a process) that it takes its unfused kernel: every GPU `fit` and `predict` of a bf16-mixed
-    config. The console's filters hide exactly that warning, whose result is the same. Fresh
+    config. The console's filters hide exactly that warning (nothing to act on). Fresh
     interpreters: torch warns only the first time."""
     script = ("import sys, torch\n"
               "if sys.argv[1] == 'filtered':\n"

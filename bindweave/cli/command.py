@@ -88,7 +88,7 @@ KNOWN_WARNINGS: dict[str, str] = {
     re.escape("`isinstance(treespec, LeafSpec)` is deprecated"): "raised inside Lightning under newer torch",
     re.escape("Mismatch dtype between input and weight"):
         "bf16 autocast hands the DiT's RMSNorms bf16 activations while their weights stay fp32; torch then "
-        "takes its unfused kernel, with the same result",
+        "takes its unfused kernel (the norm it computes is the one asked for)",
 }
 """Library warnings that say nothing a user can act on in this project (message regex -> why).
 The console script hides them for its own process; importing the package changes no filter."""
